@@ -1,0 +1,342 @@
+"""The neuron atlas: which MLP neurons are safety-critical, their controls and base references.
+
+A neuron is ``(layer, j)``: unit ``j`` of layer ``layer``'s intermediate activation (see
+:mod:`rimguard.arch`). The atlas stores
+
+* ``tracked`` ``[N, 2]``: every neuron rimguard follows (safety set and controls), layer-major;
+* ``safety`` ``[n]``: positions of the safety-critical neurons in ``tracked``;
+* ``controls`` ``[K, n]``: positions of K random control sets, each matched to the safety set
+  layer by layer (same count per layer, disjoint from it);
+* ``ref_safe`` ``[N]``: base activations on the safety probes (mean over probes of max over tokens);
+* ``ref_task`` ``[N]``: base activations on reasoning probes (NaN if none were given);
+* ``score`` ``[n]``: the selection score of each safety neuron (share of pairs, or effect size);
+* the safety probes themselves (prompt and the base model's greedy response), the selection
+  settings, and a fingerprint of the model.
+
+It is saved as ``atlas.safetensors`` plus ``atlas.json`` in one folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rimguard.arch import MLPLayer, find_mlp_layers
+from rimguard.capture import ActivationCapture
+from rimguard.probing import activations, generate, pad_id, tokenize_dialogues
+
+FORMAT_VERSION = 1
+METHODS = ("counterfactual", "effect_size")
+
+
+class AtlasError(ValueError):
+    """The atlas cannot be built, read, or used with this model."""
+
+
+def fingerprint(model: nn.Module, layers: Sequence[MLPLayer] | None = None) -> dict[str, Any]:
+    """Structure of the model plus a digest of a few weights of every down projection.
+
+    The digest reads 16 values of row 0 of each down projection's base weight, so it tells apart
+    different checkpoints of one architecture; LoRA adapters do not change it.
+    """
+    layers = layers if layers is not None else find_mlp_layers(model)
+    digest = hashlib.sha256()
+    for layer in layers:
+        digest.update(layer.down.base.weight.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+    config = getattr(model, "config", None)
+    return {
+        "model_class": type(getattr(model, "get_base_model", lambda: model)()).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "layer_sizes": [layer.size for layer in layers],
+        "weights_sha256": digest.hexdigest()[:16],
+    }
+
+
+@dataclass
+class NeuronAtlas:
+    """Safety-critical neurons, matched controls and base references (see module docstring)."""
+
+    tracked: torch.Tensor
+    safety: torch.Tensor
+    controls: torch.Tensor
+    ref_safe: torch.Tensor
+    ref_task: torch.Tensor
+    score: torch.Tensor
+    probe_prompts: list[str]
+    probe_responses: list[str]
+    settings: dict[str, Any]
+    model_fingerprint: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- views -------------------------------------------------------------------------------
+    @property
+    def num_safety(self) -> int:
+        return int(self.safety.numel())
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        return list(self.model_fingerprint["layer_sizes"])
+
+    def per_layer(self) -> list[torch.Tensor]:
+        """Tracked neuron ids for each layer, as ``[n_l]`` long tensors (input to the capture)."""
+        return [self.tracked[self.tracked[:, 0] == layer, 1].contiguous() for layer in range(len(self.layer_sizes))]
+
+    def safety_neurons(self) -> torch.Tensor:
+        """``[n, 2]`` (layer, neuron) of the safety-critical set."""
+        return self.tracked[self.safety]
+
+    def safety_per_layer(self) -> list[torch.Tensor]:
+        """Safety neuron ids per layer (``[n_l]`` long tensors; empty where a layer has none)."""
+        neurons = self.safety_neurons()
+        return [neurons[neurons[:, 0] == layer, 1].contiguous() for layer in range(len(self.layer_sizes))]
+
+    def summary(self) -> str:
+        counts = torch.bincount(self.safety_neurons()[:, 0], minlength=len(self.layer_sizes)).tolist()
+        fp = self.model_fingerprint
+        lines = [
+            f"NeuronAtlas: {self.num_safety} safety-critical neurons, {self.controls.shape[0]} control sets",
+            f"model: {fp['model_class']} ({fp['model_type']}), {len(fp['layer_sizes'])} layers, weights {fp['weights_sha256']}",
+            "settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()),
+            "neurons per layer: " + " ".join(f"L{i}:{c}" for i, c in enumerate(counts) if c),
+            f"safety probes: {len(self.probe_prompts)}; reasoning reference: {'yes' if not torch.isnan(self.ref_task).all() else 'no'}",
+        ]
+        return "\n".join(lines)
+
+    # -- checks ------------------------------------------------------------------------------
+    def check_model(self, model: nn.Module, layers: Sequence[MLPLayer] | None = None, check_weights: bool = True) -> None:
+        """Raise :class:`AtlasError` if ``model`` is not the model this atlas was built on."""
+        theirs = fingerprint(model, layers)
+        ours = self.model_fingerprint
+        keys = ["model_class", "layer_sizes"] + (["weights_sha256"] if check_weights else [])
+        diff = [k for k in keys if theirs.get(k) != ours.get(k)]
+        if diff:
+            details = "; ".join(f"{k}: atlas has {ours.get(k)!r}, model has {theirs.get(k)!r}" for k in diff)
+            raise AtlasError(f"this atlas was built for a different model ({details})")
+
+    # -- io ----------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory``; returns it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            name: getattr(self, name).detach().cpu().contiguous()
+            for name in ("tracked", "safety", "controls", "ref_safe", "ref_task", "score")
+        }
+        save_file(tensors, str(directory / "atlas.safetensors"))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "settings": self.settings,
+            "fingerprint": self.model_fingerprint,
+            "probe_prompts": self.probe_prompts,
+            "probe_responses": self.probe_responses,
+            "extra": self.extra,
+        }
+        (directory / "atlas.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "NeuronAtlas":
+        directory = Path(directory)
+        files = [directory / "atlas.safetensors", directory / "atlas.json"]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise AtlasError(f"{directory}: not an atlas folder (missing {', '.join(missing)})")
+        try:
+            meta = json.loads(files[1].read_text(encoding="utf-8"))
+            tensors = load_file(str(files[0]))
+        except (json.JSONDecodeError, OSError, RuntimeError) as err:
+            raise AtlasError(f"{directory}: cannot read atlas ({err})") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise AtlasError(f"{directory}: atlas format {meta.get('format_version')} (this rimguard reads {FORMAT_VERSION})")
+        return cls(
+            **tensors,
+            probe_prompts=meta["probe_prompts"],
+            probe_responses=meta["probe_responses"],
+            settings=meta["settings"],
+            model_fingerprint=meta["fingerprint"],
+            extra=meta.get("extra", {}),
+        )
+
+    # -- identification ----------------------------------------------------------------------
+    @classmethod
+    def identify(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        harmful: Sequence[str],
+        intents: Sequence[str] = (),
+        harmless: Sequence[str] = (),
+        reasoning: Sequence[str] = (),
+        method: str = "counterfactual",
+        top_m: int | float = 0.01,
+        min_share: float = 0.5,
+        num_controls: int = 32,
+        max_new_tokens: int = 24,
+        max_length: int = 256,
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> "NeuronAtlas":
+        """Find the safety-critical neurons of ``model``.
+
+        Args:
+            harmful: harmful requests (the paper's D).
+            intents: malicious-intent sentences; pair k appends ``intents[k % len]`` to request k (D~).
+            harmless: harmless requests (needed by ``method="effect_size"``).
+            reasoning: reasoning prompts; if given, their base activations become ``ref_task``.
+            method: ``"counterfactual"`` (paper: top-m of ``f(D~_k) - f(D_k)`` per pair, kept if in
+                at least a share ``min_share`` of pairs; 1.0 is the paper's intersection) or
+                ``"effect_size"`` (top-m of Cohen's d, harmful vs harmless).
+            top_m: neurons kept per pair: a count, or a fraction of all neurons if < 1.
+            num_controls: number K of random control sets.
+            max_new_tokens: length of the model's own greedy response appended to each prompt.
+
+        Activations are taken over the chat-formatted request plus that response, padding excluded.
+        """
+        if method not in METHODS:
+            raise AtlasError(f"unknown method '{method}'; choose one of {METHODS}")
+        if not harmful:
+            raise AtlasError("no harmful prompts given")
+        if method == "counterfactual" and not intents:
+            raise AtlasError("method='counterfactual' needs malicious-intent sentences (intents=)")
+        if method == "effect_size" and len(harmless) < 2:
+            raise AtlasError("method='effect_size' needs at least 2 harmless prompts (harmless=)")
+        if not 0 < min_share <= 1:
+            raise AtlasError(f"min_share must be in (0, 1], got {min_share}")
+
+        layers = find_mlp_layers(model)
+        total = sum(layer.size for layer in layers)
+        m = max(1, int(round(top_m * total))) if top_m < 1 else int(top_m)
+        if not 1 <= m <= total:
+            raise AtlasError(f"top_m={top_m} gives {m} neurons; the model has {total}")
+        pid = pad_id(tokenizer)
+        capture = ActivationCapture(model, layers, [None] * len(layers)).attach()
+        steps = 2 + bool(reasoning)
+        bar = _Stages(progress, steps)
+        try:
+            harmful = list(harmful)
+            if method == "counterfactual":
+                contrast = [f"{h} {intents[k % len(intents)]}" for k, h in enumerate(harmful)]
+            else:
+                contrast = list(harmless)
+            prompts = harmful + contrast
+            bar.stage("generating responses")
+            responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="responses" if progress else None)
+            bar.stage("measuring activations")
+            acts = activations(
+                model, capture, tokenize_dialogues(tokenizer, prompts, responses, max_length), pid, batch_size, full=True,
+                desc="activations" if progress else None,
+            )
+            base, other = acts[: len(harmful)], acts[len(harmful) :]
+            if method == "counterfactual":
+                top = (other - base).topk(m, dim=1).indices
+                share = torch.zeros(total, device=acts.device).index_add_(
+                    0, top.reshape(-1), torch.ones(top.numel(), device=acts.device)
+                ) / len(harmful)
+                chosen = (share >= min_share - 1e-9).nonzero().squeeze(1)
+                if chosen.numel() == 0:
+                    raise AtlasError(
+                        f"no neuron is in the top {m} of at least {min_share:.0%} of the {len(harmful)} pairs "
+                        f"(the best reaches {share.max().item():.0%}); lower min_share or raise top_m"
+                    )
+                score = share[chosen]
+            else:
+                score_all = _cohens_d(base, other)
+                chosen = score_all.topk(m).indices
+                score = score_all[chosen]
+            order = score.argsort(descending=True)
+            chosen, score = chosen[order], score[order]
+            flat_safety = chosen.cpu()
+            flat_controls = _matched_controls(flat_safety, [layer.size for layer in layers], num_controls, seed)
+            task_ref = None
+            if reasoning:
+                bar.stage("reasoning references")
+                answers = generate(model, tokenizer, list(reasoning), max_new_tokens, batch_size)
+                task_ref = activations(
+                    model, capture, tokenize_dialogues(tokenizer, list(reasoning), answers, max_length), pid, batch_size, full=True
+                ).mean(0)
+        finally:
+            capture.remove()
+            bar.close()
+
+        starts = torch.tensor([0] + [layer.size for layer in layers]).cumsum(0)[:-1]
+        flat_tracked, inverse = torch.unique(torch.cat([flat_safety, flat_controls.reshape(-1)]), return_inverse=True)
+        layer_of = torch.bucketize(flat_tracked, starts, right=True) - 1
+        tracked = torch.stack([layer_of, flat_tracked - starts[layer_of]], dim=1)
+        n = flat_safety.numel()
+        safe_mean = base.mean(0).cpu()
+        return cls(
+            tracked=tracked,
+            safety=inverse[:n].clone(),
+            controls=inverse[n:].reshape(num_controls, n).clone(),
+            ref_safe=safe_mean[flat_tracked],
+            ref_task=task_ref.cpu()[flat_tracked] if task_ref is not None else torch.full((len(flat_tracked),), float("nan")),
+            score=score.float().cpu(),
+            probe_prompts=harmful,
+            probe_responses=responses[: len(harmful)],
+            settings={
+                "method": method,
+                "top_m": m,
+                "min_share": min_share if method == "counterfactual" else None,
+                "pairs": len(harmful),
+                "num_controls": num_controls,
+                "max_new_tokens": max_new_tokens,
+                "seed": seed,
+            },
+            model_fingerprint=fingerprint(model, layers),
+        )
+
+
+def _cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Effect size of ``a`` over ``b`` per column: mean difference over pooled standard deviation."""
+    na, nb = a.shape[0], b.shape[0]
+    pooled = (((na - 1) * a.var(0) + (nb - 1) * b.var(0)) / max(na + nb - 2, 1)).sqrt()
+    return (a.mean(0) - b.mean(0)) / pooled.clamp_min(1e-6)
+
+
+def _matched_controls(safety: torch.Tensor, sizes: Sequence[int], k: int, seed: int) -> torch.Tensor:
+    """``[k, n]`` flat neuron ids: per set, as many random non-safety neurons per layer as the safety set has."""
+    starts = torch.tensor([0] + list(sizes)).cumsum(0)
+    layer_of = torch.bucketize(safety, starts[1:], right=True)
+    gen = torch.Generator().manual_seed(seed)
+    taken = torch.zeros(int(starts[-1]), dtype=torch.bool)
+    taken[safety] = True
+    sets = torch.empty((k, safety.numel()), dtype=torch.long)
+    for layer in layer_of.unique().tolist():
+        slots = (layer_of == layer).nonzero().squeeze(1)
+        pool = (~taken[starts[layer] : starts[layer + 1]]).nonzero().squeeze(1) + starts[layer]
+        if pool.numel() < slots.numel():
+            raise AtlasError(
+                f"layer {layer} has {slots.numel()} safety neurons but only {pool.numel()} others to draw controls from"
+            )
+        for row in range(k):
+            sets[row, slots] = pool[torch.randperm(pool.numel(), generator=gen)[: slots.numel()]]
+    return sets
+
+
+class _Stages:
+    """A small stage-level progress bar (the inner loops show their own)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc="rimguard atlas", disable=not enabled)
+        self._started = False
+
+    def stage(self, name: str) -> None:
+        if self._started:
+            self._bar.update(1)
+        self._started = True
+        self._bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        if self._started:
+            self._bar.update(1)
+        self._bar.close()

@@ -1,0 +1,374 @@
+"""``RIMGuard``: the ``TrainerCallback`` that wires atlas, monitor, policy and actions together.
+
+Add it to any ``transformers.Trainer`` (TRL's ``SFTTrainer`` and other subclasses included)::
+
+    guard = RIMGuard(GuardConfig(mode="monitor", probe_every=10))
+    trainer = SFTTrainer(..., callbacks=[guard])
+
+At train begin it loads or identifies the neuron atlas, hooks the MLPs and takes base
+references; every ``probe_every`` steps (and at steps 1, 2, 4, ... before that, because
+forgetting starts early) it measures, logs through the Trainer's own ``log`` (so ``report_to``
+carries ``rimguard/*`` scalars to TensorBoard or wandb) and to ``output_dir/rimguard.jsonl``, and
+lets the policy act. For custom training loops, see :meth:`RIMGuard.penalty` and
+:meth:`RIMGuard.after_optimizer_step`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from rimguard import dist
+from rimguard.atlas import NeuronAtlas
+from rimguard.config import LEVELS, GuardConfig
+from rimguard.events import EventLog
+from rimguard.interventions import EntanglementPenalty, NeuronFreezer, trainer_loss_scale
+from rimguard.monitor import EntanglementMonitor
+from rimguard.policy import Decision, RiskPolicy
+from rimguard.probes import bundled, load_prompts
+
+logger = logging.getLogger("rimguard")
+
+STATE_DIR = "rimguard"
+PENALTY_FACTOR = {"ok": 1.0, "warn": 1.0, "regularize": 1.0, "freeze": 2.0, "stop": 4.0}
+AlertHandler = Callable[[Decision, dict, int], None]
+
+
+def _find_trainer() -> Any:
+    """The ``transformers.Trainer`` whose method is on the call stack, if any."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _tokenizer_of(processing_class: Any) -> Any:
+    return getattr(processing_class, "tokenizer", processing_class)
+
+
+class RIMGuard(TrainerCallback):
+    """Online guard against reasoning-induced misalignment.
+
+    Args:
+        config: a :class:`GuardConfig`, a dict of its fields, or a YAML/JSON path.
+        atlas: a :class:`NeuronAtlas` or its folder; identified at train begin if None.
+        tokenizer: defaults to the Trainer's ``processing_class``.
+        safety_prompts, intent_prompts, harmless_prompts: probe sources for identification
+            (anything :func:`rimguard.probes.load_prompts` takes); bundled sets by default.
+        reasoning_prompts: reasoning probes for the base reference and KL; by default the
+            training data itself is used.
+        on_alert: called as ``on_alert(decision, metrics, step)`` whenever the level changes.
+        trainer: the Trainer, if it cannot be found on the call stack.
+        **overrides: GuardConfig fields, e.g. ``probe_every=20``.
+    """
+
+    def __init__(
+        self,
+        config: GuardConfig | dict | str | Path | None = None,
+        *,
+        atlas: NeuronAtlas | str | Path | None = None,
+        tokenizer: Any = None,
+        safety_prompts: Any = None,
+        intent_prompts: Any = None,
+        harmless_prompts: Any = None,
+        reasoning_prompts: Any = None,
+        on_alert: AlertHandler | None = None,
+        trainer: Any = None,
+        **overrides: Any,
+    ) -> None:
+        if isinstance(config, (str, Path)):
+            config = GuardConfig.load(config)
+        elif isinstance(config, dict):
+            config = GuardConfig.from_dict(config)
+        config = config or GuardConfig()
+        self.config = GuardConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config
+        self.atlas = NeuronAtlas.load(atlas) if isinstance(atlas, (str, Path)) else atlas
+        self.tokenizer = tokenizer
+        self.sources = {
+            "harmful": safety_prompts if safety_prompts is not None else "bundled:harmful",
+            "intent": intent_prompts if intent_prompts is not None else "bundled:intent",
+            "harmless": harmless_prompts if harmless_prompts is not None else "bundled:harmless",
+        }
+        self.reasoning = load_prompts(reasoning_prompts, name="reasoning") if reasoning_prompts is not None else []
+        self.on_alert = on_alert
+        self.trainer = trainer
+        self.policy = RiskPolicy(self.config.thresholds, self.config.hysteresis, self.config.patience)
+        self.monitor: EntanglementMonitor | None = None
+        self.penalty_term: EntanglementPenalty | None = None
+        self.freezer: NeuronFreezer | None = None
+        self.history: list[dict[str, Any]] = []
+        self.events = EventLog(None)
+        self.checkpointed = False
+        self._loss_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._model: nn.Module | None = None
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def level(self) -> str:
+        return self.policy.level
+
+    @property
+    def lambda_(self) -> float:
+        return self.penalty_term.weight if self.penalty_term is not None else 0.0
+
+    def penalty(self) -> torch.Tensor | None:
+        """For custom loops: ``lambda * P`` of the forwards since the last call (add it to the loss).
+
+        Only meaningful when the guard was set up with :meth:`setup` and ``inject_loss=False``.
+        """
+        return self.penalty_term.pop() if self.penalty_term is not None else None
+
+    def after_optimizer_step(self) -> None:
+        """Hold frozen neurons fixed; call after every ``optimizer.step()`` in a custom loop."""
+        if self.freezer is not None:
+            self.freezer.restore()
+
+    def attached(self) -> bool:
+        return self._loss_handle is not None or (self.monitor is not None and self.monitor.attached)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def setup(
+        self, model: nn.Module, tokenizer: Any = None, output_dir: str | Path | None = None, inject_loss: bool = True,
+        restored: dict[str, Any] | None = None,
+    ) -> None:
+        """Build or check the atlas, take base references and attach hooks.
+
+        Called by ``on_train_begin``; call it yourself in a custom training loop.
+        """
+        self._model = model
+        self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("RIMGuard needs a tokenizer: pass tokenizer= or give the Trainer a processing_class")
+        cfg = self.config
+        if dist.is_main() and output_dir is not None:
+            self.events = EventLog(Path(output_dir) / cfg.log_file if cfg.log_file else None)
+        if restored is not None:
+            self.atlas = restored["atlas"]
+        if self.atlas is None:
+            self.atlas = dist.broadcast(self._identify(model) if dist.is_main() else None)
+            if dist.is_main() and output_dir is not None:
+                self.atlas.save(Path(output_dir) / "rimguard_atlas")
+        else:
+            self.atlas.check_model(model, check_weights=restored is None)
+        monitor = EntanglementMonitor(
+            model, self.tokenizer, self.atlas, cfg, self.reasoning,
+            bundled("refusal_openings"), bundled("compliance_openings"),
+        )
+        self.monitor = monitor
+        monitor.start(restored["monitor"] if restored else None)
+        self.penalty_term = EntanglementPenalty(self.atlas.safety_per_layer())
+        monitor.capture.taps.append(self.penalty_term)
+        self._set_penalty_reference()
+        self.freezer = NeuronFreezer(monitor.layers)
+        if inject_loss:
+            self._loss_handle = model.register_forward_hook(self._add_penalty, with_kwargs=True)
+        if restored is not None:
+            self.freezer.load_state(restored["freezer"], model)
+            self.policy.level, self.policy.streak = restored["policy"]["level"], restored["policy"]["streak"]
+            self.history = restored["history"]
+            self.checkpointed = restored["checkpointed"]
+            self.penalty_term.weight = restored["lambda"]
+        else:
+            self._apply(self.policy.level, step=0, control=None)
+        self.events.write({"event": "start", "step": 0, "atlas": self.atlas.settings, "num_safety": self.atlas.num_safety,
+                           "mode": cfg.mode, "resumed": restored is not None})
+
+    def teardown(self) -> None:
+        """Remove every hook; the model is left as it is."""
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self.freezer is not None:
+            self.freezer.remove()
+        if self._loss_handle is not None:
+            self._loss_handle.remove()
+            self._loss_handle = None
+        self.events.close()
+
+    def _identify(self, model: nn.Module) -> NeuronAtlas:
+        cfg = self.config
+        harmful = load_prompts(self.sources["harmful"], name="safety")[: cfg.num_safety_probes]
+        intents = load_prompts(self.sources["intent"], name="intent") if cfg.method == "counterfactual" else []
+        harmless = load_prompts(self.sources["harmless"], name="harmless") if cfg.method == "effect_size" else []
+        logger.info("rimguard: identifying safety-critical neurons on %d prompts", len(harmful))
+        return NeuronAtlas.identify(
+            model, self.tokenizer, harmful, intents, harmless, self.reasoning, method=cfg.method, top_m=cfg.top_m,
+            min_share=cfg.min_share, num_controls=cfg.num_controls, max_new_tokens=cfg.max_new_tokens,
+            max_length=cfg.max_length, batch_size=cfg.probe_batch_size, seed=cfg.seed,
+        )
+
+    def _set_penalty_reference(self) -> None:
+        monitor, term = self.monitor, self.penalty_term
+        if monitor is None or term is None or term.reference is not None or monitor.ref_task is None:
+            return
+        tracked = self.atlas.tracked.to(monitor.ref_task.device)
+        safety = tracked[self.atlas.safety.to(tracked.device)]
+        values = monitor.ref_task[self.atlas.safety.to(tracked.device)]
+        term.set_reference([values[safety[:, 0] == layer] for layer in range(len(monitor.layers))])
+
+    def _add_penalty(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.penalty_term is None or not self.penalty_term.active or not module.training:
+            return output
+        value = self.penalty_term.pop()  # always pop, so no graph outlives its forward
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if value is None:
+            return output
+        if loss is None:
+            raise RuntimeError(
+                "rimguard: regularize needs the model to return its loss (labels in the batch); with a custom "
+                "compute_loss, build the guard with setup(..., inject_loss=False) and add guard.penalty() yourself"
+            )
+        output["loss"] = loss + value * trainer_loss_scale(self.trainer, kwargs)
+        return output
+
+    # -- actions -----------------------------------------------------------------------------
+    def _apply(self, level: str, step: int, control: TrainerControl | None) -> None:
+        actions = self.config.actions_for(level)
+        assert self.penalty_term is not None and self.freezer is not None and self.monitor is not None
+        weight = self.config.penalty_weight if "regularize" in actions else 0.0
+        if self.config.adaptive_penalty:
+            weight *= PENALTY_FACTOR[level]
+        self.penalty_term.weight = weight
+        safety = self.atlas.safety_per_layer()
+        if "freeze" in actions:
+            self._freeze(safety, step, "all")
+        elif "freeze_top" in actions and self.monitor.ready():
+            shift = self.monitor.shift_per_neuron().cpu()
+            keep = max(1, int(round(self.config.freeze_top_fraction * shift.numel())))
+            chosen = torch.zeros(shift.numel(), dtype=torch.bool)
+            chosen[shift.topk(keep).indices] = True
+            neurons = self.atlas.safety_neurons()
+            self._freeze([neurons[chosen & (neurons[:, 0] == layer), 1] for layer in range(len(safety))], step, "top")
+        if control is not None and "checkpoint" in actions and not self.checkpointed:
+            control.should_save = True
+            self.checkpointed = True
+        if control is not None and "stop" in actions:
+            control.should_training_stop = True
+            self.events.write({"event": "stop", "step": step, "level": level})
+
+    def _freeze(self, per_layer: Sequence[torch.Tensor], step: int, which: str) -> None:
+        assert self.freezer is not None
+        added = self.freezer.freeze(per_layer)
+        if added:
+            self.events.write({"event": "freeze", "step": step, "which": which, "added": added, "frozen": self.freezer.count})
+            if dist.is_main():
+                logger.warning("rimguard: froze %d safety neurons at step %d (%d frozen in all)", added, step, self.freezer.count)
+
+    def check(self, step: int, control: TrainerControl | None = None) -> dict[str, float]:
+        """Measure, log and let the policy act. Returns the metrics."""
+        assert self.monitor is not None and self.penalty_term is not None and self.freezer is not None
+        self._set_penalty_reference()
+        values = self.monitor.measure()
+        if not values:
+            return values
+        penalty = self.penalty_term.drain_logged()
+        if penalty is not None:
+            values["penalty"] = penalty
+        decision = self.policy.update(values)
+        warn = "warn" in self.config.actions_for(decision.level)
+        if warn and dist.is_main():
+            for c in decision.crossings:
+                logger.warning("rimguard: %s=%.4g crossed the '%s' threshold %.4g at step %d", c.metric, c.value, c.level, c.threshold, step)
+        if decision.changed:
+            self.events.write({"event": "level", "step": step, "from": decision.previous, "to": decision.level,
+                               "crossings": [c.__dict__ for c in decision.crossings]})
+            if dist.is_main():
+                logger.warning("rimguard: risk level %s -> %s at step %d", decision.previous, decision.level, step)
+            self._apply(decision.level, step, control)
+            if self.on_alert is not None:
+                self.on_alert(decision, dict(values), step)
+        values.update({"level": float(LEVELS.index(self.policy.level)), "lambda": self.lambda_, "frozen": float(self.freezer.count)})
+        record = {"event": "metrics", "step": step, **values}
+        self.history.append(record)
+        self.events.write(record)
+        if self.trainer is not None:
+            self.trainer.log({f"rimguard/{k}": v for k, v in values.items()})
+        return values
+
+    def due(self, step: int) -> bool:
+        every = self.config.probe_every
+        return step % every == 0 or (step < every and step & (step - 1) == 0)
+
+    # -- TrainerCallback ---------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        model = kwargs["model"]
+        self.trainer = self.trainer or _find_trainer()
+        self._check_backend(args)
+        restored = self._load_checkpoint(args, state) if state.global_step > 0 else None
+        self.setup(model, self.tokenizer or _tokenizer_of(kwargs.get("processing_class")), args.output_dir, restored=restored)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.monitor is None:
+            return
+        self.monitor.step_end()
+        if self.due(state.global_step):
+            self.check(state.global_step, control)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.after_optimizer_step()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.monitor is None or not dist.is_main():
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR
+        self.save_state(folder)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.monitor is not None and self.history and self.history[-1]["step"] != state.global_step:
+            self.check(state.global_step)
+        self.events.write({"event": "end", "step": state.global_step, "level": self.level})
+        self.teardown()
+
+    # -- distributed back-ends ---------------------------------------------------------------
+    def _check_backend(self, args: TrainingArguments) -> None:
+        sharded = "deepspeed" if getattr(args, "deepspeed", None) else "fsdp" if getattr(args, "fsdp", None) else None
+        freezes = any(a.startswith("freeze") for lvl in LEVELS for a in self.config.actions_for(lvl))
+        if sharded and freezes:
+            raise RuntimeError(
+                f"rimguard: freezing is not supported under {sharded} (parameters are sharded); "
+                "use mode='monitor' or 'regularize', or actions without freeze/freeze_top"
+            )
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def save_state(self, folder: str | Path) -> None:
+        """Write everything needed to resume into ``folder``."""
+        assert self.monitor is not None and self.freezer is not None and self.atlas is not None
+        folder = Path(folder)
+        self.atlas.save(folder / "atlas")
+        mon = self.monitor.state_dict()
+        frz = self.freezer.state_dict()
+        tensors = {f"monitor.{k}": v for k, v in mon["tensors"].items()}
+        tensors.update({f"merged.{k}": v for k, v in frz["merged_base"].items()})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
+        meta = {
+            "ref_margin": mon["ref_margin"], "frozen": frz["frozen"], "lambda": self.lambda_,
+            "policy": {"level": self.policy.level, "streak": self.policy.streak},
+            "history": self.history, "checkpointed": self.checkpointed,
+        }
+        (folder / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    def _load_checkpoint(self, args: TrainingArguments, state: TrainerState) -> dict[str, Any] | None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR
+        if not (folder / "state.json").is_file():
+            logger.warning("rimguard: resuming at step %d but %s holds no guard state; starting fresh", state.global_step, folder)
+            return None
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / "state.safetensors"))
+        return {
+            "atlas": NeuronAtlas.load(folder / "atlas"),
+            "monitor": {"tensors": {k[8:]: v for k, v in tensors.items() if k.startswith("monitor.")}, "ref_margin": meta["ref_margin"]},
+            "freezer": {"frozen": meta["frozen"], "merged_base": {k[7:]: v for k, v in tensors.items() if k.startswith("merged.")}},
+            "policy": meta["policy"], "history": meta["history"], "checkpointed": meta["checkpointed"], "lambda": meta["lambda"],
+        }

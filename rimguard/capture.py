@@ -1,0 +1,162 @@
+"""Forward hooks that reduce MLP activations where they are produced.
+
+:class:`ActivationCapture` puts one forward pre-hook on every down projection (its input is the
+``[B, T, I]`` intermediate activation) and a pre/post pair on the model itself, which reads the
+``attention_mask`` of each call. Each layer hook reduces the activation at once, so no activation
+tensor outlives its forward pass.
+
+Three sinks, chosen per call:
+
+* **stream** - a training forward (model in train mode, grad enabled): masked-max sums of the
+  tracked neurons accumulate on the device, with no host sync.
+* **probe** - inside :meth:`ActivationCapture.probing`: per-sequence rows are collected and
+  returned when the block ends.
+* **taps** - callables run on every training forward with the live (differentiable) activation;
+  the entanglement penalty is one.
+
+Activation checkpointing re-runs a layer's forward during backward. The model-level pre-hook does
+not fire then, so every layer hook sees the same forward id again and skips the statistics; taps
+are re-run with ``recompute=True`` so that they can replay their ops (non-reentrant checkpointing
+checks that the recomputation saves the same tensors) without double counting.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from rimguard.arch import MLPLayer
+from rimguard.reduce import Reducer, masked_max, masked_max_sum
+
+
+class Tap(Protocol):
+    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None, recompute: bool) -> None: ...
+
+
+class ActivationCapture:
+    """Hooks a model's MLPs and reduces their activations.
+
+    Args:
+        model: the module the training loop calls (bare or PEFT-wrapped).
+        layers: from :func:`rimguard.arch.find_mlp_layers`.
+        tracked: per layer, the ``[n_l]`` long tensor of neurons to stream (None = all).
+        reducer: the stream reduction, see :func:`rimguard.reduce.get_reducer`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[MLPLayer],
+        tracked: Sequence[torch.Tensor | None],
+        reducer: Reducer = masked_max_sum,
+    ) -> None:
+        if len(tracked) != len(layers):
+            raise ValueError(f"tracked has {len(tracked)} entries for {len(layers)} layers")
+        self.model = model
+        self.layers = list(layers)
+        self.tracked = list(tracked)
+        self.reducer = reducer
+        self.taps: list[Tap] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._forward_id = 0
+        self._seen = [-1] * len(self.layers)
+        self._mask: torch.Tensor | None = None
+        self._streaming = False
+        self._probe_rows: list[list[torch.Tensor]] | None = None
+        self._probe_full = False
+        self._sums: list[torch.Tensor] | None = None
+        self._count: torch.Tensor | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> "ActivationCapture":
+        if self.attached:
+            return self
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._on_model_end, always_call=True))
+        for pos, layer in enumerate(self.layers):
+            self._handles.append(layer.down.module.register_forward_pre_hook(self._layer_hook(pos)))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._mask = None
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._forward_id += 1
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._streaming = self._probe_rows is None and module.training and torch.is_grad_enabled()
+
+    def _on_model_end(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._mask = None
+
+    def _layer_hook(self, pos: int) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            recompute = self._seen[pos] == self._forward_id
+            self._seen[pos] = self._forward_id
+            if self._streaming:
+                for tap in self.taps:
+                    tap(pos, x, self._mask, recompute)
+            if recompute:
+                return
+            if self._probe_rows is not None:
+                index = None if self._probe_full else self.tracked[pos]
+                self._probe_rows[pos].append(masked_max(x.detach(), self._mask, index).float())
+            elif self._streaming:
+                self._accumulate(pos, x)
+
+        return hook
+
+    def _accumulate(self, pos: int, x: torch.Tensor) -> None:
+        sums, count = self.reducer(x, self._mask, self.tracked[pos])
+        if self._sums is None:
+            self._sums = [torch.zeros(0)] * len(self.layers)
+        if self._sums[pos].numel() == 0:
+            self._sums[pos] = torch.zeros_like(sums)
+        self._sums[pos] += sums
+        if pos == 0:
+            self._count = count if self._count is None else self._count + count
+
+    # -- stream ------------------------------------------------------------------------------
+    def drain(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Return and reset the stream: ``(sums [N] float32, count [])`` over tracked neurons.
+
+        ``N`` is the total number of tracked neurons, layer-major. None if nothing streamed.
+        """
+        if self._sums is None or self._count is None or any(s.numel() == 0 for s in self._sums):
+            self._sums, self._count = None, None
+            return None
+        sums, count = torch.cat(self._sums), self._count
+        self._sums, self._count = None, None
+        return sums, count
+
+    # -- probe -------------------------------------------------------------------------------
+    @contextmanager
+    def probing(self, full: bool = False) -> Iterator[list[torch.Tensor]]:
+        """Collect per-sequence maxima while the block runs forwards.
+
+        Yields a list that, when the block exits, holds one ``[P, N]`` float32 tensor (``P``
+        sequences; ``N`` tracked neurons, or every neuron of every layer if ``full``).
+        """
+        if self._probe_rows is not None:
+            raise RuntimeError("probing() is not re-entrant")
+        self._probe_rows = [[] for _ in self.layers]
+        self._probe_full = full
+        result: list[torch.Tensor] = []
+        try:
+            yield result
+            per_layer = [torch.cat(rows) for rows in self._probe_rows]
+            result.append(torch.cat(per_layer, dim=1))
+        finally:
+            self._probe_rows = None

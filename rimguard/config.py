@@ -1,0 +1,194 @@
+"""Guard configuration: one validated dataclass, loadable from and savable to YAML or JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+LEVELS = ("ok", "warn", "regularize", "freeze", "stop")
+ACTIONS = ("warn", "regularize", "freeze_top", "freeze", "checkpoint", "stop")
+METRICS = ("entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop")
+MODES = ("monitor", "regularize", "freeze", "escalate")
+
+# What each level does under each mode; "ok" is the level before any threshold is crossed.
+MODE_ACTIONS: dict[str, dict[str, list[str]]] = {
+    "monitor": {"ok": [], "warn": ["warn"], "regularize": ["warn"], "freeze": ["warn"], "stop": ["warn"]},
+    "regularize": {
+        "ok": ["regularize"], "warn": ["warn", "regularize"], "regularize": ["warn", "regularize"],
+        "freeze": ["warn", "regularize"], "stop": ["warn", "regularize"],
+    },
+    "freeze": {"ok": ["freeze"], "warn": ["warn", "freeze"], "regularize": ["warn", "freeze"], "freeze": ["warn", "freeze"], "stop": ["warn", "freeze"]},
+    "escalate": {
+        "ok": [], "warn": ["warn", "checkpoint"], "regularize": ["warn", "regularize"],
+        "freeze": ["warn", "regularize", "freeze_top"], "stop": ["warn", "regularize", "freeze", "stop"],
+    },
+}
+
+
+class ConfigError(ValueError):
+    """An invalid guard configuration; the message names the field."""
+
+
+def _default_thresholds() -> dict[str, dict[str, float]]:
+    return {
+        "warn": {"entanglement_z": 2.0, "refusal_drop": 0.5},
+        "regularize": {"entanglement_z": 3.0, "refusal_drop": 1.0},
+        "freeze": {"entanglement_z": 5.0, "refusal_drop": 2.0},
+        "stop": {},
+    }
+
+
+@dataclass
+class GuardConfig:
+    """How rimguard finds neurons, measures entanglement and acts.
+
+    Atlas (used when no atlas is loaded):
+        method: ``"counterfactual"`` (paper) or ``"effect_size"`` (harmful vs harmless).
+        top_m: neurons kept per pair: a count, or a fraction of all neurons if < 1.
+        min_share: keep neurons in the top-m of at least this share of pairs (1.0 = intersection).
+        num_controls: random control sets for the null distribution of RAS.
+        num_safety_probes: harmful prompts used (from the start of the given list).
+        max_new_tokens: length of the model's own greedy response appended to each probe.
+        max_length: probe sequence cap, tokens.
+
+    Monitoring:
+        probe_every: optimizer steps between safety probe passes (and metric logs).
+        probe_batch_size: sequences per probe forward.
+        ema_decay: smoothing of the streamed reasoning activations, per optimizer step.
+        kl_probes: reasoning sequences kept for KL(pi_0 || pi_t); 0 disables KL.
+        kl_top_k: base log-probs stored per position (the rest is one tail bucket).
+        rel_floor: activation floor for RAS, relative to the mean base activation.
+        log_file: JSONL file name in ``output_dir`` (None: no file).
+
+    Policy and actions:
+        mode: preset of actions per level: ``monitor`` (warn only), ``regularize`` (penalty from
+            step 0), ``freeze`` (freeze from step 0) or ``escalate`` (warn, then regularize, then
+            freeze the most-shifted neurons, then all and stop).
+        thresholds: per level, metric -> value; a level is reached when any of its metrics is
+            at or above its value (all metrics are "higher is riskier").
+        actions: per level, the actions to run; overrides the mode's preset where given.
+        hysteresis: a reached level is left only when every metric is below
+            ``value - hysteresis * |value|``.
+        patience: consecutive probe checks a higher level must hold before escalating.
+        penalty_weight: lambda of the entanglement penalty.
+        adaptive_penalty: scale lambda by the level (x1 at regularize, x2 at freeze, x4 at stop).
+        freeze_top_fraction: share of the safety neurons (the most shifted) that ``freeze_top`` freezes.
+    """
+
+    method: str = "counterfactual"
+    top_m: float = 0.01
+    min_share: float = 0.5
+    num_controls: int = 32
+    num_safety_probes: int = 64
+    max_new_tokens: int = 24
+    max_length: int = 256
+
+    probe_every: int = 10
+    probe_batch_size: int = 8
+    ema_decay: float = 0.9
+    kl_probes: int = 8
+    kl_top_k: int = 64
+    rel_floor: float = 0.05
+    log_file: str | None = "rimguard.jsonl"
+
+    mode: str = "monitor"
+    thresholds: dict[str, dict[str, float]] = field(default_factory=_default_thresholds)
+    actions: dict[str, list[str]] = field(default_factory=dict)
+    hysteresis: float = 0.1
+    patience: int = 1
+    penalty_weight: float = 1.0
+    adaptive_penalty: bool = False
+    freeze_top_fraction: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"GuardConfig.{name}: {what} (got {getattr(self, name)!r})")
+
+        need(self.method in ("counterfactual", "effect_size"), "method", "must be 'counterfactual' or 'effect_size'")
+        need(self.top_m > 0, "top_m", "must be > 0")
+        need(0 < self.min_share <= 1, "min_share", "must be in (0, 1]")
+        need(self.num_controls >= 2, "num_controls", "must be >= 2 for a null distribution")
+        need(self.num_safety_probes >= 2, "num_safety_probes", "must be >= 2")
+        need(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
+        need(self.max_length >= 8, "max_length", "must be >= 8")
+        need(self.probe_every >= 1, "probe_every", "must be >= 1")
+        need(self.probe_batch_size >= 1, "probe_batch_size", "must be >= 1")
+        need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+        need(self.kl_probes >= 0, "kl_probes", "must be >= 0")
+        need(self.kl_top_k >= 1, "kl_top_k", "must be >= 1")
+        need(self.rel_floor > 0, "rel_floor", "must be > 0")
+        need(self.mode in MODES, "mode", f"must be one of {MODES}")
+        need(0 <= self.hysteresis < 1, "hysteresis", "must be in [0, 1)")
+        need(self.patience >= 1, "patience", "must be >= 1")
+        need(self.penalty_weight >= 0, "penalty_weight", "must be >= 0")
+        need(0 < self.freeze_top_fraction <= 1, "freeze_top_fraction", "must be in (0, 1]")
+        need(isinstance(self.thresholds, dict), "thresholds", "must be a dict level -> {metric: value}")
+        for level, rules in self.thresholds.items():
+            need(level in LEVELS[1:], "thresholds", f"unknown level '{level}' (levels: {LEVELS[1:]})")
+            for metric, value in rules.items():
+                need(metric in METRICS, "thresholds", f"unknown metric '{metric}' at level '{level}' (metrics: {METRICS})")
+                need(isinstance(value, (int, float)) and value == value, "thresholds", f"{level}.{metric} must be a number")
+        for level, acts in self.actions.items():
+            need(level in LEVELS, "actions", f"unknown level '{level}' (levels: {LEVELS})")
+            bad = [a for a in acts if a not in ACTIONS]
+            need(not bad, "actions", f"unknown actions {bad} at level '{level}' (actions: {ACTIONS})")
+        levels = [lvl for lvl in LEVELS[1:] if self.thresholds.get(lvl)]
+        for lower, higher in zip(levels, levels[1:]):
+            for metric, value in self.thresholds[higher].items():
+                below = self.thresholds[lower].get(metric)
+                need(below is None or value >= below, "thresholds",
+                     f"'{higher}.{metric}'={value} is below '{lower}.{metric}'={below}; levels must rise")
+
+    # -- derived -----------------------------------------------------------------------------
+    def actions_for(self, level: str) -> list[str]:
+        """The actions of ``level``: the explicit ``actions`` entry, else the mode's preset."""
+        return list(self.actions.get(level, MODE_ACTIONS[self.mode][level]))
+
+    # -- conversion --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GuardConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"GuardConfig: unknown field(s) {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GuardConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as err:  # noqa: BLE001 - yaml and json raise different types
+            raise ConfigError(f"{path}: cannot parse ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of GuardConfig fields")
+        return cls.from_dict(data)

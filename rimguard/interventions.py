@@ -1,0 +1,247 @@
+"""Actions on the safety-critical neurons: the entanglement penalty and freezing.
+
+**Penalty.** On every training forward, for the safety neurons of each layer, the masked max
+over tokens (averaged over the batch's sequences) is anchored to its base reasoning reference:
+
+    P = (1/n) * sum_j ((m_j - r_j) / max(|r_j|, floor))^2
+
+so reasoning training cannot recruit (or silence) those neurons without paying for it. The
+penalty is added to the model's returned loss by a forward hook, scaled like the Trainer scales
+the task loss (see :func:`trainer_loss_scale`), so no trainer subclass is needed. Custom loops
+take it from :meth:`EntanglementPenalty.pop` instead.
+
+**Freeze.** A neuron ``j`` of layer ``l`` owns rows ``j + c*I`` of the input-side projections
+(and their bias) and column ``j`` of the down projection (transposed for GPT-2's Conv1D). At
+freeze time those slices are snapshotted; their gradients are zeroed by tensor hooks, and after
+every optimizer step the snapshot is written back, which holds against AdamW momentum and
+decoupled weight decay bit for bit. Under PEFT LoRA the frozen neurons' current delta
+``s * B @ A`` is first merged into the (untrained) base weight, then the matching rows of
+``lora_B`` (input side) and columns of ``lora_A`` (down side) are set to zero and held there, so
+the merged weight of a frozen neuron never changes again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from rimguard.arch import MLPLayer, Projection
+from rimguard.reduce import masked_max
+
+
+# -- penalty ---------------------------------------------------------------------------------
+class EntanglementPenalty:
+    """Activation-anchoring penalty on the safety neurons; a :class:`~rimguard.capture.Tap`.
+
+    Args:
+        safety_per_layer: per layer, ``[n_l]`` safety neuron ids (empty where none).
+        reference: per layer, ``[n_l]`` base reasoning activations (set by :meth:`set_reference`).
+        floor: lower bound of the scale ``|r_j|``.
+    """
+
+    def __init__(self, safety_per_layer: Sequence[torch.Tensor], floor: float = 1e-3) -> None:
+        self.index = list(safety_per_layer)
+        self.total = sum(int(i.numel()) for i in self.index)
+        self.reference: list[torch.Tensor] | None = None
+        self.floor = floor
+        self.weight = 0.0
+        self._terms: list[torch.Tensor] = []
+        self.logged_sum: torch.Tensor | None = None
+        self.logged_count = 0
+
+    def set_reference(self, per_layer: Sequence[torch.Tensor]) -> None:
+        self.reference = [r.detach().float() for r in per_layer]
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0 and self.reference is not None and self.total > 0
+
+    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None, recompute: bool) -> None:
+        if not self.active or self.index[layer].numel() == 0:
+            return
+        assert self.reference is not None
+        peak = masked_max(x, mask, self.index[layer].to(x.device)).float().mean(0)
+        ref = self.reference[layer].to(x.device)
+        term = (((peak - ref) / ref.abs().clamp_min(self.floor)) ** 2).sum()
+        if not recompute:  # a checkpoint recomputation replays the ops but must not count twice
+            self._terms.append(term)
+
+    def pop(self) -> torch.Tensor | None:
+        """The weighted penalty ``lambda * P`` of the forwards since the last pop (differentiable)."""
+        if not self._terms:
+            return None
+        value = torch.stack(self._terms).sum() / self.total
+        self._terms.clear()
+        detached = value.detach()
+        self.logged_sum = detached if self.logged_sum is None else self.logged_sum + detached
+        self.logged_count += 1
+        return self.weight * value
+
+    def drain_logged(self) -> float | None:
+        """Mean unweighted penalty since the last call (syncs; call at log time)."""
+        if self.logged_sum is None:
+            return None
+        mean = float(self.logged_sum) / self.logged_count
+        self.logged_sum, self.logged_count = None, 0
+        return mean
+
+
+def trainer_loss_scale(trainer: Any, forward_kwargs: dict) -> float:
+    """Factor that makes a per-micro-batch penalty weigh like the Trainer's task loss.
+
+    The Trainer divides the loss by the gradient-accumulation steps unless the model already
+    normalised it by ``num_items_in_batch``; with ``average_tokens_across_devices`` it then
+    multiplies it by the number of processes. The penalty is a per-micro-batch mean, so it is
+    divided by whatever the Trainer will not divide it by.
+    """
+    if trainer is None:
+        return 1.0
+    items = forward_kwargs.get("num_items_in_batch")
+    accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+    custom = getattr(trainer, "compute_loss_func", None) is not None
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (accepts and items is not None) or custom
+    scale = 1.0
+    if scaled:
+        scale /= max(int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1), 1)
+        args = trainer.args
+        if getattr(args, "average_tokens_across_devices", False) and (accepts or custom) and items is not None:
+            scale /= max(trainer.accelerator.num_processes, 1)
+    return scale
+
+
+# -- freeze ----------------------------------------------------------------------------------
+@dataclass
+class _Slice:
+    param: nn.Parameter
+    dim: int
+    index: torch.Tensor
+    value: torch.Tensor
+
+
+def _lora_parts(module: nn.Module, name: str) -> list[nn.Module]:
+    parts = getattr(module, name, None)
+    return list(parts.values()) if isinstance(parts, nn.ModuleDict) else []
+
+
+def _neuron_rows(proj: Projection, neurons: torch.Tensor, size: int) -> torch.Tensor:
+    copies = proj.out_features // size
+    return torch.cat([neurons + c * size for c in range(copies)])
+
+
+class NeuronFreezer:
+    """Holds chosen MLP neurons fixed through optimizer steps (full fine-tuning and LoRA).
+
+    Args:
+        layers: from :func:`rimguard.arch.find_mlp_layers`.
+    """
+
+    def __init__(self, layers: Sequence[MLPLayer]) -> None:
+        self.layers = list(layers)
+        self.frozen: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in self.layers]
+        self._slices: list[_Slice] = []
+        self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._grad_index: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self.merged_base: dict[str, torch.Tensor] = {}
+
+    @property
+    def count(self) -> int:
+        return sum(int(f.numel()) for f in self.frozen)
+
+    def _targets(self, layer: MLPLayer, neurons: torch.Tensor) -> list[tuple[nn.Parameter, int, torch.Tensor, Projection, str]]:
+        """(param, dim, index, projection, role) of every slice that ``neurons`` own."""
+        out = []
+        for proj in layer.inputs:
+            rows = _neuron_rows(proj, neurons, layer.size)
+            base = proj.base
+            out.append((base.weight, 1 if proj.transposed else 0, rows, proj, "base"))
+            if getattr(base, "bias", None) is not None:
+                out.append((base.bias, 0, rows, proj, "bias"))
+            out.extend((lora.weight, 0, rows, proj, "lora") for lora in _lora_parts(proj.module, "lora_B"))
+        down = layer.down
+        out.append((down.base.weight, 0 if down.transposed else 1, neurons, down, "base"))
+        out.extend((lora.weight, 1, neurons, down, "lora") for lora in _lora_parts(down.module, "lora_A"))
+        return out
+
+    @torch.no_grad()
+    def _merge_lora(self, proj: Projection, dim: int, index: torch.Tensor) -> None:
+        """Move the LoRA delta of the given base-weight slice into the base weight."""
+        module = proj.module
+        adapters = [k for k in getattr(module, "lora_A", {}) if hasattr(module, "get_delta_weight")]
+        if not adapters:
+            return
+        weight = proj.base.weight
+        for adapter in adapters:
+            delta = module.get_delta_weight(adapter).to(weight.dtype)
+            weight.index_add_(dim, index.to(weight.device), delta.index_select(dim, index.to(weight.device)))
+        self.merged_base[proj.name] = weight.detach().clone().cpu()
+
+    def freeze(self, per_layer: Sequence[torch.Tensor]) -> int:
+        """Freeze more neurons (``[n_l]`` ids per layer); returns how many were new."""
+        added = 0
+        for pos, (layer, ids) in enumerate(zip(self.layers, per_layer)):
+            new = ids[~torch.isin(ids.cpu(), self.frozen[pos])].cpu().unique()
+            if new.numel() == 0:
+                continue
+            added += int(new.numel())
+            self.frozen[pos] = torch.cat([self.frozen[pos], new])
+            targets = self._targets(layer, new)
+            for param, dim, index, proj, role in targets:  # LoRA: merge first, then zero the factors
+                if role == "base" and not param.requires_grad:
+                    self._merge_lora(proj, dim, index)
+            for param, dim, index, proj, role in targets:
+                if role == "lora":
+                    with torch.no_grad():
+                        param.index_fill_(dim, index.to(param.device), 0.0)
+                if not param.requires_grad:
+                    continue
+                idx = index.to(param.device)
+                self._slices.append(_Slice(param, dim, idx, param.detach().index_select(dim, idx).clone()))
+                self._mask_grad(param, dim, idx)
+        return added
+
+    def _mask_grad(self, param: nn.Parameter, dim: int, index: torch.Tensor) -> None:
+        key = id(param)
+        self._grad_index.setdefault(key, []).append((dim, index))
+        if key in self._hooks:
+            return
+        entries = self._grad_index[key]
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            for d, i in entries:
+                grad = grad.index_fill(d, i, 0.0)
+            return grad
+
+        self._hooks[key] = param.register_hook(hook)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the frozen slices back (call after every optimizer step)."""
+        for s in self._slices:
+            s.param.index_copy_(s.dim, s.index, s.value)
+
+    def remove(self) -> None:
+        """Remove the gradient hooks (the frozen values stay as they are)."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._grad_index.clear()
+        self._slices.clear()
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen": [f.tolist() for f in self.frozen], "merged_base": dict(self.merged_base)}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Re-apply merged LoRA base weights, then re-freeze the saved neurons at their current values."""
+        params = dict(model.named_modules())
+        for name, value in state.get("merged_base", {}).items():
+            base = getattr(params[name], "get_base_layer", lambda: params[name])()
+            base.weight.copy_(value.to(base.weight.device, base.weight.dtype))
+            self.merged_base[name] = value
+        self.freeze([torch.tensor(f, dtype=torch.long) for f in state["frozen"]])

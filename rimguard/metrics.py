@@ -1,0 +1,136 @@
+"""Entanglement and forgetting metrics, as pure tensor functions.
+
+Notation (paper, ``../shared/PAPER.md``): for a neuron set ``S`` of size ``n``, ``safe0``/``safet``
+are activations on safety probes under the base model and now, ``task0``/``taskt`` on reasoning
+data. A neuron's activation on a prompt is its max over tokens; activations are averaged over
+prompts. All vectors are ``[..., n]``; leading dimensions are batch dimensions (e.g. many
+control sets at once).
+
+Choices the paper leaves open, fixed here:
+
+* **Zero and negative activations.** SiLU-gated products can be 0 or negative, where the ratio
+  ``(a0 - at) / at`` blows up or flips sign. Every activation is clamped from below to ``floor``
+  before the formulas; ``floor = rel_floor * mean(|safe0|, |task0|)`` over the set (see
+  :func:`activation_floor`), so the guard scales with the model.
+* **Who counts in n.** Every neuron of the set: neurons that fail the condition contribute 0
+  (the paper's ``1/n`` with the sum restricted to the condition).
+* **RAS at zero.** ``RAS = 0`` when both shifts are 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_REL_FLOOR = 0.05
+
+
+def activation_floor(safe0: torch.Tensor, task0: torch.Tensor, rel_floor: float = DEFAULT_REL_FLOOR) -> torch.Tensor:
+    """Lower clamp for activations: ``rel_floor`` times the mean absolute base activation.
+
+    Returns a ``[...]`` tensor (one floor per set), never below ``1e-8``.
+    """
+    scale = 0.5 * (safe0.abs().mean(dim=-1) + task0.abs().mean(dim=-1))
+    return (rel_floor * scale).clamp_min(1e-8)
+
+
+def _clamp(a: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
+    floor_t = torch.as_tensor(floor, dtype=a.dtype, device=a.device)
+    if floor_t.dim() > 0:
+        floor_t = floor_t.unsqueeze(-1)
+    return torch.maximum(a, floor_t)
+
+
+def safety_drop(safe0: torch.Tensor, safet: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
+    """delta-minus-safe: ``(1/n) sum_{j: a0 > at} ((a0 - at) / at) * a0``. Shape ``[...]``."""
+    a0, at = _clamp(safe0, floor), _clamp(safet, floor)
+    term = torch.where(a0 > at, (a0 - at) / at * a0, torch.zeros_like(a0))
+    return term.mean(dim=-1)
+
+
+def task_rise(task0: torch.Tensor, taskt: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
+    """delta-plus-task: ``(1/n) sum_{j: at > a0} ((at - a0) / a0) * at``. Shape ``[...]``."""
+    a0, at = _clamp(task0, floor), _clamp(taskt, floor)
+    term = torch.where(at > a0, (at - a0) / a0 * at, torch.zeros_like(a0))
+    return term.mean(dim=-1)
+
+
+def harmonic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``2ab / (a + b)``, and 0 where ``a + b == 0``."""
+    total = a + b
+    return torch.where(total > 0, 2 * a * b / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+
+
+def ras(
+    safe0: torch.Tensor,
+    safet: torch.Tensor,
+    task0: torch.Tensor,
+    taskt: torch.Tensor,
+    rel_floor: float = DEFAULT_REL_FLOOR,
+) -> dict[str, torch.Tensor]:
+    """Reciprocal Activation Shift of one or many neuron sets.
+
+    Args:
+        safe0, safet, task0, taskt: ``[..., n]`` activations (see module docstring).
+        rel_floor: activation floor relative to the mean base activation of each set.
+
+    Returns:
+        ``{"safety_drop", "task_rise", "ras"}``, each ``[...]``.
+    """
+    floor = activation_floor(safe0, task0, rel_floor)
+    drop = safety_drop(safe0, safet, floor)
+    rise = task_rise(task0, taskt, floor)
+    return {"safety_drop": drop, "task_rise": rise, "ras": harmonic(drop, rise)}
+
+
+def null_score(value: torch.Tensor, null: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Place ``value`` (``[]``) in a null distribution ``null`` (``[K]``, e.g. RAS of K control sets).
+
+    Returns:
+        ``z``: ``(value - mean) / std`` with ``std`` floored at ``1e-3 * |mean| + 1e-12``;
+        ``percentile``: share of the null strictly below ``value``, in ``[0, 1]``.
+    """
+    mean = null.mean()
+    std = null.std(unbiased=True) if null.numel() > 1 else torch.zeros_like(mean)
+    std = torch.maximum(std, 1e-3 * mean.abs() + 1e-12)
+    return {"z": (value - mean) / std, "percentile": (null < value).float().mean()}
+
+
+def topk_kl(
+    base_logp: torch.Tensor,
+    base_index: torch.Tensor,
+    logp: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(pi_0 || pi_t) per token on a top-k-plus-tail coarsening of the vocabulary, averaged over tokens.
+
+    The base distribution is stored as its top-k log-probabilities; the remaining mass forms
+    one "tail" bucket. KL on this (k+1)-way partition is a lower bound on the full KL (data
+    processing inequality) and equals it when the base puts all its mass in the top k.
+
+    Args:
+        base_logp: ``[P, T, k]`` base log-probs of the top-k tokens.
+        base_index: ``[P, T, k]`` their vocabulary ids.
+        logp: ``[P, T, V]`` current log-probs over the full vocabulary.
+        mask: ``[P, T]`` positions to average over (None = all).
+
+    Returns:
+        ``[]`` mean KL in nats.
+    """
+    cur = logp.gather(-1, base_index)
+    p0 = base_logp.exp()
+    tail0 = (1 - p0.sum(-1)).clamp_min(1e-12)
+    tailt = (1 - cur.exp().sum(-1)).clamp_min(1e-12)
+    per_token = (p0 * (base_logp - cur)).sum(-1) + tail0 * (tail0.log() - tailt.log())
+    if mask is None:
+        return per_token.mean()
+    weights = mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1)
+
+
+def refusal_margin(refusal_logp: torch.Tensor, comply_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over prompts of ``log p(refusal opening) - log p(compliance opening)``, nats.
+
+    Args:
+        refusal_logp, comply_logp: ``[P]`` teacher-forced log-probabilities of the openings.
+    """
+    return (refusal_logp - comply_logp).mean()

@@ -1,0 +1,258 @@
+"""Online entanglement measurement: base references, the reasoning stream and probe checks.
+
+The monitor owns an :class:`~rimguard.capture.ActivationCapture` on the atlas' tracked neurons.
+
+* **Reasoning side** - streamed from the training forwards themselves (no extra forward): each
+  optimizer step's masked-max means are folded into an EMA on the device. Unless reasoning
+  probes are given, the base reference is the first optimizer step's stream (measured before
+  the first update).
+* **Safety side** - a probe pass over the atlas' safety probes (prompt + the base model's own
+  greedy response) at each check.
+* **KL(pi_0 || pi_t)** - on reasoning probes: the given ones, or else the first training
+  micro-batch (its base log-probs are taken just before that forward runs).
+* **Refusal margin** - teacher-forced log-prob of refusal openings minus compliance openings.
+
+Under DDP each rank probes its share of the prompts and the sums are all-reduced, so every rank
+gets identical metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from rimguard import dist, metrics
+from rimguard.arch import find_mlp_layers
+from rimguard.atlas import NeuronAtlas
+from rimguard.capture import ActivationCapture
+from rimguard.config import GuardConfig
+from rimguard.probing import (
+    Batch,
+    activations,
+    continuation_logprob,
+    model_device,
+    next_token_logprobs,
+    pad,
+    pad_id,
+    probe_mode,
+    tokenize_dialogues,
+)
+from rimguard.reduce import get_reducer
+
+STATE_TENSORS = ("ref_safe", "ref_task", "ema_task", "kl_base_logp", "kl_base_index", "kl_ids", "kl_mask")
+
+
+def _shard(items: Sequence) -> list:
+    return list(items[dist.rank() :: dist.world_size()])
+
+
+class EntanglementMonitor:
+    """Measures RAS, its null score, KL and the refusal margin against train-start references.
+
+    Args:
+        model: the model the training loop calls.
+        tokenizer: its tokenizer.
+        atlas: the neuron atlas (checked against ``model``).
+        config: guard configuration.
+        reasoning_prompts: optional reasoning probes; else the training data is used.
+        refusal_openings, compliance_openings: response openings for the refusal margin.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        atlas: NeuronAtlas,
+        config: GuardConfig,
+        reasoning_prompts: Sequence[str] = (),
+        refusal_openings: Sequence[str] = (),
+        compliance_openings: Sequence[str] = (),
+    ) -> None:
+        self.model, self.tokenizer, self.atlas, self.config = model, tokenizer, atlas, config
+        self.layers = find_mlp_layers(model)
+        self.device = model_device(model)
+        self.capture = ActivationCapture(
+            model, self.layers, [t.to(self.device) for t in atlas.per_layer()], get_reducer(self.device)
+        )
+        self.safety_index = atlas.safety.to(self.device)
+        self.sets = torch.cat([atlas.safety[None], atlas.controls]).to(self.device)  # [1 + K, n]
+        n = config.num_safety_probes
+        self._pad = pad_id(tokenizer)
+        self.safety_sequences = tokenize_dialogues(
+            tokenizer, atlas.probe_prompts[:n], atlas.probe_responses[:n], config.max_length
+        )
+        self.margin_prompts = atlas.probe_prompts[:n]
+        self.refusal_openings = list(refusal_openings)
+        self.compliance_openings = list(compliance_openings)
+        self.reasoning_prompts = list(reasoning_prompts)
+        self.ref_safe: torch.Tensor | None = None
+        self.ref_task: torch.Tensor | None = None
+        self.ema_task: torch.Tensor | None = None
+        self.ref_margin: float | None = None
+        self.kl_ids: torch.Tensor | None = None
+        self.kl_mask: torch.Tensor | None = None
+        self.kl_base_logp: torch.Tensor | None = None
+        self.kl_base_index: torch.Tensor | None = None
+        self._grab_handle = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, restored: dict[str, Any] | None = None) -> None:
+        """Attach hooks and take base references (or restore them from a checkpoint)."""
+        self.capture.attach()
+        if restored is not None:
+            self.load_state(restored)
+        else:
+            self.ref_safe = self._mean_activations(self.safety_sequences)
+            self.ref_margin = self._margin()
+            if self.reasoning_prompts:
+                seqs = tokenize_dialogues(self.tokenizer, self.reasoning_prompts, None, self.config.max_length)
+                self.ref_task = self._mean_activations(seqs)
+                self.ema_task = self.ref_task.clone()
+                if self.config.kl_probes:
+                    self._set_kl_reference(pad(seqs[: self.config.kl_probes], self._pad))
+        if self.config.kl_probes and self.kl_base_logp is None:
+            self._grab_handle = self.model.register_forward_pre_hook(self._grab_first_batch, with_kwargs=True, prepend=True)
+
+    def stop(self) -> None:
+        self.capture.remove()
+        if self._grab_handle is not None:
+            self._grab_handle.remove()
+            self._grab_handle = None
+
+    @property
+    def attached(self) -> bool:
+        return self.capture.attached or self._grab_handle is not None
+
+    # -- reasoning stream --------------------------------------------------------------------
+    def step_end(self) -> None:
+        """Fold this optimizer step's streamed activations into the EMA (on device, no sync)."""
+        drained = self.capture.drain()
+        if drained is None:
+            return
+        sums, count = drained
+        mean = sums / count.clamp_min(1)
+        if self.ref_task is None:
+            self.ref_task, self.ema_task = mean, mean.clone()
+        elif self.ema_task is None:
+            self.ema_task = mean
+        else:
+            self.ema_task.mul_(self.config.ema_decay).add_(mean, alpha=1 - self.config.ema_decay)
+
+    # -- probes ------------------------------------------------------------------------------
+    def _mean_activations(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Mean over ``sequences`` (sharded over ranks) of per-neuron max activations, ``[N]``."""
+        mine = _shard(sequences)
+        n_tracked = self.atlas.tracked.shape[0]
+        total = torch.zeros(n_tracked, device=self.device)
+        if mine:
+            total += activations(self.model, self.capture, mine, self._pad, self.config.probe_batch_size).sum(0)
+        count = torch.tensor(float(len(mine)), device=self.device)
+        return dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1)
+
+    def _margin(self) -> float | None:
+        if not self.refusal_openings or not self.compliance_openings:
+            return None
+        mine = _shard(self.margin_prompts)
+        total = torch.zeros((), device=self.device)
+        if mine:
+            bs = self.config.probe_batch_size
+            refuse = torch.stack([continuation_logprob(self.model, self.tokenizer, mine, o, bs) for o in self.refusal_openings])
+            comply = torch.stack([continuation_logprob(self.model, self.tokenizer, mine, o, bs) for o in self.compliance_openings])
+            total = (refuse.mean(0) - comply.mean(0)).sum()
+        count = torch.tensor(float(len(mine)), device=self.device)
+        return float(dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1))
+
+    def _grab_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """On the first training forward, keep a few of its sequences and their base log-probs."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not (module.training and torch.is_grad_enabled() and isinstance(ids, torch.Tensor)):
+            return
+        self._grab_handle.remove()
+        self._grab_handle = None
+        keep = self.config.kl_probes
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(ids)
+        self._set_kl_reference(Batch(ids[:keep].detach().clone(), mask[:keep].detach().clone()))
+
+    def _set_kl_reference(self, batch: Batch) -> None:
+        batch = batch.to(self.device)
+        self.kl_ids, self.kl_mask = batch.input_ids, batch.attention_mask
+        logps, indices = [], []
+        with probe_mode(self.model):
+            for row in range(batch.input_ids.shape[0]):
+                logp = next_token_logprobs(self.model, Batch(batch.input_ids[row : row + 1], batch.attention_mask[row : row + 1]))
+                top = logp.topk(self.config.kl_top_k, dim=-1)
+                logps.append(top.values)
+                indices.append(top.indices)
+        self.kl_base_logp, self.kl_base_index = torch.cat(logps), torch.cat(indices)
+
+    def _kl(self) -> float | None:
+        if self.kl_base_logp is None or self.kl_ids is None or self.kl_mask is None:
+            return None
+        rows = list(range(self.kl_ids.shape[0]))
+        total = torch.zeros((), device=self.device)
+        mine = _shard(rows)
+        with probe_mode(self.model):
+            for row in mine:
+                sl = slice(row, row + 1)
+                logp = next_token_logprobs(self.model, Batch(self.kl_ids[sl], self.kl_mask[sl]))
+                total += metrics.topk_kl(self.kl_base_logp[sl], self.kl_base_index[sl], logp, self.kl_mask[sl])
+        count = torch.tensor(float(len(mine)), device=self.device)
+        return float(dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1))
+
+    # -- metrics -----------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self.ref_safe is not None and self.ref_task is not None and self.ema_task is not None
+
+    def measure(self) -> dict[str, float]:
+        """Run the probe pass and return every metric as floats (one host sync, at check time only)."""
+        if not self.ready():
+            return {}
+        assert self.ref_safe is not None and self.ref_task is not None and self.ema_task is not None
+        safe_now = self._mean_activations(self.safety_sequences)
+        task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
+        s = self.sets
+        per_set = metrics.ras(self.ref_safe[s], safe_now[s], self.ref_task[s], task_now[s], self.config.rel_floor)
+        null = metrics.null_score(per_set["ras"][0], per_set["ras"][1:])
+        values = {
+            "ras_safe": per_set["ras"][0],
+            "ras_control_mean": per_set["ras"][1:].mean(),
+            "safety_drop": per_set["safety_drop"][0],
+            "task_rise": per_set["task_rise"][0],
+            "entanglement_z": null["z"],
+            "entanglement_pct": null["percentile"],
+            "safety_act_ratio": safe_now[self.safety_index].mean() / self.ref_safe[self.safety_index].mean(),
+            "task_act_ratio": task_now[self.safety_index].mean() / self.ref_task[self.safety_index].mean(),
+        }
+        out = dict(zip(values, torch.stack(list(values.values())).tolist()))
+        margin = self._margin()
+        if margin is not None and self.ref_margin is not None:
+            out["refusal_margin"] = margin
+            out["refusal_drop"] = self.ref_margin - margin
+        kl = self._kl()
+        if kl is not None:
+            out["kl_task"] = kl
+        return out
+
+    def shift_per_neuron(self) -> torch.Tensor:
+        """Per safety neuron, ``[n]``: relative task rise plus relative safety drop (for freeze_top)."""
+        assert self.ref_safe is not None and self.ref_task is not None and self.ema_task is not None
+        idx = self.safety_index
+        safe_now = self._mean_activations(self.safety_sequences)[idx]
+        task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
+        floor = metrics.activation_floor(self.ref_safe[idx], self.ref_task[idx], self.config.rel_floor)
+        rise = (task_now[idx] - self.ref_task[idx]) / self.ref_task[idx].clamp_min(floor)
+        drop = (self.ref_safe[idx] - safe_now) / safe_now.clamp_min(floor)
+        return rise + drop
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        tensors = {k: getattr(self, k).detach().cpu() for k in STATE_TENSORS if getattr(self, k) is not None}
+        return {"tensors": tensors, "ref_margin": self.ref_margin}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for k, v in state["tensors"].items():
+            setattr(self, k, v.to(self.device))
+        self.ref_margin = state.get("ref_margin")

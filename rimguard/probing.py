@@ -1,0 +1,159 @@
+"""Probe passes: run the model on fixed prompts without disturbing training.
+
+Every pass runs in eval mode under ``no_grad``, restores the previous train/eval mode, and
+forks the RNG (CPU and CUDA), so a guarded run draws the same random numbers as an unguarded
+one. Tokenization pads by hand with the tokenizer's pad id (or EOS), so the user's tokenizer is
+never modified.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rimguard.capture import ActivationCapture
+
+
+@dataclass
+class Batch:
+    """Right-padded token batch: ``input_ids`` and ``attention_mask`` are ``[B, T]``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """The user turn plus the assistant header: chat template if the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    return f"User: {prompt}\nAssistant:"
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    special = not getattr(tokenizer, "chat_template", None)
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_value: int, left: bool = False) -> Batch:
+    """Pad token lists into a :class:`Batch` (right padding unless ``left``)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return Batch(ids, mask)
+
+
+@contextmanager
+def probe_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no grad, forked RNG; the previous mode is restored on exit."""
+    was_training = model.training
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+
+def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def generate(
+    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8, desc: str | None = None
+) -> list[str]:
+    """Greedy completions of chat-formatted ``prompts`` (decoded, special tokens stripped)."""
+    device, pid = model_device(model), pad_id(tokenizer)
+    outputs: list[str] = []
+    with probe_mode(model):
+        for group in tqdm(list(chunks(prompts, batch_size)), desc=desc, disable=desc is None, leave=False):
+            batch = pad([encode(tokenizer, format_prompt(tokenizer, p)) for p in group], pid, left=True).to(device)
+            out = model.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pid,
+            )
+            new = out[:, batch.input_ids.shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return outputs
+
+
+def tokenize_dialogues(tokenizer, prompts: Sequence[str], responses: Sequence[str] | None = None, max_length: int = 256) -> list[list[int]]:
+    """Token ids of chat-formatted prompt (+ response), truncated to ``max_length``."""
+    responses = responses if responses is not None else [""] * len(prompts)
+    return [encode(tokenizer, format_prompt(tokenizer, p) + r)[:max_length] for p, r in zip(prompts, responses)]
+
+
+def activations(
+    model: nn.Module,
+    capture: ActivationCapture,
+    sequences: Sequence[Sequence[int]],
+    pad_value: int,
+    batch_size: int = 8,
+    full: bool = False,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """Per-sequence max-over-tokens activations, ``[P, N]`` float32 on the model's device.
+
+    ``N`` is the capture's tracked neurons, or all neurons of all layers if ``full``.
+    """
+    device = model_device(model)
+    with probe_mode(model), capture.probing(full=full) as result:
+        for group in tqdm(list(chunks(sequences, batch_size)), desc=desc, disable=desc is None, leave=False):
+            batch = pad(group, pad_value).to(device)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return result[0]
+
+
+def continuation_logprob(
+    model: nn.Module, tokenizer, prompts: Sequence[str], continuation: str, batch_size: int = 8
+) -> torch.Tensor:
+    """Teacher-forced ``log p(continuation | chat(prompt))`` summed over its tokens, ``[P]`` float32."""
+    device, pid = model_device(model), pad_id(tokenizer)
+    cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    scores = []
+    with probe_mode(model):
+        for group in chunks(prompts, batch_size):
+            heads = [encode(tokenizer, format_prompt(tokenizer, p)) for p in group]
+            batch = pad([h + cont for h in heads], pid).to(device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+            logp = logits.log_softmax(-1)
+            for row, head in enumerate(heads):
+                pos = torch.arange(len(head) - 1, len(head) - 1 + len(cont), device=device)
+                target = batch.input_ids[row, pos + 1]
+                scores.append(logp[row, pos, target].sum())
+    return torch.stack(scores)
+
+
+def next_token_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Log-probabilities of every next token, ``[B, T, V]`` float32 (call inside :func:`probe_mode`)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits.float().log_softmax(-1)

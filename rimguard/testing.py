@@ -1,0 +1,85 @@
+"""Tiny random models, a tokenizer and data, built offline in seconds (for tests and examples).
+
+Nothing here downloads: the tokenizer is a byte-level BPE trained on the bundled probe texts,
+and models are random initialisations from small configs of each supported family.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from rimguard.probes import BUNDLED, bundled
+from rimguard.probes.reasoning import problems
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# model_type -> extra config fields; every family is 2 layers, hidden 64, intermediate 128.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "mistral": {},
+    "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 16},
+    "phi3": {},
+    "olmo2": {},
+    "gpt2": {},
+}
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A 600-token byte-level BPE with a chat template and pad/eos tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = [line for name in BUNDLED for line in bundled(name)]
+    corpus += [p.question + " " + p.solution() for p in problems(200, seed=1)]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(model_type: str = "llama", layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int | None = None):
+    """A small config of ``model_type`` (see :data:`FAMILIES`)."""
+    tok = tiny_tokenizer()
+    vocab = vocab or len(tok)
+    ids = {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    if model_type == "gpt2":
+        return AutoConfig.for_model("gpt2", n_layer=layers, n_embd=hidden, n_inner=intermediate, n_head=4,
+                                    vocab_size=vocab, n_positions=512, **ids)
+    return AutoConfig.for_model(
+        model_type, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
+        **{**ids, **FAMILIES[model_type]},
+    )
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs: Any) -> torch.nn.Module:
+    """A randomly initialised causal LM of ``model_type`` in fp32."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kwargs))
+    return model
+
+
+def reasoning_texts(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """Prompt/completion records of generated word problems (TRL conversational format)."""
+    return [
+        {"prompt": [{"role": "user", "content": p.question}], "completion": [{"role": "assistant", "content": p.solution()}]}
+        for p in problems(count, seed)
+    ]
