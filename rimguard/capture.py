@@ -67,7 +67,7 @@ class ActivationCapture:
         self._streaming = False
         self._probe_rows: list[list[torch.Tensor]] | None = None
         self._probe_full = False
-        self._sums: list[torch.Tensor] | None = None
+        self._sums: list[torch.Tensor | None] | None = None
         self._count: torch.Tensor | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -121,10 +121,9 @@ class ActivationCapture:
     def _accumulate(self, pos: int, x: torch.Tensor) -> None:
         sums, count = self.reducer(x, self._mask, self.tracked[pos])
         if self._sums is None:
-            self._sums = [torch.zeros(0)] * len(self.layers)
-        if self._sums[pos].numel() == 0:
-            self._sums[pos] = torch.zeros_like(sums)
-        self._sums[pos] += sums
+            self._sums = [None] * len(self.layers)
+        held = self._sums[pos]
+        self._sums[pos] = sums if held is None else held + sums
         if pos == 0:
             self._count = count if self._count is None else self._count + count
 
@@ -134,11 +133,11 @@ class ActivationCapture:
 
         ``N`` is the total number of tracked neurons, layer-major. None if nothing streamed.
         """
-        if self._sums is None or self._count is None or any(s.numel() == 0 for s in self._sums):
-            self._sums, self._count = None, None
-            return None
-        sums, count = torch.cat(self._sums), self._count
+        sums_per_layer, count = self._sums, self._count
         self._sums, self._count = None, None
+        if sums_per_layer is None or count is None or any(s is None for s in sums_per_layer):
+            return None
+        sums = torch.cat(sums_per_layer)  # type: ignore[arg-type]
         return sums, count
 
     # -- probe -------------------------------------------------------------------------------
