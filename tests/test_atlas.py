@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+
+from rimguard import AtlasError, NeuronAtlas, ProbeError, load_prompts
+from rimguard.probes import BUNDLED, bundled
+from rimguard.testing import tiny_model
+
+
+def test_bundled_sets_are_large_enough():
+    for name in ("harmful", "intent", "harmless", "reasoning"):
+        assert len(bundled(name)) >= 64, name
+    for name in BUNDLED:
+        items = bundled(name)
+        assert len(set(items)) == len(items)
+
+
+def test_identify_structure(llama_atlas):
+    atlas = llama_atlas
+    n = atlas.num_safety
+    assert n > 0 and atlas.controls.shape == (8, n)
+    safety = atlas.safety_neurons()
+    assert ((safety[:, 1] >= 0) & (safety[:, 1] < 128)).all()
+    # controls are matched per layer and disjoint from the safety set
+    safe_set = {tuple(r) for r in safety.tolist()}
+    for row in atlas.controls:
+        ctrl = atlas.tracked[row]
+        assert torch.equal(torch.bincount(ctrl[:, 0], minlength=2), torch.bincount(safety[:, 0], minlength=2))
+        assert not safe_set & {tuple(r) for r in ctrl.tolist()}
+    assert (atlas.score >= 0.25).all() and (atlas.score[:-1] >= atlas.score[1:]).all()
+    assert len(atlas.probe_prompts) == len(atlas.probe_responses) == 12
+    assert torch.isfinite(atlas.ref_safe).all() and torch.isnan(atlas.ref_task).all()
+
+
+def test_counterfactual_selection_matches_manual_topm(tok, monkeypatch):
+    """The selected set is exactly the neurons in the top-m of >= q of the pairs, computed by hand."""
+    import rimguard.atlas as atlas_mod
+
+    acts = torch.randn(8, 256)  # 4 harmful rows, then 4 contrast rows
+    acts[4:, 7] += 10.0  # neuron 7 is top in every pair
+    monkeypatch.setattr(atlas_mod, "generate", lambda m, t, prompts, *a, **k: [""] * len(prompts))
+    monkeypatch.setattr(atlas_mod, "activations", lambda *a, **k: acts)
+    atlas = NeuronAtlas.identify(tiny_model("llama"), tok, ["a", "b", "c", "d"], ["x"], top_m=5, min_share=0.5,
+                                 num_controls=3, progress=False)
+    diff = acts[4:] - acts[:4]
+    counts = torch.zeros(256)
+    for row in diff:
+        counts[row.topk(5).indices] += 1
+    expected = set((counts / 4 >= 0.5).nonzero().squeeze(1).tolist())
+    flat = atlas.safety_neurons()
+    got = set((flat[:, 0] * 128 + flat[:, 1]).tolist())
+    assert got == expected and 7 in got
+
+
+def test_effect_size_method(tok):
+    model = tiny_model("llama")
+    atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:6], harmless=bundled("harmless")[:6], method="effect_size",
+                                 top_m=5, num_controls=4, max_new_tokens=4, progress=False, reasoning=bundled("reasoning")[:3])
+    assert atlas.num_safety == 5 and atlas.settings["method"] == "effect_size"
+    assert torch.isfinite(atlas.ref_task).all()
+
+
+def test_strict_intersection_can_fail_with_clear_error(tok):
+    with pytest.raises(AtlasError, match="lower min_share"):
+        NeuronAtlas.identify(tiny_model("llama"), tok, bundled("harmful")[:8], bundled("intent"), top_m=1, min_share=1.0,
+                             num_controls=2, max_new_tokens=4, progress=False)
+
+
+def test_save_load_roundtrip_and_wrong_model(tmp_path, llama_atlas):
+    llama_atlas.save(tmp_path / "a")
+    loaded = NeuronAtlas.load(tmp_path / "a")
+    for name in ("tracked", "safety", "controls", "ref_safe", "score"):
+        assert torch.equal(getattr(loaded, name), getattr(llama_atlas, name))
+    assert torch.equal(loaded.ref_task.isnan(), llama_atlas.ref_task.isnan())
+    assert loaded.probe_responses == llama_atlas.probe_responses and loaded.settings == llama_atlas.settings
+    loaded.check_model(tiny_model("llama"))  # same seed, same weights
+    with pytest.raises(AtlasError, match="weights_sha256"):
+        loaded.check_model(tiny_model("llama", seed=1))
+    with pytest.raises(AtlasError, match="model_class"):
+        loaded.check_model(tiny_model("qwen2"))
+    with pytest.raises(AtlasError, match="layer_sizes"):
+        loaded.check_model(tiny_model("llama", intermediate=96))
+    assert "safety-critical" in loaded.summary()
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(AtlasError, match="not an atlas folder"):
+        NeuronAtlas.load(tmp_path)
+
+
+def test_prompt_loaders(tmp_path):
+    (tmp_path / "p.csv").write_text("goal,target\nhow to x,sure\nhow to y,sure\n")
+    assert load_prompts(tmp_path / "p.csv") == ["how to x", "how to y"]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    assert load_prompts(tmp_path / "p.jsonl") == ["a", "b"]
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
+    assert load_prompts(["q", " r "]) == ["q", "r"]
+    from datasets import Dataset
+
+    assert load_prompts(Dataset.from_dict({"text": ["d1", "d2"]})) == ["d1", "d2"]
+    assert load_prompts("bundled:harmful") == bundled("harmful")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", "\n\n", "holds no prompts"),
+    ("bad.jsonl", '{"prompt": "a"}\n{oops\n', "line 2 is not valid JSON"),
+    ("nohdr.csv", "", "no header"),
+    ("cols.csv", "a,b\n1,2\n", "cannot tell which column"),
+    ("p.xml", "<x/>", "unsupported probe file type"),
+])
+def test_prompt_loader_errors_name_file_and_problem(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ProbeError, match=message) as err:
+        load_prompts(path)
+    assert name in str(err.value)
+    with pytest.raises(ProbeError, match="no such probe file"):
+        load_prompts(tmp_path / "missing.txt")

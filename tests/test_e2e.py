@@ -1,0 +1,81 @@
+"""End-to-end: RIMGuard in real Trainer / SFTTrainer runs on tiny models."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+from rimguard import RIMGuard
+from rimguard.testing import reasoning_texts, tiny_model
+
+EXPECTED = {"ras_safe", "ras_control_mean", "entanglement_z", "entanglement_pct", "safety_drop", "task_rise",
+            "kl_task", "refusal_margin", "refusal_drop", "level", "lambda", "frozen"}
+
+
+def sft_args(out, **kw):
+    base = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=3,
+                report_to=[], bf16=False, gradient_checkpointing=False, save_strategy="no", use_cpu=True,
+                max_length=96, seed=0, disable_tqdm=True)
+    return SFTConfig(**{**base, **kw})
+
+
+def assert_guarded_run(trainer, guard, out, steps):
+    model = trainer.model
+    logged = [h for h in trainer.state.log_history if "rimguard/ras_safe" in h]
+    assert [h["step"] for h in logged] == [1, 2, 4, steps]
+    assert EXPECTED <= {k.split("/", 1)[1] for k in logged[-1] if k.startswith("rimguard/")}
+    events = [json.loads(l) for l in (out / "rimguard.jsonl").read_text().splitlines()]
+    metric_steps = [e["step"] for e in events if e["event"] == "metrics"]
+    assert metric_steps == [1, 2, 4, steps]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end"
+    assert all(torch.isfinite(torch.tensor(e["ras_safe"])) for e in events if e["event"] == "metrics")
+    assert (out / "rimguard_atlas" / "atlas.safetensors").is_file()
+    # hooks are gone after training
+    assert not guard.attached()
+    for m in model.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks, type(m).__name__
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_trainer(tmp_path, tok, fast_config, lora):
+    guard = RIMGuard(fast_config(probe_every=6))
+    peft_config = LoraConfig(r=4, target_modules="all-linear") if lora else None
+    trainer = SFTTrainer(model=tiny_model("llama"), args=sft_args(tmp_path), train_dataset=Dataset.from_list(reasoning_texts(32)),
+                         processing_class=tok, callbacks=[guard], peft_config=peft_config)
+    trainer.train()
+    assert_guarded_run(trainer, guard, tmp_path, 6)
+
+
+def test_plain_trainer(tmp_path, tok, fast_config):
+    texts = [r["prompt"][0]["content"] + " " + r["completion"][0]["content"] for r in reasoning_texts(32)]
+    ds = Dataset.from_dict({"text": texts}).map(lambda b: tok(b["text"], truncation=True, max_length=96), batched=True,
+                                                 remove_columns=["text"])
+    guard = RIMGuard(fast_config(probe_every=6), tokenizer=tok)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=3)
+    trainer = Trainer(model=tiny_model("qwen2"), args=args, train_dataset=ds, callbacks=[guard],
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    trainer.train()
+    assert_guarded_run(trainer, guard, tmp_path, 6)
+
+
+def test_reasoning_probes_and_loaded_atlas(tmp_path, tok, fast_config, llama_atlas):
+    """With a loaded atlas and user reasoning probes, references come from those probes."""
+    guard = RIMGuard(fast_config(probe_every=3), atlas=llama_atlas, reasoning_prompts=["What is 2 + 3?", "What is 7 * 6?"])
+    trainer = SFTTrainer(model=tiny_model("llama"), args=sft_args(tmp_path, max_steps=3),
+                         train_dataset=Dataset.from_list(reasoning_texts(16)), processing_class=tok, callbacks=[guard])
+    trainer.train()
+    assert guard.monitor.kl_ids.shape[0] == 2
+    assert not (tmp_path / "rimguard_atlas").exists()  # a given atlas is not re-identified
+
+
+def test_loading_atlas_into_wrong_model_fails(tmp_path, tok, fast_config, llama_atlas):
+    guard = RIMGuard(fast_config(), atlas=llama_atlas)
+    trainer = SFTTrainer(model=tiny_model("llama", seed=3), args=sft_args(tmp_path, max_steps=1),
+                         train_dataset=Dataset.from_list(reasoning_texts(8)), processing_class=tok, callbacks=[guard])
+    with pytest.raises(Exception, match="different model"):
+        trainer.train()
