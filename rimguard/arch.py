@@ -59,12 +59,14 @@ class MLPLayer:
 
     Attributes:
         index: decoder layer index, 0-based.
+        block: the decoder block that holds this MLP.
         down: the projection whose input is the intermediate activation ``[B, T, I]``.
         inputs: the input-side projections (gate/up, fc, or fused gate_up).
         size: intermediate size ``I`` (number of neurons in this layer).
     """
 
     index: int
+    block: nn.Module
     down: Projection
     inputs: tuple[Projection, ...]
     size: int
@@ -149,5 +151,5 @@ def find_mlp_layers(model: nn.Module) -> list[MLPLayer]:
         if mlp_attr is None:
             raise UnsupportedModelError(f"{model_name}: block {stack_name}.{i} has no MLP child {MLP_NAMES}.")
         down, inputs = _split_mlp(model_name, f"{stack_name}.{i}.{mlp_attr}", getattr(block, mlp_attr))
-        layers.append(MLPLayer(index=i, down=down, inputs=inputs, size=down.in_features))
+        layers.append(MLPLayer(index=i, block=block, down=down, inputs=inputs, size=down.in_features))
     return layers

@@ -30,7 +30,7 @@ from rimguard import dist
 from rimguard.atlas import NeuronAtlas
 from rimguard.config import LEVELS, GuardConfig
 from rimguard.events import EventLog
-from rimguard.interventions import EntanglementPenalty, NeuronFreezer, trainer_loss_scale
+from rimguard.interventions import EntanglementPenalty, NeuronFreezer, attach_penalty, trainer_penalty_scale
 from rimguard.monitor import EntanglementMonitor
 from rimguard.policy import Decision, RiskPolicy
 from rimguard.probes import bundled, load_prompts
@@ -174,7 +174,7 @@ class RIMGuard(TrainerCallback):
         self._set_penalty_reference()
         self.freezer = NeuronFreezer(monitor.layers)
         if inject_loss:
-            self._loss_handle = model.register_forward_hook(self._add_penalty, with_kwargs=True)
+            self._loss_handle = monitor.layers[-1].block.register_forward_hook(self._add_penalty)
         if restored is not None:
             self.freezer.load_state(restored["freezer"], model)
             self.policy.level, self.policy.streak = restored["policy"]["level"], restored["policy"]["streak"]
@@ -218,20 +218,18 @@ class RIMGuard(TrainerCallback):
         values = monitor.ref_task[self.atlas.safety.to(tracked.device)]
         term.set_reference([values[safety[:, 0] == layer] for layer in range(len(monitor.layers))])
 
-    def _add_penalty(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self.penalty_term is None or not self.penalty_term.active or not module.training:
+    def _add_penalty(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        """Forward hook on the last decoder block: tie the penalty to its output hidden states."""
+        term = self.penalty_term
+        if term is None or not term.active or not module.training or not torch.is_grad_enabled():
             return output
-        value = self.penalty_term.pop()  # always pop, so no graph outlives its forward
-        loss = output.get("loss") if isinstance(output, dict) else None
+        value = term.pop()  # always pop, so no graph outlives its forward
         if value is None:
             return output
-        if loss is None:
-            raise RuntimeError(
-                "rimguard: regularize needs the model to return its loss (labels in the batch); with a custom "
-                "compute_loss, build the guard with setup(..., inject_loss=False) and add guard.penalty() yourself"
-            )
-        output["loss"] = loss + value * trainer_loss_scale(self.trainer, kwargs)
-        return output
+        hidden = output[0] if isinstance(output, tuple) else output
+        coef = torch.as_tensor(trainer_penalty_scale(self.trainer), device=hidden.device)
+        tied = attach_penalty(hidden, value, coef)
+        return (tied, *output[1:]) if isinstance(output, tuple) else tied
 
     # -- actions -----------------------------------------------------------------------------
     def _apply(self, level: str, step: int, control: TrainerControl | None) -> None:

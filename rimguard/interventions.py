@@ -6,9 +6,9 @@ over tokens (averaged over the batch's sequences) is anchored to its base reason
     P = (1/n) * sum_j ((m_j - r_j) / max(|r_j|, floor))^2
 
 so reasoning training cannot recruit (or silence) those neurons without paying for it. The
-penalty is added to the model's returned loss by a forward hook, scaled like the Trainer scales
-the task loss (see :func:`trainer_loss_scale`), so no trainer subclass is needed. Custom loops
-take it from :meth:`EntanglementPenalty.pop` instead.
+penalty's gradient joins the trainer's own backward pass through the last decoder block's
+output (see :func:`attach_penalty`), whatever loss the trainer computes, so no trainer subclass
+is needed. Custom loops take ``lambda * P`` from :meth:`EntanglementPenalty.pop` instead.
 
 **Freeze.** A neuron ``j`` of layer ``l`` owns rows ``j + c*I`` of the input-side projections
 (and their bias) and column ``j`` of the down projection (transposed for GPT-2's Conv1D). At
@@ -89,29 +89,48 @@ class EntanglementPenalty:
         return mean
 
 
-def trainer_loss_scale(trainer: Any, forward_kwargs: dict) -> float:
-    """Factor that makes a per-micro-batch penalty weigh like the Trainer's task loss.
+class _PenaltyGrad(torch.autograd.Function):
+    """Identity on ``hidden``; in backward, also sends gradient ``coef`` into the scalar ``penalty``."""
 
-    The Trainer divides the loss by the gradient-accumulation steps unless the model already
-    normalised it by ``num_items_in_batch``; with ``average_tokens_across_devices`` it then
-    multiplies it by the number of processes. The penalty is a per-micro-batch mean, so it is
-    divided by whatever the Trainer will not divide it by.
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, penalty: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(coef)
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (coef,) = ctx.saved_tensors
+        return grad, coef.to(grad.dtype if grad.is_floating_point() else torch.float32), None
+
+
+def attach_penalty(hidden: torch.Tensor, penalty: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """Return ``hidden`` unchanged, tied so that backward through it adds ``coef * grad(penalty)``.
+
+    Hooked onto the last decoder block's output, this puts the penalty into *the* backward pass
+    of whatever loss the trainer computes from the model (the Trainer's, TRL's fused loss, a
+    custom ``compute_loss``), without touching the loss value or subclassing the trainer.
+    """
+    if not penalty.requires_grad:
+        raise RuntimeError(
+            "rimguard: the entanglement penalty has no gradient. With activation checkpointing, use the non-reentrant "
+            "form (gradient_checkpointing_kwargs={'use_reentrant': False})."
+        )
+    return _PenaltyGrad.apply(hidden, penalty, coef.detach())
+
+
+def trainer_penalty_scale(trainer: Any) -> torch.Tensor | float:
+    """Coefficient that makes the per-micro-batch penalty weigh ``lambda * mean over micro-batches``.
+
+    The penalty's gradient bypasses the Trainer's loss scaling, so it is divided by the number
+    of gradient-accumulation steps here, and multiplied by the fp16 loss scale (a device tensor,
+    no sync) when a ``GradScaler`` is active.
     """
     if trainer is None:
         return 1.0
-    items = forward_kwargs.get("num_items_in_batch")
-    accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
-    custom = getattr(trainer, "compute_loss_func", None) is not None
-    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
-    if scaled is None:
-        scaled = (accepts and items is not None) or custom
-    scale = 1.0
-    if scaled:
-        scale /= max(int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1), 1)
-        args = trainer.args
-        if getattr(args, "average_tokens_across_devices", False) and (accepts or custom) and items is not None:
-            scale /= max(trainer.accelerator.num_processes, 1)
-    return scale
+    steps = max(int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1), 1)
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    scale = getattr(scaler, "_scale", None)
+    return scale / steps if isinstance(scale, torch.Tensor) else 1.0 / steps
 
 
 # -- freeze ----------------------------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""Regularize and freeze: gradients, bitwise guarantees, Trainer integration."""
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from rimguard import RIMGuard
+from rimguard.testing import reasoning_texts, tiny_model
+
+REASONING = ["What is 2 + 3?", "A train goes 40 km per hour for 2 hours. How far?", "What is 7 * 6?"]
+
+
+def sft(out, **kw):
+    base = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=0.0, report_to=[],
+                bf16=False, gradient_checkpointing=False, save_strategy="no", use_cpu=True, max_length=64, seed=0,
+                disable_tqdm=True, max_grad_norm=0.0)
+    return SFTConfig(**{**base, **kw})
+
+
+class GradRecorder(TrainerCallback):
+    def __init__(self):
+        self.grads, self.batches = None, []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _record_batches(model, store):
+    return model.register_forward_pre_hook(
+        lambda m, a, k: store.append({x: k[x].clone() for x in ("input_ids", "attention_mask") if x in k}) if m.training else None,
+        with_kwargs=True)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_penalty_gradient_through_trainer_with_accumulation(tmp_path, tok, fast_config, llama_atlas, lora):
+    """grad(lambda=w) - grad(lambda=0) equals the mean over micro-batches of grad(w * P)."""
+    w, grads, batches = 3.0, {}, []
+    for weight in (w, 0.0):
+        model = tiny_model("llama")
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        guard = RIMGuard(fast_config(mode="regularize", penalty_weight=weight, probe_every=100), atlas=llama_atlas,
+                         reasoning_prompts=REASONING)
+        rec = GradRecorder()
+        store = []
+        handle = _record_batches(model, store)
+        trainer = SFTTrainer(model=model, args=sft(tmp_path / str(weight), max_steps=1, gradient_accumulation_steps=2),
+                             train_dataset=Dataset.from_list(reasoning_texts(16)), processing_class=tok,
+                             callbacks=[guard, rec])
+        assert trainer.model_accepts_loss_kwargs  # the num_items_in_batch path (TRL computes its own fused loss)
+        trainer.train()
+        handle.remove()
+        grads[weight], batches = rec.grads, store
+    # the penalty alone, through the custom-loop API, on the same micro-batches and weights (lr = 0)
+    guard = RIMGuard(fast_config(mode="regularize", penalty_weight=w), atlas=llama_atlas, reasoning_prompts=REASONING)
+    guard.setup(model, tok, inject_loss=False)
+    model.train()
+    model.zero_grad()
+    assert len(batches) == 2
+    for batch in batches:
+        model(**batch)
+        (guard.penalty() / len(batches)).backward()
+    guard.teardown()
+    checked = 0
+    for name, p in model.named_parameters():
+        if name in grads[w]:
+            expected = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(grads[w][name] - grads[0.0][name], expected, rtol=1e-4, atol=1e-6)
+            checked += int(expected.abs().sum() > 0)
+    assert checked > 0  # the penalty really reaches parameters
+
+
+def _train(model_type, tmp_path, tok, guard, steps=5):
+    callbacks = [guard] if guard is not None else []
+    trainer = SFTTrainer(model=tiny_model(model_type), args=sft(tmp_path, max_steps=steps, learning_rate=1e-3),
+                         train_dataset=Dataset.from_list(reasoning_texts(16)), processing_class=tok, callbacks=callbacks)
+    trainer.train()
+    return trainer.model
+
+
+def test_lambda_zero_is_bitwise_identical_to_unguarded(tmp_path, tok, fast_config):
+    """gpt2 has dropout, so any RNG drawn by the guard would show up."""
+    plain = _train("gpt2", tmp_path / "a", tok, None)
+    guarded = _train("gpt2", tmp_path / "b", tok, RIMGuard(fast_config(mode="regularize", penalty_weight=0.0, probe_every=2)))
+    for (n, a), (_, b) in zip(plain.named_parameters(), guarded.named_parameters()):
+        assert torch.equal(a, b), n
+    changed = _train("gpt2", tmp_path / "c", tok, RIMGuard(fast_config(mode="regularize", penalty_weight=5.0, probe_every=2)))
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), changed.parameters()))
+
+
+def _slices(layers, per_layer, weight_of):
+    out = []
+    for layer, ids in zip(layers, per_layer):
+        for proj in layer.inputs:
+            rows = torch.cat([ids + c * layer.size for c in range(proj.out_features // layer.size)])
+            out.append(weight_of(proj).index_select(1 if proj.transposed else 0, rows).clone())
+        out.append(weight_of(layer.down).index_select(0 if layer.down.transposed else 1, ids).clone())
+    return out
+
+
+def _merged(proj):
+    weight = proj.base.weight.detach().clone()
+    module = proj.module
+    for adapter in getattr(module, "lora_A", {}):
+        weight += module.get_delta_weight(adapter)
+    return weight
+
+
+@pytest.mark.parametrize("family,lora", [("llama", False), ("gpt2", False), ("llama", True), ("phi3", True)])
+def test_freeze_holds_bitwise_through_adamw_with_weight_decay(tok, fast_config, family, lora):
+    from rimguard.atlas import NeuronAtlas
+    from rimguard.probes import bundled
+
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:8], bundled("intent"), top_m=10, min_share=0.25,
+                                 num_controls=2, max_new_tokens=4, max_length=48, progress=False)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    guard = RIMGuard(fast_config(mode="monitor"), atlas=atlas, reasoning_prompts=REASONING)
+    guard.setup(model, tok)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, 500, (4, 12))
+    model.train()
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        guard.after_optimizer_step()
+
+    for _ in range(3):  # momentum builds up first: the freeze starts mid-run
+        step()
+    layers, per_layer = guard.monitor.layers, atlas.safety_per_layer()
+    weight_of = _merged if lora else (lambda p: p.base.weight.detach())
+    all_before = [weight_of(l.down).clone() for l in layers]
+    before = _slices(layers, per_layer, weight_of)
+    guard.freezer.freeze(per_layer)
+    assert all(torch.equal(a, b) for a, b in zip(before, _slices(layers, per_layer, weight_of)))  # freezing changes nothing
+    for _ in range(20):
+        step()
+    after = _slices(layers, per_layer, weight_of)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, weight_of(l.down)) for a, l in zip(all_before, layers))  # other neurons moved
+    guard.teardown()
+
+
+def test_freeze_mode_in_trainer_and_escalation(tmp_path, tok, fast_config, llama_atlas):
+    before = tiny_model("llama")
+    per_layer = llama_atlas.safety_per_layer()
+    guard = RIMGuard(fast_config(mode="freeze"), atlas=llama_atlas)
+    model = _train("llama", tmp_path, tok, guard, steps=4)
+    from rimguard.arch import find_mlp_layers
+
+    get = lambda p: p.base.weight.detach()
+    for a, b in zip(_slices(find_mlp_layers(before), per_layer, get), _slices(find_mlp_layers(model), per_layer, get)):
+        assert torch.equal(a, b)
+    assert guard.freezer.count == llama_atlas.num_safety
+
+
+def test_escalate_freezes_top_first_then_all_and_stops(tmp_path, tok, fast_config, llama_atlas):
+    th = {"warn": {"task_rise": -1.0}, "regularize": {"task_rise": -1.0}, "freeze": {"task_rise": -1.0}, "stop": {"task_rise": 1e9}}
+    calls = []
+    guard = RIMGuard(fast_config(mode="escalate", thresholds=th, freeze_top_fraction=0.5, probe_every=2), atlas=llama_atlas,
+                     on_alert=lambda d, m, s: calls.append((d.level, s)))
+    _train("llama", tmp_path, tok, guard, steps=2)
+    assert calls == [("freeze", 1)]
+    assert guard.freezer.count == max(1, round(0.5 * llama_atlas.num_safety))
+    events = (tmp_path / "rimguard.jsonl").read_text()
+    assert '"event": "level"' in events and '"which": "top"' in events
+    th["stop"] = {"task_rise": -1.0}
+    guard = RIMGuard(fast_config(mode="escalate", thresholds=th, probe_every=2), atlas=llama_atlas)
+    trainer = SFTTrainer(model=tiny_model("llama"), args=sft(tmp_path / "s", max_steps=6, learning_rate=1e-3),
+                         train_dataset=Dataset.from_list(reasoning_texts(16)), processing_class=tok, callbacks=[guard])
+    trainer.train()
+    assert trainer.state.global_step == 1 and guard.freezer.count == llama_atlas.num_safety
+
+
+def test_freeze_refused_under_sharded_backends(tmp_path, fast_config):
+    from types import SimpleNamespace
+
+    guard = RIMGuard(fast_config(mode="freeze"))
+    with pytest.raises(RuntimeError, match="not supported under fsdp"):
+        guard._check_backend(SimpleNamespace(deepspeed=None, fsdp="full_shard"))
+    RIMGuard(fast_config(mode="regularize"))._check_backend(SimpleNamespace(deepspeed="ds.json", fsdp=None))
