@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from rimguard import dist
 from rimguard.arch import MLPLayer, Projection
 from rimguard.reduce import masked_max
 
@@ -81,12 +82,13 @@ class EntanglementPenalty:
         return self.weight * value
 
     def drain_logged(self) -> float | None:
-        """Mean unweighted penalty since the last call (syncs; call at log time)."""
-        if self.logged_sum is None:
-            return None
-        mean = float(self.logged_sum) / self.logged_count
+        """Mean unweighted penalty since the last call, over all ranks (a collective: call on every rank)."""
+        stats = torch.zeros(2)
+        if self.logged_sum is not None:
+            stats = torch.stack([self.logged_sum.float().cpu(), torch.tensor(float(self.logged_count))])
+        total, count = dist.all_reduce_sum(stats).tolist()
         self.logged_sum, self.logged_count = None, 0
-        return mean
+        return total / count if count else None
 
 
 class _PenaltyGrad(torch.autograd.Function):
@@ -243,13 +245,16 @@ class NeuronFreezer:
         for s in self._slices:
             s.param.index_copy_(s.dim, s.index, s.value)
 
+    def verify(self) -> bool:
+        """True if every frozen slice is bitwise equal to its value at freeze time."""
+        return all(torch.equal(s.param.detach().index_select(s.dim, s.index), s.value) for s in self._slices)
+
     def remove(self) -> None:
-        """Remove the gradient hooks (the frozen values stay as they are)."""
+        """Remove the gradient hooks (the frozen values and their snapshots stay)."""
         for handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()
         self._grad_index.clear()
-        self._slices.clear()
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -133,8 +133,9 @@ class EntanglementMonitor:
             return
         sums, count = drained
         mean = sums / count.clamp_min(1)
-        if self.ref_task is None:
-            self.ref_task, self.ema_task = mean, mean.clone()
+        if self.ref_task is None:  # first optimizer step: the base reference, averaged over ranks
+            self.ref_task = dist.all_reduce_sum(mean) / dist.world_size()
+            self.ema_task = mean.clone()
         elif self.ema_task is None:
             self.ema_task = mean
         else:
@@ -191,9 +192,9 @@ class EntanglementMonitor:
     def _kl(self) -> float | None:
         if self.kl_base_logp is None or self.kl_ids is None or self.kl_mask is None:
             return None
-        rows = list(range(self.kl_ids.shape[0]))
+        # each rank scores its own probe rows (from its own first batch, or the shared reasoning probes)
+        mine = list(range(self.kl_ids.shape[0]))
         total = torch.zeros((), device=self.device)
-        mine = _shard(rows)
         with probe_mode(self.model):
             for row in mine:
                 sl = slice(row, row + 1)

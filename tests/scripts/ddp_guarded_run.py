@@ -1,0 +1,37 @@
+"""Run under torchrun: a guarded SFT with freezing on 2 CPU ranks (gloo); each rank dumps what it saw."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from rimguard import GuardConfig, RIMGuard
+from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer
+
+out = sys.argv[1]
+TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.001}, "freeze": {"task_rise": 0.002}, "stop": {}}
+config = GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, probe_batch_size=4,
+                     kl_probes=2, max_length=64, probe_every=2, mode="escalate", thresholds=TH, hysteresis=0.0,
+                     freeze_top_fraction=0.5)
+guard = RIMGuard(config)
+args = SFTConfig(output_dir=out, max_steps=6, per_device_train_batch_size=2, learning_rate=2e-3, report_to=[], bf16=False,
+                 gradient_checkpointing=False, save_strategy="no", use_cpu=True, ddp_backend="gloo", max_length=64, seed=0,
+                 disable_tqdm=True, logging_steps=100)
+model = tiny_model("llama")
+trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(reasoning_texts(48)), processing_class=tiny_tokenizer(),
+                     callbacks=[guard])
+trainer.train()
+rank = dist.get_rank()
+record = {
+    "rank": rank,
+    "history": guard.history,
+    "frozen": [f.tolist() for f in guard.freezer.frozen],
+    "frozen_intact": guard.freezer.verify(),
+    "frozen_checksum": [s.value.double().sum().item() for s in guard.freezer._slices],
+    "weights_checksum": sum(p.double().sum().item() for p in trainer.model.parameters()),
+}
+with open(f"{out}/rank{rank}.json", "w") as fh:
+    json.dump(record, fh)

@@ -1,0 +1,28 @@
+"""Two CPU ranks under torchrun (gloo): same decisions, frozen neurons intact everywhere, one writer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_guarded_run.py"
+
+
+def test_torchrun_two_ranks(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(SCRIPT), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    h0, h1 = ranks[0]["history"], ranks[1]["history"]
+    assert [r["step"] for r in h0] == [1, 2, 4, 6]
+    assert h0 == h1  # identical metrics and decisions on both ranks
+    assert max(r["level"] for r in h0) >= 3 and ranks[0]["frozen"] == ranks[1]["frozen"]
+    assert sum(len(f) for f in ranks[0]["frozen"]) > 0
+    assert ranks[0]["frozen_intact"] and ranks[1]["frozen_intact"]
+    assert ranks[0]["frozen_checksum"] == ranks[1]["frozen_checksum"]
+    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]  # DDP kept replicas in sync
+    events = [json.loads(l) for l in (tmp_path / "rimguard.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "start" for e in events) == 1  # only the main process writes
+    assert [e["step"] for e in events if e["event"] == "metrics"] == [1, 2, 4, 6]

@@ -1,0 +1,54 @@
+"""A run stopped at a checkpoint and resumed takes the same measurements and decisions."""
+
+import json
+import shutil
+
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from rimguard import RIMGuard
+from rimguard.testing import reasoning_texts, tiny_model
+
+# low thresholds so the run escalates (and freezes) before and after the checkpoint
+TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.002}, "freeze": {"task_rise": 0.004}, "stop": {}}
+
+
+def run(out, tok, fast_config, max_steps, resume=None):
+    guard = RIMGuard(fast_config(mode="escalate", thresholds=TH, probe_every=2, penalty_weight=0.5, hysteresis=0.0))
+    args = SFTConfig(output_dir=str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-3, report_to=[],
+                     bf16=False, gradient_checkpointing=False, save_strategy="steps", save_steps=4, use_cpu=True,
+                     max_length=64, seed=0, disable_tqdm=True, logging_steps=100)
+    trainer = SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(48)),
+                         processing_class=tok, callbacks=[guard])
+    if max_steps < 8:  # stop early, as a crash would: only checkpoint-4 survives
+        trainer.add_callback(_StopAt(max_steps))
+    trainer.train(resume_from_checkpoint=resume)
+    return guard, trainer
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_reproduces_metrics_and_decisions(tmp_path, tok, fast_config):
+    full, _ = run(tmp_path / "full", tok, fast_config, 8)
+    part, _ = run(tmp_path / "part", tok, fast_config, 4)
+    assert (tmp_path / "part" / "checkpoint-4" / "rimguard" / "state.json").is_file()
+    resumed, trainer = run(tmp_path / "part", tok, fast_config, 8, resume=str(tmp_path / "part" / "checkpoint-4"))
+    assert trainer.state.global_step == 8
+    later = lambda h: [r for r in h if r["step"] > 4]
+    a, b = later(full.history), later(resumed.history)
+    assert [r["step"] for r in a] == [6, 8] and len(a) == len(b)
+    for x, y in zip(a, b):
+        for key in ("ras_safe", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "level", "lambda", "frozen"):
+            assert x[key] == y[key], (key, x[key], y[key])
+    assert max(r["level"] for r in full.history) >= 2  # the run really took decisions
+    assert full.freezer.frozen[0].tolist() == resumed.freezer.frozen[0].tolist()
+    events = [json.loads(l) for l in (tmp_path / "part" / "rimguard.jsonl").read_text().splitlines()]
+    assert [e["resumed"] for e in events if e["event"] == "start"] == [False, True]
