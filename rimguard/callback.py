@@ -184,7 +184,7 @@ class RIMGuard(TrainerCallback):
         else:
             self._apply(self.policy.level, step=0, control=None)
         self.events.write({"event": "start", "step": 0, "atlas": self.atlas.settings, "num_safety": self.atlas.num_safety,
-                           "mode": cfg.mode, "resumed": restored is not None})
+                           "mode": cfg.mode, "thresholds": cfg.thresholds, "resumed": restored is not None})
 
     def teardown(self) -> None:
         """Remove every hook; the model is left as it is."""

@@ -1,0 +1,107 @@
+"""The ``rimguard`` command: identify, inspect, report, demo.
+
+User mistakes (a missing file, a bad option) end with one line on stderr and exit code 2;
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rimguard.atlas import AtlasError
+from rimguard.config import ConfigError
+from rimguard.probes import ProbeError
+
+USER_ERRORS = (AtlasError, ConfigError, ProbeError, FileNotFoundError, ValueError, ImportError)
+
+
+def _identify(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rimguard.atlas import NeuronAtlas
+    from rimguard.config import GuardConfig
+    from rimguard.probes import load_prompts
+
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"{args.model}: no such model folder")
+    cfg = GuardConfig.load(args.config) if args.config else GuardConfig()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    harmful = load_prompts(args.safety, name="safety")[: cfg.num_safety_probes]
+    atlas = NeuronAtlas.identify(
+        model, tokenizer, harmful,
+        intents=load_prompts(args.intent, name="intent") if cfg.method == "counterfactual" else (),
+        harmless=load_prompts(args.harmless, name="harmless") if args.harmless else (),
+        reasoning=load_prompts(args.reasoning, name="reasoning") if args.reasoning else (),
+        method=cfg.method, top_m=cfg.top_m, min_share=cfg.min_share, num_controls=cfg.num_controls,
+        max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length, batch_size=cfg.probe_batch_size, seed=cfg.seed,
+    )
+    atlas.save(args.output)
+    print(atlas.summary())
+    print(f"saved to {args.output}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from rimguard.atlas import NeuronAtlas
+
+    print(NeuronAtlas.load(args.atlas).summary())
+
+
+def _report(args: argparse.Namespace) -> None:
+    from rimguard.report import write_report
+
+    png, md = write_report(args.run_dir)
+    print(f"wrote {png}\nwrote {md}")
+
+
+def _demo(args: argparse.Namespace, extra: Sequence[str]) -> None:
+    import runpy
+
+    demo = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
+    if not demo.is_file():
+        raise FileNotFoundError(f"{demo}: the demo ships with the source checkout (examples/demo.py)")
+    sys.argv = [str(demo), *extra]
+    runpy.run_path(str(demo), run_name="__main__")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rimguard", description="Guard fine-tuning against reasoning-induced misalignment.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("identify", help="find safety-critical neurons of a model and save an atlas")
+    p.add_argument("model", help="folder of a transformers causal LM (with its tokenizer)")
+    p.add_argument("--safety", default="bundled:harmful", help="harmful prompts (.txt/.csv/.jsonl or bundled:NAME)")
+    p.add_argument("--intent", default="bundled:intent", help="malicious-intent sentences")
+    p.add_argument("--harmless", default=None, help="harmless prompts (for method effect_size)")
+    p.add_argument("--reasoning", default=None, help="reasoning prompts for the task reference")
+    p.add_argument("--config", default=None, help="GuardConfig YAML/JSON")
+    p.add_argument("-o", "--output", required=True, help="atlas folder to write")
+    p = sub.add_parser("inspect", help="summarize a saved atlas")
+    p.add_argument("atlas")
+    p = sub.add_parser("report", help="plots and a Markdown summary of a guarded run")
+    p.add_argument("run_dir", help="the run's output_dir (holds rimguard.jsonl)")
+    sub.add_parser("demo", help="run the README's guarded fine-tune (extra flags go to examples/demo.py)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "demo":
+            _demo(args, extra)
+        else:
+            {"identify": _identify, "inspect": _inspect, "report": _report}[args.command](args)
+    except USER_ERRORS as err:
+        print(f"rimguard {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Plots and a Markdown summary from a guard's JSONL log (``rimguard report RUN_DIR``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rimguard.config import LEVELS
+from rimguard.events import read_events
+
+PANELS = (
+    ("ras_safe", "RAS on safety neurons", "ras_control_mean"),
+    ("entanglement_z", "entanglement z (vs control sets)", None),
+    ("refusal_drop", "refusal margin drop (nats)", None),
+    ("kl_task", "KL(pi_0 || pi_t) on reasoning", None),
+    ("level", "risk level", None),
+    ("frozen", "frozen neurons", None),
+)
+
+
+def _series(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[str, dict[str, float]] | None = None) -> Path:
+    """Write a PNG with one panel per metric: thresholds dashed, level changes and freezes marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [e for e in events if e.get("event") == "metrics"]
+    changes = [e for e in events if e.get("event") == "level"]
+    freezes = [e for e in events if e.get("event") == "freeze"]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
+    for ax, (key, title, control) in zip(axes.flat, PANELS):
+        steps, values = _series(metrics, key)
+        ax.plot(steps, values, marker="o", ms=3, label=key)
+        if control:
+            cs, cv = _series(metrics, control)
+            ax.plot(cs, cv, color="grey", ls=":", label="control sets (mean)")
+        for level, rules in (thresholds or {}).items():
+            if key in rules:
+                ax.axhline(rules[key], ls="--", lw=0.8, color="C3", alpha=0.4 + 0.15 * LEVELS.index(level))
+                ax.text(ax.get_xlim()[0], rules[key], f" {level}", fontsize=7, color="C3", va="bottom")
+        for change in changes:
+            ax.axvline(change["step"], color="C1", lw=0.8, alpha=0.7)
+        for freeze in freezes:
+            ax.axvline(freeze["step"], color="C2", lw=1.2, ls="-.", alpha=0.7)
+        if key == "level":
+            ax.set_yticks(range(len(LEVELS)), LEVELS)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if control:
+            ax.legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step")
+    fig.suptitle("rimguard: orange lines = level changes, green dash-dot = freezes, red dashed = thresholds", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summarize(events: list[dict[str, Any]]) -> str:
+    """A short Markdown summary: the run's span, final metrics, level changes and freezes."""
+    metrics = [e for e in events if e.get("event") == "metrics"]
+    start = next((e for e in events if e.get("event") == "start"), {})
+    lines = ["# rimguard run report", ""]
+    if start:
+        lines.append(f"- mode: `{start.get('mode')}`, safety neurons: {start.get('num_safety')}, atlas: {start.get('atlas')}")
+    if metrics:
+        first, last = metrics[0], metrics[-1]
+        lines.append(f"- checks: {len(metrics)} (steps {first['step']} to {last['step']})")
+        lines += ["", "| metric | first | last | max |", "|---|---|---|---|"]
+        for key in ("ras_safe", "ras_control_mean", "entanglement_z", "refusal_drop", "kl_task", "penalty", "frozen"):
+            vals = [m[key] for m in metrics if m.get(key) is not None]
+            if vals:
+                lines.append(f"| {key} | {vals[0]:.4g} | {vals[-1]:.4g} | {max(vals):.4g} |")
+    changes = [e for e in events if e.get("event") in ("level", "freeze", "stop")]
+    lines += ["", "## Events", ""]
+    for e in changes:
+        if e["event"] == "level":
+            why = ", ".join(f"{c['metric']}={c['value']:.3g}>={c['threshold']:.3g}" for c in e.get("crossings", []))
+            lines.append(f"- step {e['step']}: level {e['from']} -> {e['to']} ({why or 'thresholds released'})")
+        elif e["event"] == "freeze":
+            lines.append(f"- step {e['step']}: froze {e['added']} neurons ({e['which']}), {e['frozen']} in all")
+        else:
+            lines.append(f"- step {e['step']}: training stopped at level {e['level']}")
+    if not changes:
+        lines.append("- none: no threshold was crossed")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path, log_file: str = "rimguard.jsonl") -> tuple[Path, Path]:
+    """Read ``run_dir/log_file``; write ``rimguard_report.png`` and ``rimguard_report.md`` beside it."""
+    run_dir = Path(run_dir)
+    log = run_dir / log_file
+    if not log.is_file():
+        raise FileNotFoundError(f"{log}: no rimguard log here (is this a run's output_dir?)")
+    events = read_events(log)
+    if not any(e.get("event") == "metrics" for e in events):
+        raise ValueError(f"{log}: holds no metrics yet")
+    thresholds = next((e.get("thresholds") for e in events if e.get("event") == "start"), None)
+    png = plot_run(events, run_dir / "rimguard_report.png", thresholds)
+    md = run_dir / "rimguard_report.md"
+    md.write_text(summarize(events), encoding="utf-8")
+    return png, md
