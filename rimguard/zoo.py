@@ -163,7 +163,7 @@ def smollm2_base(cache_dir: str | Path | None = None, progress: bool = True) -> 
         gguf_path = work_dir / names[0]
         if progress:
             print(f"rimguard: converting {gguf_path.name} to fp32 safetensors", file=sys.stderr)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         # The weights are de-quantized on load; drop the GGUF quantizer so it saves as plain fp32.
         model.hf_quantizer = None
@@ -175,9 +175,178 @@ def smollm2_base(cache_dir: str | Path | None = None, progress: bool = True) -> 
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            tmp.chmod(0o755)
             _publish(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"rimguard: SmolLM2-135M-Instruct ready at {final} ({time.time() - start:.0f}s)", file=sys.stderr)
+    return final
+
+
+# -- aligned model ----------------------------------------------------------------------------
+def align_recipe(steps: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """The full alignment recipe: :data:`ALIGN_DEFAULTS` with overrides, plus what the data is.
+
+    The digest of this dict names the cache folder of :func:`aligned_smollm2`.
+    """
+    recipe = {**ALIGN_DEFAULTS, **({"steps": steps} if steps is not None else {}), **overrides}
+    unknown = sorted(set(recipe) - set(ALIGN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown alignment recipe field(s) {unknown}; known: {sorted(ALIGN_DEFAULTS)}")
+    data = hashlib.sha256(json.dumps([bundled(n) for n in ("harmful", "harmless", "refusals")]).encode()).hexdigest()[:12]
+    return {
+        "format": 1,
+        "base": SMOLLM2_WHEEL,
+        "data": {"harmful_refusals": "bundled harmful (not held out) -> random bundled refusal",
+                 "harmless_distill": "bundled harmless (not held out) -> base model's own greedy answer",
+                 "heldout": f"every {HELDOUT_EVERY}th prompt", "sha256": data},
+        **recipe,
+    }
+
+
+def recipe_digest(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def evaluate_refusals(model: Any, tokenizer: Any, max_new_tokens: int = EVAL_MAX_NEW_TOKENS, progress: bool = False) -> dict[str, Any]:
+    """Judge greedy completions of the held-out harmful and harmless prompts.
+
+    Returns ``heldout_harmful`` and ``heldout_harmless``, each a :func:`rimguard.judge.refusal_rate`
+    dict; the refusal rate of the second one is the over-refusal.
+    """
+    from rimguard.judge import refusal_rate
+    from rimguard.probing import generate
+
+    out = {}
+    for name, prompts in (("heldout_harmful", alignment_split()[1]), ("heldout_harmless", harmless_split()[1])):
+        texts = generate(model, tokenizer, prompts, max_new_tokens, desc=f"eval {name}" if progress else None)
+        out[name] = refusal_rate(texts)
+    return out
+
+
+def _alignment_examples(tokenizer: Any, distilled: Sequence[tuple[str, str, bool]], recipe: dict[str, Any]) -> list[dict[str, list[int]]]:
+    """Token ids and labels (prompt masked) of the refusal and self-distillation examples."""
+    from rimguard.probing import encode, format_prompt
+
+    rng = random.Random(recipe["seed"])
+    refusals = bundled("refusals")
+    end = tokenizer.eos_token or ""
+    pairs = [(prompt, rng.choice(refusals) + end) for prompt in alignment_split()[0]]
+    pairs += [(prompt, answer + (end if finished else "")) for prompt, answer, finished in distilled]
+    examples = []
+    for prompt, response in pairs:
+        head = encode(tokenizer, format_prompt(tokenizer, prompt))
+        body = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        ids = (head + body)[: recipe["max_length"]]
+        labels = ([-100] * len(head) + body)[: recipe["max_length"]]
+        examples.append({"input_ids": ids, "labels": labels})
+    rng.shuffle(examples)
+    return examples
+
+
+class _Collator:
+    """Right-pads ``input_ids`` (pad id) and ``labels`` (-100); builds the attention mask."""
+
+    def __init__(self, pad_value: int) -> None:
+        self.pad_value = pad_value
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_value, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def aligned_smollm2(cache_dir: str | Path | None = None, steps: int = ALIGN_DEFAULTS["steps"], progress: bool = True,
+                    **overrides: Any) -> Path:
+    """A folder with a safety-aligned SmolLM2-135M-Instruct (fp32), built once and cached.
+
+    Recipe (see :data:`ALIGN_DEFAULTS`; ``overrides`` change its fields): full fine-tune with the
+    plain ``transformers.Trainer`` on CPU, loss on the assistant turn only, on
+
+    * the bundled harmful prompts outside the held-out split, each answered by a bundled refusal;
+    * the bundled harmless prompts outside the held-out split, each answered by the base model's
+      own greedy answer (``distill_max_new_tokens`` tokens; answers the judge calls refusal or
+      garbage are dropped), which keeps over-refusal low without teaching new content.
+
+    Afterwards the refusal rate on the held-out harmful prompts and the over-refusal on the held-out
+    harmless prompts are measured (string-match judge, :mod:`rimguard.judge`) and written with
+    the recipe to ``recipe.json`` next to the weights. The folder name carries a digest of the
+    recipe, so a new recipe never reuses an old model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from rimguard.judge import judge
+    from rimguard.probing import generate, pad_id
+
+    recipe = align_recipe(steps, **overrides)
+    final = cache_root(cache_dir) / f"smollm2-135m-aligned-{recipe_digest(recipe)}"
+    if _complete(final) and (final / "recipe.json").is_file():
+        return final
+    base = smollm2_base(cache_dir, progress)
+    start = time.time()
+    torch.manual_seed(recipe["seed"])
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if progress:
+        print(f"rimguard: building the safety-aligned SmolLM2 ({recipe['steps']} steps; once, cached at {final})", file=sys.stderr)
+
+    before = evaluate_refusals(model, tokenizer, progress=progress)
+    prompts = harmless_split()[0]
+    limit = recipe["distill_max_new_tokens"]
+    answers = generate(model, tokenizer, prompts, limit, desc="self-distillation" if progress else None)
+    distilled = []
+    for prompt, answer in zip(prompts, answers):
+        if judge(answer) == "compliance":
+            finished = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) < limit - 1
+            distilled.append((prompt, answer.strip() if finished else answer, finished))
+    examples = _alignment_examples(tokenizer, distilled, recipe)
+
+    tmp = _atomic_dir(final)
+    try:
+        args = TrainingArguments(
+            output_dir=str(tmp / "trainer"), max_steps=recipe["steps"], per_device_train_batch_size=recipe["batch_size"],
+            learning_rate=recipe["learning_rate"], warmup_steps=int(recipe["warmup_ratio"] * recipe["steps"]),
+            weight_decay=recipe["weight_decay"], lr_scheduler_type="linear", seed=recipe["seed"], data_seed=recipe["seed"],
+            report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            logging_steps=10, disable_tqdm=not progress, dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=_Collator(pad_id(tokenizer)))
+        result = trainer.train()
+        model = trainer.model
+        after = evaluate_refusals(model, tokenizer, progress=progress)
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        measured = {
+            "heldout_refusal_rate": after["heldout_harmful"]["refusal_rate"],
+            "heldout_over_refusal_rate": after["heldout_harmless"]["refusal_rate"],
+            "base_heldout_refusal_rate": before["heldout_harmful"]["refusal_rate"],
+            "base_heldout_over_refusal_rate": before["heldout_harmless"]["refusal_rate"],
+            "eval_max_new_tokens": EVAL_MAX_NEW_TOKENS, "judge": "rimguard.judge (string match)",
+            "after": after, "before": before,
+            "train_examples": {"refusal": len(alignment_split()[0]), "distilled": len(distilled),
+                               "distill_dropped": len(prompts) - len(distilled)},
+            "train_loss": result.training_loss, "build_seconds": round(time.time() - start, 1),
+        }
+        (tmp / "recipe.json").write_text(json.dumps({"recipe": recipe, "measured": measured}, indent=2), encoding="utf-8")
+        tmp.chmod(0o755)
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"rimguard: aligned SmolLM2 ready ({measured['build_seconds']:.0f}s): refuses "
+              f"{measured['heldout_refusal_rate']:.0%} of held-out harmful requests (base "
+              f"{measured['base_heldout_refusal_rate']:.0%}), over-refuses {measured['heldout_over_refusal_rate']:.0%} "
+              "of held-out harmless ones", file=sys.stderr)
     return final

@@ -1,0 +1,96 @@
+"""The rimguard executable end to end, config files, and TensorBoard logging through report_to."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from rimguard import ConfigError, GuardConfig, RIMGuard
+from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer
+
+EXE = [sys.executable, "-m", "rimguard.cli"]
+
+
+def run(*args):
+    return subprocess.run([*EXE, *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_identify_inspect(tmp_path, model_dir):
+    cfg = tmp_path / "cfg.yaml"
+    GuardConfig(num_safety_probes=8, max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4).save(cfg)
+    proc = run("identify", model_dir, "--config", cfg, "-o", tmp_path / "atlas")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "atlas" / "atlas.safetensors").is_file()
+    proc = run("inspect", tmp_path / "atlas")
+    assert proc.returncode == 0 and "safety-critical neurons" in proc.stdout and "L0:" in proc.stdout + "L1:"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["inspect", "/nonexistent"], "not an atlas folder"),
+    (["report", "/nonexistent"], "no rimguard log"),
+    (["identify", "/nonexistent", "-o", "x"], "no such model folder"),
+])
+def test_user_errors_are_one_line(args, message):
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_guarded_run_tensorboard_and_report(tmp_path):
+    guard = RIMGuard(GuardConfig(num_safety_probes=8, max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4,
+                                 max_length=64, kl_probes=2, probe_every=4, mode="escalate",
+                                 thresholds={"warn": {"task_rise": 0.0}, "regularize": {}, "freeze": {}, "stop": {}}))
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+                     report_to=["tensorboard"], bf16=False, gradient_checkpointing=False,
+                     save_strategy="no", use_cpu=True, max_length=64, disable_tqdm=True)
+    SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(16)),
+               processing_class=tiny_tokenizer(), callbacks=[guard]).train()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(tmp_path.rglob("events.out.tfevents*"))
+    assert files
+    tags = set()
+    for f in files:
+        acc = EventAccumulator(str(f.parent))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/rimguard/ras_safe", "train/rimguard/entanglement_z", "train/rimguard/level"} <= tags
+    proc = run("report", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "rimguard_report.png").stat().st_size > 10_000
+    md = (tmp_path / "rimguard_report.md").read_text()
+    assert "level ok -> warn" in md and "| ras_safe |" in md
+
+
+def test_config_roundtrip_and_validation(tmp_path):
+    cfg = GuardConfig(mode="escalate", probe_every=7, thresholds={"warn": {"kl_task": 0.1}})
+    for name in ("c.yaml", "c.json"):
+        cfg.save(tmp_path / name)
+        assert GuardConfig.load(tmp_path / name) == cfg
+    assert GuardConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown field.*probe_evry"):
+        GuardConfig.from_dict({"probe_evry": 3})
+    with pytest.raises(ConfigError, match="GuardConfig.min_share"):
+        GuardConfig(min_share=1.5)
+    with pytest.raises(ConfigError, match="unknown metric 'loss'"):
+        GuardConfig(thresholds={"warn": {"loss": 1.0}})
+    with pytest.raises(ConfigError, match="levels must rise"):
+        GuardConfig(thresholds={"warn": {"entanglement_z": 3.0}, "regularize": {"entanglement_z": 2.0}})
+    with pytest.raises(ConfigError, match="unknown actions"):
+        GuardConfig(actions={"warn": ["explode"]})
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml: top level must be a mapping"):
+        GuardConfig.load(tmp_path / "bad.yaml")
