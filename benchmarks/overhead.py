@@ -1,0 +1,147 @@
+"""Step-time overhead of rimguard (and of the peer callback safety-compass), as ratios to an
+unguarded run measured in the same process.
+
+Every configuration trains the same model from the same seed on the same generated reasoning
+data with TRL's SFTTrainer. A timing callback records the wall time of each optimizer step
+(including any probe pass the guard runs in that step); the measured window starts after
+``--warmup`` steps and spans ``--steps`` steps, so with ``probe_every=50`` it holds
+``steps / 50`` probe passes. Configurations are interleaved and repeated, and each ratio is
+median(config) / median(unguarded).
+
+    python benchmarks/overhead.py --model tiny --repeats 3
+    python benchmarks/overhead.py --model smollm2 --steps 50 --warmup 10 --repeats 1 --peer
+
+The peer needs ``pip install safety-compass`` (benchmark environment only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from rimguard import GuardConfig, NeuronAtlas, RIMGuard
+from rimguard.probes import bundled
+from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last = 0.0
+
+    def on_step_begin(self, args, state, control, **kw):
+        if not self._last:
+            self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now
+
+
+def load(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if name == "tiny":
+        return tiny_model("llama", layers=4, hidden=128, intermediate=512), tiny_tokenizer()
+    from rimguard.zoo import smollm2_base
+
+    path = smollm2_base()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def peer_callback(model, tokenizer, workdir: Path, pairs: int, every: int):
+    """safety-compass's callback, on a refusal concept built from our bundled probes."""
+    from safety_compass.callback import SafetyCompassCallback
+    from safety_compass.monitor import SafetyCompassMonitor
+
+    harmful, harmless = bundled("harmful")[:pairs], bundled("harmless")[:pairs]
+    rows = [{"system": "You are a helpful assistant.", "positive_query": h, "negative_query": s,
+             "split": "val" if i % 4 == 0 else "train"} for i, (h, s) in enumerate(zip(harmful, harmless))]
+    (workdir / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = model.config
+    concept = {"name": "refusal", "pairing_strategy": "arditi", "contrastive_pairs_file": "pairs.jsonl",
+               "best_layer": max(1, cfg.num_hidden_layers // 2), "min_auroc": 0.0}
+    model_cfg = {"model_name": "bench", "num_layers": cfg.num_hidden_layers, "hidden_dim": cfg.hidden_size,
+                 "extraction_batch_size": 8, "extraction_dtype": "float32", "max_seq_length": 256}
+    monitor = SafetyCompassMonitor(model, tokenizer, [concept], model_cfg, base_dir=str(workdir))
+    return SafetyCompassCallback(monitor, measure_every_n_steps=every, log_file=str(workdir / "peer.csv"))
+
+
+def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> list[float]:
+    model, tok = load(args.model)
+    timer = StepTimer()
+    callbacks: list = []
+    guard_cfg = GuardConfig(probe_every=args.probe_every, num_safety_probes=args.probes, max_new_tokens=16,
+                            probe_batch_size=8, log_file=None)
+    if mode in ("monitor", "regularize"):
+        callbacks.append(RIMGuard(guard_cfg, atlas=atlas, mode=mode))
+    elif mode == "safety-compass":
+        callbacks.append(peer_callback(model, tok, workdir, args.probes, args.probe_every))
+    callbacks.append(timer)
+    cfg = SFTConfig(output_dir=str(workdir / mode), max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
+                    learning_rate=1e-5, report_to=[], bf16=False, gradient_checkpointing=False, save_strategy="no",
+                    use_cpu=not torch.cuda.is_available(), max_length=args.max_length, seed=0, disable_tqdm=True,
+                    logging_steps=10_000)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(reasoning_texts(args.batch * (args.warmup + args.steps) + 8)),
+                         processing_class=tok, callbacks=callbacks,
+                         peft_config=LoraConfig(r=16, target_modules="all-linear") if lora else None)
+    trainer.train()
+    return timer.times[args.warmup :]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--probe-every", type=int, default=50)
+    parser.add_argument("--probes", type=int, default=32)
+    parser.add_argument("--peer", action="store_true", help="also time safety-compass")
+    parser.add_argument("--ft", choices=["full", "lora", "both"], default="both")
+    parser.add_argument("--json", default=None, help="write the raw results here")
+    args = parser.parse_args()
+
+    modes = ["unguarded", "monitor", "regularize"] + (["safety-compass"] if args.peer else [])
+    fts = {"full": [False], "lora": [True], "both": [False, True]}[args.ft]
+    model, tok = load(args.model)
+    share = 0.2 if args.model == "tiny" else 0.5  # a random tiny model has no consistent safety neurons
+    atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[: args.probes], bundled("intent"), max_new_tokens=16,
+                                 min_share=share, progress=False)
+    del model
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for lora in fts:
+            totals: dict[str, list[float]] = {m: [] for m in modes}
+            run_one(args, "unguarded", lora, atlas, Path(tmp))  # discarded: warms allocator and kernels
+            for _ in range(args.repeats):
+                for mode in modes:
+                    times = run_one(args, mode, lora, atlas, Path(tmp))
+                    totals[mode].append(sum(times) / len(times))
+            results["lora" if lora else "full"] = {m: statistics.median(v) for m, v in totals.items()}
+    print(f"\nmodel={args.model} device={device} steps={args.steps} (after {args.warmup} warm-up) "
+          f"probe_every={args.probe_every} batch={args.batch} max_length={args.max_length} repeats={args.repeats}")
+    print(f"{'fine-tune':<10}{'mode':<16}{'s/step':>10}{'ratio':>8}")
+    for ft, per_mode in results.items():
+        base = per_mode["unguarded"]
+        for mode, sec in per_mode.items():
+            print(f"{ft:<10}{mode:<16}{sec:>10.4f}{sec / base:>8.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": device, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
