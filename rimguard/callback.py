@@ -169,7 +169,7 @@ class RIMGuard(TrainerCallback):
         )
         self.monitor = monitor
         monitor.start(restored["monitor"] if restored else None)
-        self.penalty_term = EntanglementPenalty(self.atlas.safety_per_layer())
+        self.penalty_term = EntanglementPenalty([i.to(monitor.device) for i in self.atlas.safety_per_layer()])
         monitor.capture.taps.append(self.penalty_term)
         self._set_penalty_reference()
         self.freezer = NeuronFreezer(monitor.layers)

@@ -38,7 +38,7 @@ class EntanglementPenalty:
     """Activation-anchoring penalty on the safety neurons; a :class:`~rimguard.capture.Tap`.
 
     Args:
-        safety_per_layer: per layer, ``[n_l]`` safety neuron ids (empty where none).
+        safety_per_layer: per layer, ``[n_l]`` safety neuron ids (empty where none), on the model's device.
         reference: per layer, ``[n_l]`` base reasoning activations (set by :meth:`set_reference`).
         floor: lower bound of the scale ``|r_j|``.
     """
@@ -64,8 +64,8 @@ class EntanglementPenalty:
         if not self.active or self.index[layer].numel() == 0:
             return
         assert self.reference is not None
-        peak = masked_max(x, mask, self.index[layer].to(x.device)).float().mean(0)
-        ref = self.reference[layer].to(x.device)
+        peak = masked_max(x, mask, self.index[layer]).float().mean(0)
+        ref = self.reference[layer]
         term = (((peak - ref) / ref.abs().clamp_min(self.floor)) ** 2).sum()
         if not recompute:  # a checkpoint recomputation replays the ops but must not count twice
             self._terms.append(term)
