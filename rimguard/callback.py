@@ -291,8 +291,10 @@ class RIMGuard(TrainerCallback):
         record = {"event": "metrics", "step": step, **values}
         self.history.append(record)
         self.events.write(record)
-        if self.trainer is not None:
+        if self.trainer is not None:  # Trainer.log resets control.should_log: keep the step's own loss log
+            should_log = self.trainer.control.should_log
             self.trainer.log({f"rimguard/{k}": v for k, v in values.items()})
+            self.trainer.control.should_log = should_log
         return values
 
     def due(self, step: int) -> bool:

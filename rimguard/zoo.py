@@ -318,7 +318,7 @@ def aligned_smollm2(cache_dir: str | Path | None = None, steps: int = ALIGN_DEFA
             output_dir=str(tmp / "trainer"), max_steps=recipe["steps"], per_device_train_batch_size=recipe["batch_size"],
             learning_rate=recipe["learning_rate"], warmup_steps=int(recipe["warmup_ratio"] * recipe["steps"]),
             weight_decay=recipe["weight_decay"], lr_scheduler_type="linear", seed=recipe["seed"], data_seed=recipe["seed"],
-            report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False,
             logging_steps=10, disable_tqdm=not progress, dataloader_num_workers=0,
         )
         trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=_Collator(pad_id(tokenizer)))
