@@ -27,6 +27,8 @@ def assert_guarded_run(trainer, guard, out, steps):
     model = trainer.model
     logged = [h for h in trainer.state.log_history if "rimguard/ras_safe" in h]
     assert [h["step"] for h in logged] == [1, 2, 4, steps]
+    # a guard check at a logging step must not swallow the Trainer's own loss log
+    assert any("loss" in h and h["step"] == steps for h in trainer.state.log_history)
     assert EXPECTED <= {k.split("/", 1)[1] for k in logged[-1] if k.startswith("rimguard/")}
     events = [json.loads(l) for l in (out / "rimguard.jsonl").read_text().splitlines()]
     metric_steps = [e["step"] for e in events if e["event"] == "metrics"]
