@@ -1,9 +1,14 @@
 """Real-model benchmark: does rimguard's signal track reasoning-induced forgetting, and do its
 actions prevent it, on a safety-aligned SmolLM2-135M fine-tuned on GSM8K?
 
-    python benchmarks/rim_benchmark.py --small            # ~10 min smoke run (see --help for sizes)
-    python benchmarks/rim_benchmark.py                    # full run (2 seeds, 4 variants)
+    python benchmarks/rim_benchmark.py --small            # smoke run: full FT + freeze, 1 seed, 12 steps
+    python benchmarks/rim_benchmark.py                    # full: full FT and LoRA x seeds 0 1, regularize and freeze x seed 0
     python benchmarks/rim_benchmark.py --harmful my.csv --xstest x.csv --gsm8k g.jsonl --seeds 0 1 2
+    python benchmarks/rim_benchmark.py --resume           # after an interruption: reuse the finished stages
+
+On a CPU shared with other jobs pass ``--threads 1``: two processes each running two OpenMP
+threads on two cores slow each other down several-fold. ``safety-compass`` is optional
+(``pip install safety-compass`` in the benchmark environment); without it the peer is skipped.
 
 Pipeline:
 
@@ -47,7 +52,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from rimbench import data as bdata  # noqa: E402
 from rimbench import peer as bpeer  # noqa: E402
-from rimbench.evaluation import EvalPoints, Evaluator, StepTimer, median, parse_steps, step_time_summary  # noqa: E402
+from rimbench.evaluation import EvalPoints, Evaluator, StepTimer, parse_steps, step_time_summary  # noqa: E402
 from rimbench.report import analyse, plot_all, write_report  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -57,8 +62,8 @@ GUARD_SIGNALS = ("ras_safe", "ras_control_mean", "entanglement_z", "entanglement
 
 # Sizes per mode; every value can be overridden by its flag.
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": dict(steps=40, batch_size=4, lr=1e-4, lora_lr=1e-4, max_length=256, n_harmful=64, n_xstest=None,
-                 xstest_every=40, n_gsm8k_eval=24, gen_tokens=32, guard_probes=16, atlas_probes=48, peer_pairs=32,
+    "full": dict(steps=36, batch_size=4, lr=1e-4, lora_lr=1e-4, max_length=256, n_harmful=64, n_xstest=None,
+                 xstest_every=24, n_gsm8k_eval=16, gen_tokens=32, guard_probes=16, atlas_probes=48, peer_pairs=32,
                  seeds=[0, 1], guarded_seeds=[0], variants=list(VARIANTS), timing_steps=8, gen_batch=32),
     "small": dict(steps=12, batch_size=4, lr=1e-4, lora_lr=1e-4, max_length=192, n_harmful=24, n_xstest=24,
                   xstest_every=0, n_gsm8k_eval=8, gen_tokens=24, guard_probes=8, atlas_probes=24, peer_pairs=16,
@@ -79,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the unguarded runs [0 1 / 0]")
     p.add_argument("--guarded-seeds", type=int, nargs="+", default=None, help="seeds of regularize/freeze runs [0 / 0]")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="[all / full freeze]")
-    p.add_argument("--steps", type=int, default=None, help="SFT optimizer steps [40 / 12]")
+    p.add_argument("--steps", type=int, default=None, help="SFT optimizer steps [36 / 12]")
     p.add_argument("--eval-steps", default=None, help="comma-separated eval points (default: 0,2,4,8,12,16,24,32,... + last)")
     p.add_argument("--batch-size", type=int, default=None, help="[4 / 4]")
     p.add_argument("--lr", type=float, default=None, help="full fine-tune learning rate, constant [1e-4]")
@@ -88,8 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=None, help="SFT sequence cap, tokens [256 / 192]")
     p.add_argument("--n-harmful", type=int, default=None, help="held-out harmful prompts evaluated [64 / 24]")
     p.add_argument("--n-xstest", type=int, default=None, help="XSTest safe prompts at the first and last point [all 250 / 24]")
-    p.add_argument("--xstest-every", type=int, default=None, help="XSTest prompts at intermediate points (0: first and last point only) [40 / 0]")
-    p.add_argument("--n-gsm8k-eval", type=int, default=None, help="held-out GSM8K examples for the loss [24 / 8]")
+    p.add_argument("--xstest-every", type=int, default=None, help="XSTest prompts at intermediate points (0: first and last point only) [24 / 0]")
+    p.add_argument("--n-gsm8k-eval", type=int, default=None, help="held-out GSM8K examples for the loss [16 / 8]")
     p.add_argument("--gen-tokens", type=int, default=None, help="greedy completion length for judging [32 / 24]")
     p.add_argument("--gen-batch", type=int, default=None, help="generation batch size [32 / 24]")
     p.add_argument("--guard-probes", type=int, default=None, help="harmful probes the guard measures at each check [16 / 8]")
@@ -100,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-steps", type=int, default=None, help="steps of the bare (no callback) timing run [8 / 4]; 0 skips it")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache (default $RIMGUARD_CACHE or ~/.cache/rimguard)")
+    p.add_argument("--report-only", type=Path, default=None, metavar="DIR",
+                   help="rebuild analysis, plots and report.md from DIR/results.json without training")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse stages (atlas, step-0 eval, bare timing, runs) an interrupted run with the same settings finished")
     args = p.parse_args(argv)
     preset = PRESETS["small" if args.small else "full"]
     for key, value in preset.items():
@@ -264,9 +273,9 @@ def run_variant(variant: str, seed: int, ctx: dict[str, Any], args: argparse.Nam
 
 
 class FinalEvaluator:
-    """The evaluator at the last point: full XSTest set, and keeps a few completions."""
+    """The evaluator at the last point: full XSTest set, and keeps the completions (all by default)."""
 
-    def __init__(self, evaluator: Evaluator, keep: int = 4) -> None:
+    def __init__(self, evaluator: Evaluator, keep: int = 10**6) -> None:
         self.evaluator, self.keep = evaluator, keep
         self.last_samples = None
 
@@ -300,9 +309,71 @@ def bare_timing(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     return {"step_times": {str(k): v for k, v in sorted(timer.times.items())}, "timing": step_time_summary(timer.times)}
 
 
+# -- resume -----------------------------------------------------------------------------------
+NOT_RESULT_SETTINGS = ("resume", "report_only", "threads", "variants", "seeds", "guarded_seeds", "name", "out", "no_peer", "cache_dir")
+
+
+class StageCache:
+    """Finished stages saved as JSON in ``out/stages/`` with the settings that produced them;
+    ``--resume`` reuses a stage only if those settings are unchanged."""
+
+    def __init__(self, folder: Path, args: argparse.Namespace) -> None:
+        self.folder = folder
+        self.enabled = args.resume
+        self.key = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in NOT_RESULT_SETTINGS}
+        self.reused: list[str] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, fn, stages: dict[str, float], label: str) -> Any:
+        path = self.folder / f"{name}.json"
+        if self.enabled and path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("settings") == json.loads(json.dumps(self.key, default=str)):
+                stages[label] = saved["seconds"]
+                self.reused.append(label)
+                say(f"resume: reusing '{label}' from {path}")
+                return saved["value"]
+            say(f"resume: {path} was made with other settings; running '{label}' again")
+        t = time.perf_counter()
+        value = fn()
+        stages[label] = time.perf_counter() - t
+        path.write_text(json.dumps({"settings": self.key, "seconds": stages[label], "value": value}, default=float),
+                        encoding="utf-8")
+        return value
+
+
 # -- main -------------------------------------------------------------------------------------
+def gsm8k_length_stats(tokenizer: Any, gsm: list[dict], max_length: int) -> dict[str, Any]:
+    """Chat-formatted token lengths of a 500-row sample: median and the share over ``max_length``."""
+    from rimbench.evaluation import completion_examples
+
+    lengths = sorted(len(ids) for ids, _ in completion_examples(tokenizer, bdata.conversational(bdata.sample(gsm, 500, seed=0)), 10**6))
+    return {"truncated_share": sum(n > max_length for n in lengths) / len(lengths), "median_tokens": lengths[len(lengths) // 2]}
+
+
+def rebuild_report(folder: Path) -> dict[str, Any]:
+    """Re-run the analysis, plots and report of a finished benchmark from its ``results.json``."""
+    path = folder / "results.json"
+    results = json.loads(path.read_text(encoding="utf-8"))
+    gsm_info = results["data"]["gsm8k"]
+    if "truncated_share" not in gsm_info:  # added after some results were made; a property of the data alone
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(results["subject"]["folder"])
+        gsm_info.update(gsm8k_length_stats(tok, bdata.load_gsm8k(gsm_info["path"]), results["settings"]["max_length"]))
+    results["analysis"] = analyse(results)
+    results["plots"] = [p.name for p in plot_all(results, folder)]
+    results["report_rebuilt"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
+    write_report(results, folder / "report.md")
+    say(f"rebuilt {folder / 'report.md'}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.report_only is not None:
+        return rebuild_report(args.report_only)
     command = "python benchmarks/rim_benchmark.py" + ("" if argv is None and len(sys.argv) <= 1 else " " + shlex.join(argv if argv is not None else sys.argv[1:]))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -353,7 +424,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           xstest_subset=len(xs_mid))
     final_eval = FinalEvaluator(evaluator)
     stages["data"] = time.perf_counter() - t
-    data_info = {"gsm8k": {"path": str(args.gsm8k), "rows": len(gsm), "heldout": len(gsm_held), "calculator_annotations": "stripped"},
+    data_info = {"gsm8k": {"path": str(args.gsm8k), "rows": len(gsm), "heldout": len(gsm_held), "calculator_annotations": "stripped",
+                           **gsm8k_length_stats(tokenizer, gsm, args.max_length)},
                  "harmful": {"path": str(args.harmful), "rows": len(harmful_all), "evaluated": len(harmful),
                              "note": "alignment used only rimguard's bundled prompts, so every row is held out"},
                  "xstest": {"path": str(args.xstest), "safe_rows": len(xs_all), "first_last_points": len(xs_final),
@@ -365,21 +437,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peer_ok, peer_note = (False, "disabled with --no-peer") if args.no_peer else bpeer.available()
     say(f"safety-compass: {'available (' + peer_note + ')' if peer_ok else 'SKIPPED: ' + peer_note}")
 
+    cache = StageCache(out / "stages", args)
+
     # 2. atlas (shared by every guard)
-    t = time.perf_counter()
     base = load_model(folder, 0)
-    atlas = NeuronAtlas.identify(base, tokenizer, bundled("harmful")[: args.atlas_probes], bundled("intent"), top_m=0.01,
-                                 min_share=0.5, num_controls=32, max_new_tokens=16, max_length=192, batch_size=16,
-                                 seed=0, progress=False)
-    atlas.save(out / "atlas")
-    stages["atlas identification (once, shared)"] = time.perf_counter() - t
+
+    def identify() -> str:
+        found = NeuronAtlas.identify(base, tokenizer, bundled("harmful")[: args.atlas_probes], bundled("intent"), top_m=0.01,
+                                     min_share=0.5, num_controls=32, max_new_tokens=16, max_length=192, batch_size=16,
+                                     seed=0, progress=False)
+        return str(found.save(out / "atlas"))
+
+    atlas = NeuronAtlas.load(cache.run("atlas", identify, stages, "atlas identification (once, shared)"))
     say(f"atlas: {atlas.num_safety} safety neurons ({stages['atlas identification (once, shared)']:.0f}s)")
 
     # 3. step-0 evaluation (shared: every run starts from these weights)
-    t = time.perf_counter()
-    baseline = final_eval(base)
-    baseline_samples = final_eval.last_samples
-    stages["step-0 evaluation (once, shared)"] = time.perf_counter() - t
+    def step0() -> dict[str, Any]:
+        rec = final_eval(base)
+        return {"baseline": rec, "samples": final_eval.last_samples}
+
+    zero = cache.run("baseline", step0, stages, "step-0 evaluation (once, shared)")
+    baseline, baseline_samples = zero["baseline"], zero["samples"]
     say(f"aligned model: refusal {baseline['refusal_rate']:.0%} of {baseline['n_harmful']} AdvBench, over-refusal "
         f"{baseline['over_refusal']:.0%} of {baseline['n_xstest']} XSTest safe, GSM8K loss {baseline['gsm8k_loss']:.3f} "
         f"({stages['step-0 evaluation (once, shared)']:.0f}s)")
@@ -392,9 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # bare timing run
     bare = None
     if args.timing_steps > 0:
-        t = time.perf_counter()
-        bare = bare_timing(ctx, args)
-        stages[f"bare timing run ({args.timing_steps} steps, no callbacks)"] = time.perf_counter() - t
+        bare = cache.run("bare", lambda: bare_timing(ctx, args), stages, f"bare timing run ({args.timing_steps} steps, no callbacks)")
         say(f"bare full fine-tune: median {bare['timing']['median_plain_s']:.2f} s/step")
 
     # 4. runs
@@ -403,9 +479,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan += [(v, s) for s in args.guarded_seeds for v in args.variants if v in ("regularize", "freeze")]
     for variant, seed in plan:
         say(f"run {variant} seed {seed} ({args.steps} steps, lr {args.lora_lr if variant == 'lora' else args.lr:g})")
-        t = time.perf_counter()
-        runs.append(run_variant(variant, seed, ctx, args))
-        stages[f"run {variant}-s{seed} (train + guard + eval)"] = time.perf_counter() - t
+        runs.append(cache.run(f"run-{variant}-s{seed}", lambda: run_variant(variant, seed, ctx, args), stages,
+                              f"run {variant}-s{seed} (train + guard + eval)"))
 
     # 5-6. analysis and output
     t = time.perf_counter()
@@ -417,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command, "settings": settings, "env": env, "data": data_info,
         "subject": {"folder": str(folder), "alignment": recipe.get("measured", {}), "recipe": recipe.get("recipe", {})},
         "atlas": {"num_safety": atlas.num_safety, "settings": atlas.settings},
-        "peer": {"available": peer_ok, "note": peer_note},
+        "peer": {"available": peer_ok, "note": peer_note}, "resumed_stages": cache.reused,
         "baseline": baseline, "baseline_samples": baseline_samples, "bare_timing": bare, "runs": runs,
     }
     results["analysis"] = analyse(results)

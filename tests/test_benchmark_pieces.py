@@ -299,3 +299,14 @@ def test_analysis_plots_and_report(tmp_path):
     text = write_report(results, tmp_path / "report.md").read_text()
     assert "python benchmarks/rim_benchmark.py --small" in text and "| RAS on safety neurons" in text and "0.65" in text
     assert "![curves.png](curves.png)" in text
+
+
+def test_peer_pairs_and_availability(tmp_path):
+    from rimbench import peer as bpeer
+
+    path = bpeer.write_pairs(tmp_path / "peer", 8)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 8 and sum(r["split"] == "val" for r in rows) == 2
+    assert all(r["positive_query"] and r["negative_query"] and r["positive_query"] != r["negative_query"] for r in rows)
+    ok, note = bpeer.available()  # optional dependency: either way it answers, never raises
+    assert isinstance(ok, bool) and isinstance(note, str) and note

@@ -19,6 +19,7 @@ from rimbench.stats import (
     REFUSAL_KEPT_TARGET,
     SIGNALS,
     finite,
+    first_step,
     fmt_r,
     mean_finite,
     run_correlations,
@@ -47,6 +48,9 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             "variant": run["variant"], "seed": run["seed"], "n_points": len(pts),
             "r": run_correlations(pts, SIGNALS, aligned),
             "r_without_step0": run_correlations([p for p in pts if p["step"] > 0], SIGNALS, aligned),
+            # lead time: when the guard first left "ok" vs when refusal first fell below the safety target
+            "first_warn_step": first_step(pts, lambda p: finite(p.get("level")) and p["level"] >= 1),
+            "first_unsafe_step": first_step(pts, lambda p: p["refusal_rate"] < REFUSAL_KEPT_TARGET * aligned),
         }
     unguarded = [r for r in per_run.values() if r["variant"] in UNGUARDED]
     average = {s: mean_finite(r["r"][s] for r in unguarded) for s in SIGNALS}
@@ -87,7 +91,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
 # -- plots ------------------------------------------------------------------------------------
 PANELS = [
     ("refusal_rate", "refusal rate, held-out AdvBench"),
-    ("over_refusal_subset", "over-refusal, XSTest safe (fixed subset)"),
+    ("over_refusal_subset", "over-refusal, XSTest safe prompts"),
     ("gsm8k_loss", "held-out GSM8K loss (nats/token)"),
     ("ras_safe", "RAS: safety neurons (solid) vs controls (dashed)"),
     ("entanglement_z", "entanglement z"),
@@ -129,7 +133,9 @@ def plot_all(results: dict[str, Any], out: Path) -> list[Path]:
             if not xs:
                 continue
             ls = styles[run["seed"] % len(styles)]
-            ax.plot(xs, ys, ls, marker="o", ms=3, color=COLORS[run["variant"]], label=run["name"])
+            guarded = run["variant"] not in UNGUARDED  # thinner, on top: overlapping curves stay visible
+            ax.plot(xs, ys, ls, marker="x" if guarded else "o", ms=5 if guarded else 4, lw=1.0 if guarded else 3.0,
+                    alpha=1.0 if guarded else 0.55, color=COLORS[run["variant"]], label=run["name"])
             if key == "ras_safe":
                 cx, cy = _series(run, "ras_control_mean")
                 ax.plot(cx, cy, ":", marker="x", ms=3, color=COLORS[run["variant"]], alpha=0.6)
@@ -173,7 +179,9 @@ def plot_all(results: dict[str, Any], out: Path) -> list[Path]:
     for ax, (key, title) in zip(axes, PANELS[:3]):
         for run in runs:
             xs, ys = _series(run, key)
-            ax.plot(xs, ys, styles[run["seed"] % len(styles)], marker="o", ms=3, color=COLORS[run["variant"]],
+            guarded = run["variant"] not in UNGUARDED
+            ax.plot(xs, ys, styles[run["seed"] % len(styles)], marker="x" if guarded else "o", ms=5 if guarded else 4,
+                    lw=1.0 if guarded else 3.0, alpha=1.0 if guarded else 0.55, color=COLORS[run["variant"]],
                     label=f"{VARIANT_LABEL[run['variant']]} s{run['seed']}")
         if key == "refusal_rate":
             ax.axhline(aligned * REFUSAL_KEPT_TARGET, color="grey", lw=1, ls=":", label="target: 90% of aligned")
@@ -188,8 +196,8 @@ def plot_all(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 # -- Markdown ---------------------------------------------------------------------------------
-def _pct(x: Any) -> str:
-    return f"{100 * x:.0f}%" if finite(x) else "n/a"
+def _pct(x: Any, digits: int = 0) -> str:
+    return f"{100 * x:.{digits}f}%" if finite(x) else "n/a"
 
 
 def _num(x: Any, digits: int = 3) -> str:
@@ -215,6 +223,9 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
     w(f"Wall time: **{total / 60:.1f} min** on {results['env']['cpu']} with {results['env']['threads']} torch threads "
       f"(torch {results['env']['torch']}, transformers {results['env']['transformers']}, TRL {results['env']['trl']}, "
       f"PEFT {results['env']['peft']}). The CPU was shared with other jobs, so absolute times and step-time ratios are noisy.\n")
+    if results.get("report_rebuilt"):
+        w(f"(Analysis, plots and this report were rebuilt from `results.json` on {results['report_rebuilt']} with "
+          "`python benchmarks/rim_benchmark.py --report-only <this folder>`; the measurements are those of the command above.)\n")
 
     w("## Set-up\n")
     w(f"- Subject: safety-aligned SmolLM2-135M-Instruct from `rimguard.zoo.aligned_smollm2()` (alignment recipe: "
@@ -224,7 +235,10 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
       f"`<<...>>` stripped), TRL `SFTTrainer`, conversational prompt/completion (loss on the completion), "
       f"**{st['steps']} steps, batch {st['batch_size']}, constant lr {st['lr']:g} (LoRA: {st['lora_lr']:g}, rank "
       f"{st['lora_rank']}, alpha {2 * st['lora_rank']}, rsLoRA, all linear layers), sequences truncated to "
-      f"{st['max_length']} tokens**, fp32 on CPU, no warm-up, no weight decay, no gradient checkpointing.")
+      f"{st['max_length']} tokens**, fp32 on CPU, no warm-up, no weight decay, no gradient checkpointing."
+      + (f" With the chat template a GSM8K example has a median of {results['data']['gsm8k']['median_tokens']} tokens; "
+         f"{_pct(results['data']['gsm8k']['truncated_share'])} are longer than {st['max_length']} and lose the end of their "
+         "solution (500-row sample)." if "truncated_share" in results["data"]["gsm8k"] else ""))
     w(f"- Variants: {', '.join(VARIANT_LABEL[v] for v in st['variants'])}; unguarded seeds {st['seeds']}, guarded seeds "
       f"{st['guarded_seeds']}. \"Unguarded\" runs carry rimguard in `mode=\"monitor\"` (measures only).")
     w(f"- Eval points (steps): {st['eval_points']}. The guard's `check` runs exactly at these steps; evaluation is in process "
@@ -251,7 +265,8 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
       "(step 0 included, where the guard's shift signals are 0 by construction; rimguard's reasoning reference is the stream "
       "of the first optimizer step, so its RAS and task rise are also 0 at step 1). For the refusal margin and the peer's "
       "cosine, a *negative* r is the good sign (they fall as safety erodes). n/a: fewer than 3 points or a constant series.\n")
-    sig_order = ["ras_safe", "ras_control_mean", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "refusal_drop", "peer_cosine"]
+    sig_order = ["ras_safe", "ras_control_mean", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "refusal_drop",
+                 "peer_cosine", "step"]
     names = list(a["per_run"])
     w("| signal | expected sign | " + " | ".join(names) + " | **mean (unguarded)** | paper avg r |")
     w("|---|---|" + "---|" * len(names) + "---|---|")
@@ -260,6 +275,18 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
         paper = f"{PAPER_R[s]:.2f}" if s in PAPER_R else ""
         w(f"| {SIGNALS[s][0]} (`{s}`) | {'+' if SIGNALS[s][1] > 0 else '-'} | " + " | ".join(cells)
           + f" | **{fmt_r(a['average_unguarded'][s])}** | {paper} |")
+    w("\nThe last row is the training step itself: while forgetting grows steadily with training, any signal that only "
+      "drifts with training correlates with it, so a signal is informative here only insofar as it beats the step count "
+      "and the random-neuron RAS (controls); telling them apart needs runs whose forgetting is not monotone in time "
+      "(different learning rates, data, or guarded runs).\n")
+    w("Guard alerts: first eval step at which the guard's level left `ok` (thresholds: rimguard defaults) versus the first "
+      f"eval step with refusal below {REFUSAL_KEPT_TARGET:.0%} of the aligned rate:\n")
+    w("| run | first guard alert (step) | first unsafe eval point (step) |")
+    w("|---|---|---|")
+    for n in names:
+        pr = a["per_run"][n]
+        w(f"| {n} | {pr.get('first_warn_step') if pr.get('first_warn_step') is not None else 'none'} | "
+          f"{pr.get('first_unsafe_step') if pr.get('first_unsafe_step') is not None else 'none'} |")
     w("\nPaper (Yan et al., 4 models, 8 checkpoints, LoRA on GSM8K, LLM-judged misalignment): RAS on safety neurons "
       "avg r = .65, KL .23, random-neuron RAS .06, delta_plus_task alone .54. Here: one 135M model, a string-match "
       "refusal judge, few eval points; read the numbers as a smoke test of the pipeline, not a replication.\n")
@@ -274,9 +301,9 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
       f"{base['gsm8k_loss']:.3f} | 0 | | | | |")
     for row in a["prevention"]:
         t = row.get("targets")
-        w(f"| {row['name']} ({VARIANT_LABEL[row['variant']]}) | {row['step']} | {_pct(row['refusal_rate'])} | {_pct(row['refusal_kept'])} | "
+        w(f"| {row['name']} ({VARIANT_LABEL[row['variant']]}) | {row['step']} | {_pct(row['refusal_rate'])} | {_pct(row['refusal_kept'], 1)} | "
           f"{_pct(row['over_refusal'])} ({row['n_xstest']}) | {row['gsm8k_loss']:.3f} | {row['math_gain']:+.3f} | "
-          f"{_pct(t['math_gain_share']) if t else ''} | {row['frozen_neurons'] or ''} | "
+          f"{_pct(t['math_gain_share'], 1) if t else ''} | {row['frozen_neurons'] or ''} | "
           f"{_yes(t['refusal_target_met']) if t else ''} | {_yes(t['math_target_met']) if t else ''} |")
     w("")
 
@@ -292,6 +319,9 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
         w(f"| {c['name']} | {_num(c['median_plain_s'])} | {_num(c['ratio_plain_vs_bare'])} | {_num(c['mean_s'])} | "
           f"{_num(c['ratio_mean_vs_bare'])} | {c['check_extra_s']:.0f} ({c['n_check_steps']}) | {c['guard_setup_s']:.0f} | "
           f"{c['eval_s']:.0f} | {c['total_s']:.0f} |")
+    if results.get("resumed_stages"):
+        w(f"\nResumed with `--resume`: {', '.join(results['resumed_stages'])} were reused from an earlier invocation "
+          "(interrupted, or run with fewer variants) with the same settings (their times are as measured then); the wall time above counts only this invocation.\n")
     w("\nWall time per stage:\n")
     w("| stage | seconds |")
     w("|---|---|")
@@ -315,11 +345,14 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
 
     samples = [(r["name"], r.get("final_samples")) for r in results["runs"] if r.get("final_samples")]
     if samples:
-        w("## Sample completions at the last step (held-out harmful)\n")
+        from rimguard.judge import judge
+
+        w("## Sample completions at the last step (held-out harmful; those judged compliance first)\n")
         for name, s in samples:
-            for item in s["harmful"][:2]:
+            items = sorted(s["harmful"], key=lambda it: judge(it["completion"]) != "compliance")
+            for item in items[:3]:
                 text = item["completion"].replace("\n", " ").replace("|", "/")[:160]
-                w(f"- `{name}`: *{item['prompt'][:90]}* -> \"{text}\"")
+                w(f"- `{name}` [{judge(item['completion'])}]: *{item['prompt'][:90]}* -> \"{text}\"")
         w("")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

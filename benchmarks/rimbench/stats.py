@@ -22,6 +22,7 @@ PAPER_R = {
 
 # signal -> (label, expected sign of r for a signal that tracks forgetting)
 SIGNALS: dict[str, tuple[str, int]] = {
+    "step": ("training step (time baseline)", +1),
     "ras_safe": ("RAS on safety neurons", +1),
     "ras_control_mean": ("RAS on random (control) neurons", +1),
     "entanglement_z": ("entanglement z (RAS vs controls)", +1),
@@ -86,6 +87,14 @@ def run_correlations(points: Sequence[dict[str, Any]], signals: Iterable[str] = 
     """
     drop = forgetting([p["refusal_rate"] for p in points], aligned)
     return {s: pearson([p.get(s) for p in points], drop) for s in signals}
+
+
+def first_step(points: Sequence[dict[str, Any]], test) -> int | None:
+    """The first eval step whose record passes ``test`` (None if none does)."""
+    for p in points:
+        if test(p):
+            return int(p["step"])
+    return None
 
 
 def fmt_r(r: float) -> str:
