@@ -41,8 +41,8 @@ class EventLog:
             self._file = None
 
 
-def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """Parse a guard JSONL log; raises ValueError naming the file and line on bad input."""
+def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> list[Any]:
+    """Parse a JSONL file, skipping blank lines; raises ``error`` naming the file and line on bad input."""
     path = Path(path)
     records = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -50,5 +50,10 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
+                raise error(f"{path}: line {n} is not valid JSON ({err.msg})") from None
     return records
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """Parse a guard JSONL log; raises ValueError naming the file and line on bad input."""
+    return read_jsonl(path)

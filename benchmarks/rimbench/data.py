@@ -12,11 +12,12 @@ Everything is deterministic for a seed.
 from __future__ import annotations
 
 import csv
-import json
 import random
 import re
 from pathlib import Path
 from typing import Any, Sequence
+
+from rimguard.events import read_jsonl
 
 CALC = re.compile(r"<<[^<>]*>>")
 
@@ -54,15 +55,9 @@ def load_gsm8k(path: str | Path, strip_calculator: bool = True) -> list[dict[str
     """``[{"question", "answer"}]`` from a GSM8K-style JSONL file (blank lines skipped)."""
     path = _need_file(path)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
+    for n, row in enumerate(read_jsonl(path, DataError), 1):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-            raise DataError(f"{path}: line {n} needs string fields 'question' and 'answer'")
+            raise DataError(f"{path}: record {n} needs string fields 'question' and 'answer'")
         rows.append({"question": row["question"].strip(), "answer": clean_solution(row["answer"], strip_calculator)})
     if not rows:
         raise DataError(f"{path}: no examples")

@@ -14,10 +14,11 @@ The bundled sets are written by the rimguard authors (no third-party text):
 from __future__ import annotations
 
 import csv
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from rimguard.events import read_jsonl
 
 BUNDLED = ("harmful", "intent", "harmless", "refusals", "refusal_openings", "compliance_openings")
 TEXT_KEYS = ("prompt", "goal", "text", "question", "instruction", "request")
@@ -65,18 +66,10 @@ def _from_file(path: Path, key: str | None) -> list[str]:
     if not path.is_file():
         raise ProbeError(f"{path}: no such probe file")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
     if suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ProbeError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
-            rows.append(row if isinstance(row, dict) else {"text": row})
+        rows = [row if isinstance(row, dict) else {"text": row} for row in read_jsonl(path, ProbeError)]
         return _from_rows(rows, str(path), key)
+    text = path.read_text(encoding="utf-8")
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames:
