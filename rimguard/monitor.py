@@ -91,6 +91,7 @@ class EntanglementMonitor:
         self.ref_task: torch.Tensor | None = None
         self.ema_task: torch.Tensor | None = None
         self.ref_margin: float | None = None
+        self.safe_now: torch.Tensor | None = None  # safety activations of the last check
         self.kl_ids: torch.Tensor | None = None
         self.kl_mask: torch.Tensor | None = None
         self.kl_base_logp: torch.Tensor | None = None
@@ -213,6 +214,7 @@ class EntanglementMonitor:
             return {}
         assert self.ref_safe is not None and self.ref_task is not None and self.ema_task is not None
         safe_now = self._mean_activations(self.safety_sequences)
+        self.safe_now = safe_now
         task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
         s = self.sets
         per_set = metrics.ras(self.ref_safe[s], safe_now[s], self.ref_task[s], task_now[s], self.config.rel_floor)
@@ -238,10 +240,15 @@ class EntanglementMonitor:
         return out
 
     def shift_per_neuron(self) -> torch.Tensor:
-        """Per safety neuron, ``[n]``: relative task rise plus relative safety drop (for freeze_top)."""
+        """Per safety neuron, ``[n]``: relative task rise plus relative safety drop (for freeze_top).
+
+        Uses the safety activations of the last :meth:`measure` (the check that raised the level).
+        """
         assert self.ref_safe is not None and self.ref_task is not None and self.ema_task is not None
         idx = self.safety_index
-        safe_now = self._mean_activations(self.safety_sequences)[idx]
+        if self.safe_now is None:
+            self.safe_now = self._mean_activations(self.safety_sequences)
+        safe_now = self.safe_now[idx]
         task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
         floor = metrics.activation_floor(self.ref_safe[idx], self.ref_task[idx], self.config.rel_floor)
         rise = (task_now[idx] - self.ref_task[idx]) / self.ref_task[idx].clamp_min(floor)
