@@ -31,7 +31,7 @@ from rimguard.config import GuardConfig
 from rimguard.probing import (
     Batch,
     activations,
-    continuation_logprob,
+    continuation_logprobs,
     model_device,
     next_token_logprobs,
     pad,
@@ -159,10 +159,10 @@ class EntanglementMonitor:
         mine = _shard(self.margin_prompts)
         total = torch.zeros((), device=self.device)
         if mine:
-            bs = self.config.probe_batch_size
-            refuse = torch.stack([continuation_logprob(self.model, self.tokenizer, mine, o, bs) for o in self.refusal_openings])
-            comply = torch.stack([continuation_logprob(self.model, self.tokenizer, mine, o, bs) for o in self.compliance_openings])
-            total = (refuse.mean(0) - comply.mean(0)).sum()
+            scores = continuation_logprobs(self.model, self.tokenizer, mine, self.refusal_openings + self.compliance_openings,
+                                           self.config.probe_batch_size)
+            split = len(self.refusal_openings)
+            total = metrics.refusal_margin(scores[:, :split].mean(1), scores[:, split:].mean(1)) * len(mine)
         count = torch.tensor(float(len(mine)), device=self.device)
         return float(dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1))
 

@@ -133,24 +133,42 @@ def activations(
     return result[0]
 
 
-def continuation_logprob(
-    model: nn.Module, tokenizer, prompts: Sequence[str], continuation: str, batch_size: int = 8
+def continuation_logprobs(
+    model: nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8
 ) -> torch.Tensor:
-    """Teacher-forced ``log p(continuation | chat(prompt))`` summed over its tokens, ``[P]`` float32."""
+    """Teacher-forced ``log p(continuation | chat(prompt))`` summed over its tokens, ``[P, K]`` float32.
+
+    Each prompt runs once: its KV cache is repeated for the ``K`` continuations, which are then
+    scored together in one short forward. Prompts are left-padded with explicit position ids, so
+    a row's score does not depend on the other rows in its batch.
+    """
     device, pid = model_device(model), pad_id(tokenizer)
-    cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-    scores = []
+    conts = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations]
+    if any(not c for c in conts):
+        raise ValueError("every continuation must have at least one token")
+    k, width = len(conts), max(len(c) for c in conts)
+    tail = pad(conts, pid).to(device)  # [K, L] right-padded
+    rows = []
     with probe_mode(model):
         for group in chunks(prompts, batch_size):
-            heads = [encode(tokenizer, format_prompt(tokenizer, p)) for p in group]
-            batch = pad([h + cont for h in heads], pid).to(device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-            logp = logits.log_softmax(-1)
-            for row, head in enumerate(heads):
-                pos = torch.arange(len(head) - 1, len(head) - 1 + len(cont), device=device)
-                target = batch.input_ids[row, pos + 1]
-                scores.append(logp[row, pos, target].sum())
-    return torch.stack(scores)
+            head = pad([encode(tokenizer, format_prompt(tokenizer, p)) for p in group], pid, left=True).to(device)
+            b = head.input_ids.shape[0]
+            out = model(input_ids=head.input_ids, attention_mask=head.attention_mask,
+                        position_ids=(head.attention_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
+            first = out.logits[:, -1].float().log_softmax(-1)  # [B, V]: the continuation's first token
+            key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.x
+            cache = out[key]
+            cache.batch_repeat_interleave(k)
+            mask = torch.cat([head.attention_mask.repeat_interleave(k, 0), tail.attention_mask.repeat(b, 1)], 1)
+            start = head.attention_mask.sum(-1).repeat_interleave(k, 0)[:, None]
+            ids = tail.input_ids.repeat(b, 1)  # [B*K, L]
+            logp = model(input_ids=ids, attention_mask=mask, position_ids=start + torch.arange(width, device=device),
+                         use_cache=True, **{key: cache}).logits.float().log_softmax(-1)
+            score = first.repeat_interleave(k, 0).gather(1, ids[:, :1]).squeeze(1)
+            later = logp[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)  # [B*K, L-1]
+            score = score + (later * tail.attention_mask[:, 1:].repeat(b, 1)).sum(1)
+            rows.append(score.view(b, k))
+    return torch.cat(rows)
 
 
 def next_token_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
