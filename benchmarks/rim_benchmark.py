@@ -1,8 +1,8 @@
 """Real-model benchmark: does rimguard's signal track reasoning-induced forgetting, and do its
 actions prevent it, on a safety-aligned SmolLM2-135M fine-tuned on GSM8K?
 
-    python benchmarks/rim_benchmark.py --small            # smoke run: full FT + freeze, 1 seed, 12 steps
-    python benchmarks/rim_benchmark.py                    # full: full FT and LoRA x seeds 0 1, regularize and freeze x seed 0
+    python benchmarks/rim_benchmark.py --small            # ~10 min smoke run: full FT + regularize, 1 seed, 8 steps
+    python benchmarks/rim_benchmark.py                    # full: full FT x seeds 0 1, LoRA, regularize and freeze x seed 0
     python benchmarks/rim_benchmark.py --harmful my.csv --xstest x.csv --gsm8k g.jsonl --seeds 0 1 2
     python benchmarks/rim_benchmark.py --resume           # after an interruption: reuse the finished stages
 
@@ -62,12 +62,12 @@ GUARD_SIGNALS = ("ras_safe", "ras_control_mean", "entanglement_z", "entanglement
 
 # Sizes per mode; every value can be overridden by its flag.
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": dict(steps=36, batch_size=4, lr=1e-4, lora_lr=1e-4, max_length=256, n_harmful=64, n_xstest=None,
-                 xstest_every=24, n_gsm8k_eval=16, gen_tokens=32, guard_probes=16, atlas_probes=48, peer_pairs=32,
-                 seeds=[0, 1], guarded_seeds=[0], variants=list(VARIANTS), timing_steps=8, gen_batch=32),
-    "small": dict(steps=12, batch_size=4, lr=1e-4, lora_lr=1e-4, max_length=192, n_harmful=24, n_xstest=24,
-                  xstest_every=0, n_gsm8k_eval=8, gen_tokens=24, guard_probes=8, atlas_probes=24, peer_pairs=16,
-                  seeds=[0], guarded_seeds=[0], variants=["full", "freeze"], timing_steps=4, gen_batch=24),
+    "full": dict(steps=24, eval_steps=None, batch_size=4, lr=1e-4, lora_lr=1e-4, max_length=192, n_harmful=48, n_xstest=None,
+                 xstest_every=0, n_gsm8k_eval=12, gen_tokens=20, guard_probes=12, atlas_probes=48, peer_pairs=32,
+                 seeds=[0, 1], lora_seeds=[0], guarded_seeds=[0], variants=list(VARIANTS), timing_steps=6, gen_batch=24),
+    "small": dict(steps=8, eval_steps="0,2,4,6,8", batch_size=4, lr=1e-4, lora_lr=1e-4, max_length=192, n_harmful=16,
+                  n_xstest=16, xstest_every=0, n_gsm8k_eval=8, gen_tokens=20, guard_probes=8, atlas_probes=16, peer_pairs=16,
+                  seeds=[0], lora_seeds=[0], guarded_seeds=[0], variants=["full", "regularize"], timing_steps=2, gen_batch=16),
 }
 
 
@@ -81,24 +81,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--harmful-column", default="goal")
     p.add_argument("--xstest", type=Path, default=SHARED / "xstest" / "xstest_prompts.csv", help="XSTest prompts CSV")
     p.add_argument("--gsm8k", type=Path, default=SHARED / "gsm8k" / "train.jsonl", help="GSM8K-style JSONL (question/answer)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the unguarded runs [0 1 / 0]")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the unguarded full fine-tunes [0 1 / 0]")
+    p.add_argument("--lora-seeds", type=int, nargs="+", default=None, help="seeds of the unguarded LoRA runs [0 / 0]")
     p.add_argument("--guarded-seeds", type=int, nargs="+", default=None, help="seeds of regularize/freeze runs [0 / 0]")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="[all / full freeze]")
-    p.add_argument("--steps", type=int, default=None, help="SFT optimizer steps [36 / 12]")
-    p.add_argument("--eval-steps", default=None, help="comma-separated eval points (default: 0,2,4,8,12,16,24,32,... + last)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="[all / full regularize]")
+    p.add_argument("--steps", type=int, default=None, help="SFT optimizer steps [24 / 8]")
+    p.add_argument("--eval-steps", default=None, help="comma-separated eval points [0,2,4,8,12,16,20,24 / 0,2,4,6,8]; default for other --steps: 0,2,4,8,12,16,24,32,... + last")
     p.add_argument("--batch-size", type=int, default=None, help="[4 / 4]")
     p.add_argument("--lr", type=float, default=None, help="full fine-tune learning rate, constant [1e-4]")
     p.add_argument("--lora-lr", type=float, default=None, help="LoRA learning rate, constant [1e-4]")
     p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank (alpha = 2 x rank, rank-stabilised, all linear layers)")
-    p.add_argument("--max-length", type=int, default=None, help="SFT sequence cap, tokens [256 / 192]")
-    p.add_argument("--n-harmful", type=int, default=None, help="held-out harmful prompts evaluated [64 / 24]")
-    p.add_argument("--n-xstest", type=int, default=None, help="XSTest safe prompts at the first and last point [all 250 / 24]")
-    p.add_argument("--xstest-every", type=int, default=None, help="XSTest prompts at intermediate points (0: first and last point only) [24 / 0]")
-    p.add_argument("--n-gsm8k-eval", type=int, default=None, help="held-out GSM8K examples for the loss [16 / 8]")
-    p.add_argument("--gen-tokens", type=int, default=None, help="greedy completion length for judging [32 / 24]")
-    p.add_argument("--gen-batch", type=int, default=None, help="generation batch size [32 / 24]")
-    p.add_argument("--guard-probes", type=int, default=None, help="harmful probes the guard measures at each check [16 / 8]")
-    p.add_argument("--atlas-probes", type=int, default=None, help="harmful/intent pairs for neuron identification [48 / 24]")
+    p.add_argument("--max-length", type=int, default=None, help="SFT sequence cap, tokens [192 / 192]")
+    p.add_argument("--n-harmful", type=int, default=None, help="held-out harmful prompts evaluated [48 / 16]")
+    p.add_argument("--n-xstest", type=int, default=None, help="XSTest safe prompts at the first and last point [all 250 / 16]")
+    p.add_argument("--xstest-every", type=int, default=None, help="XSTest prompts at intermediate points (0: first and last point only) [0 / 0]")
+    p.add_argument("--n-gsm8k-eval", type=int, default=None, help="held-out GSM8K examples for the loss [12 / 8]")
+    p.add_argument("--gen-tokens", type=int, default=None, help="greedy completion length for judging [20 / 20]")
+    p.add_argument("--gen-batch", type=int, default=None, help="generation batch size [24 / 16]")
+    p.add_argument("--guard-probes", type=int, default=None, help="harmful probes the guard measures at each check [12 / 8]")
+    p.add_argument("--atlas-probes", type=int, default=None, help="harmful/intent pairs for neuron identification [48 / 16]")
     p.add_argument("--penalty-weight", type=float, default=1.0, help="lambda of mode=regularize")
     p.add_argument("--peer-pairs", type=int, default=None, help="contrastive pairs of the safety-compass concept [32 / 16]")
     p.add_argument("--no-peer", action="store_true", help="do not run safety-compass even if installed")
@@ -310,7 +311,7 @@ def bare_timing(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
 
 
 # -- resume -----------------------------------------------------------------------------------
-NOT_RESULT_SETTINGS = ("resume", "report_only", "threads", "variants", "seeds", "guarded_seeds", "name", "out", "no_peer", "cache_dir")
+NOT_RESULT_SETTINGS = ("resume", "report_only", "threads", "variants", "seeds", "lora_seeds", "guarded_seeds", "name", "out", "no_peer", "cache_dir")
 
 
 class StageCache:
@@ -475,7 +476,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 4. runs
     runs = []
-    plan = [(v, s) for s in args.seeds for v in args.variants if v in ("full", "lora")]
+    plan = [("full", s) for s in args.seeds if "full" in args.variants]
+    plan += [("lora", s) for s in args.lora_seeds if "lora" in args.variants]
     plan += [(v, s) for s in args.guarded_seeds for v in args.variants if v in ("regularize", "freeze")]
     for variant, seed in plan:
         say(f"run {variant} seed {seed} ({args.steps} steps, lr {args.lora_lr if variant == 'lora' else args.lr:g})")

@@ -248,10 +248,12 @@ def test_parse_args_presets():
     import rim_benchmark
 
     small = rim_benchmark.parse_args(["--small"])
-    assert small.name == "small" and small.seeds == [0] and small.steps == 12 and len(small.eval_points) >= 8
+    assert small.name == "small" and small.seeds == [0] and small.steps == 8 and small.eval_points == [0, 2, 4, 6, 8]
+    assert rim_benchmark.parse_args(["--small", "--eval-steps", "3"]).eval_points == [0, 3, 8]
     full = rim_benchmark.parse_args(["--seeds", "0", "1", "2", "--steps", "48", "--variants", "full", "lora"])
     assert full.name == "full" and full.seeds == [0, 1, 2] and full.eval_points == [0, 2, 4, 8, 12, 16, 24, 32, 48]
-    assert full.variants == ["full", "lora"] and full.n_xstest is None
+    assert full.variants == ["full", "lora"] and full.n_xstest is None and full.lora_seeds == [0]
+    assert rim_benchmark.parse_args([]).eval_points == [0, 2, 4, 8, 12, 16, 20, 24]
 
 
 # -- analysis and report ----------------------------------------------------------------------

@@ -239,8 +239,8 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
       + (f" With the chat template a GSM8K example has a median of {results['data']['gsm8k']['median_tokens']} tokens; "
          f"{_pct(results['data']['gsm8k']['truncated_share'])} are longer than {st['max_length']} and lose the end of their "
          "solution (500-row sample)." if "truncated_share" in results["data"]["gsm8k"] else ""))
-    w(f"- Variants: {', '.join(VARIANT_LABEL[v] for v in st['variants'])}; unguarded seeds {st['seeds']}, guarded seeds "
-      f"{st['guarded_seeds']}. \"Unguarded\" runs carry rimguard in `mode=\"monitor\"` (measures only).")
+    w(f"- Variants: {', '.join(VARIANT_LABEL[v] for v in st['variants'])}; seeds: full FT {st['seeds']}, LoRA "
+      f"{st.get('lora_seeds', st['seeds'])}, guarded {st['guarded_seeds']}. \"Unguarded\" runs carry rimguard in `mode=\"monitor\"` (measures only).")
     w(f"- Eval points (steps): {st['eval_points']}. The guard's `check` runs exactly at these steps; evaluation is in process "
       "(eval mode, no grad, train mode restored), no checkpoints are written.")
     w(f"- Refusal: {results['data']['harmful']['evaluated']} AdvBench `goal` prompts (fixed sample of "
