@@ -53,11 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=24, help="reasoning SFT optimizer steps")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache; unset: $RIMGUARD_CACHE or ~/.cache/rimguard")
+    p.add_argument("--model", type=Path, default=None,
+                   help="folder of a causal LM and its tokenizer to guard instead of the aligned SmolLM2 (e.g. your own)")
     p.add_argument("--lr", type=float, default=2e-4, help="reasoning SFT learning rate")
     p.add_argument("--batch-size", type=int, default=4, help="reasoning SFT batch size")
     p.add_argument("--warmup", type=int, default=3, help="learning-rate warmup steps")
     p.add_argument("--probe-every", type=int, default=12, help="steps between guard checks (plus steps 1, 2, 4, 8)")
     p.add_argument("--probes", type=int, default=8, help="harmful prompts the guard probes (more: steadier, slower)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="GuardConfig YAML/JSON for every other guard setting (--mode, --probe-every and --probes still apply)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads; unset: torch's choice")
     return p.parse_args(argv)
 
@@ -189,9 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
-    # 1. the aligned model (built on first use, several minutes; then cached)
-    folder = aligned_smollm2(args.cache_dir)
-    recipe = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
+    # 1. the aligned model (built on first use, several minutes; then cached), or the user's
+    if args.model is not None and not (args.model / "config.json").is_file():
+        raise FileNotFoundError(f"{args.model}: not a model folder (no config.json)")
+    folder = args.model or aligned_smollm2(args.cache_dir)
+    recipe_file = folder / "recipe.json"
+    recipe = json.loads(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     ready = time.time()
@@ -199,11 +206,11 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. refusal on held-out harmful requests, before
     heldout = alignment_split()[1]
     before, before_texts = refusals(model, tokenizer, heldout, "refusals before")
-    print(f"aligned SmolLM2 refuses {before['refusal']}/{before['n']} held-out harmful requests before reasoning SFT")
+    print(f"{folder.name} refuses {before['refusal']}/{before['n']} held-out harmful requests before reasoning SFT")
 
     # 3. guarded reasoning SFT
-    config = GuardConfig(mode=args.mode, probe_every=args.probe_every, num_safety_probes=args.probes, max_new_tokens=16,
-                         kl_probes=4, max_length=192)
+    settings = GuardConfig.load(args.config).to_dict() if args.config else {"max_new_tokens": 16, "kl_probes": 4, "max_length": 192}
+    config = GuardConfig.from_dict(settings | {"mode": args.mode, "probe_every": args.probe_every, "num_safety_probes": args.probes})
     guard = RIMGuard(config)
     table = LiveTable()
     # TRL's SFTConfig turns activation (gradient) checkpointing on by default; a 135M model does not need it.
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     after, after_texts = refusals(trainer.model, tokenizer, heldout, "refusals after")
     summary = {
         "mode": args.mode, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "model": str(folder),
-        "alignment": recipe["measured"] | {"recipe": recipe["recipe"]},
+        "alignment": recipe.get("measured", {}) | {"recipe": recipe.get("recipe")},
         "heldout_harmful_before": before, "heldout_harmful_after": after,
         "final_level": guard.level, "frozen": int(guard.freezer.count) if guard.freezer else 0,
         "num_safety_neurons": guard.atlas.num_safety, "history": guard.history,
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": {"model_ready": round(ready - start, 1), "train": round(trained, 1), "total": round(time.time() - start, 1)},
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    title = (f"rimguard demo, mode={args.mode}: held-out refusal {before['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}"
+    title = (f"rimguard demo ({folder.name}), mode={args.mode}: held-out refusal {before['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}"
              f" ({len(heldout)} prompts, lr {args.lr:g}, {args.steps} steps)")
     plot(guard.history, table.losses, config, args.out / "rimguard_demo.png", title)
 

@@ -42,11 +42,27 @@ def test_identify_inspect(tmp_path, model_dir):
     (["inspect", "/nonexistent"], "not an atlas folder"),
     (["report", "/nonexistent"], "no rimguard log"),
     (["identify", "/nonexistent", "-o", "x"], "no such model folder"),
+    (["demo", "--model", "/nonexistent"], "not a model folder"),
 ])
 def test_user_errors_are_one_line(args, message):
     proc = run(*args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_demo_end_to_end_on_a_tiny_model(tmp_path, model_dir):
+    """`rimguard demo` runs the README's main job; --model swaps the aligned SmolLM2 for a tiny one."""
+    out, cfg = tmp_path / "demo", tmp_path / "guard.json"
+    GuardConfig(max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=64, kl_probes=2).save(cfg)
+    proc = run("demo", "--model", model_dir, "--config", cfg, "--steps", 4, "--probe-every", 2, "--probes", 4,
+               "--mode", "escalate", "--batch-size", 2, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out harmful requests refused" in proc.stdout and "ras_safe" in proc.stdout  # summary and live table
+    summary = json.loads((out / "summary.json").read_text())
+    assert [h["step"] for h in summary["history"]] == [1, 2, 4]  # checks at 1, 2, then every --probe-every
+    assert summary["heldout_harmful_after"]["n"] == summary["heldout_harmful_before"]["n"] == len(summary["samples"]) > 0
+    assert (out / "rimguard_demo.png").stat().st_size > 10_000
+    assert any(e.get("event") == "metrics" for e in map(json.loads, (out / "rimguard.jsonl").read_text().splitlines()))
 
 
 def test_guarded_run_tensorboard_and_report(tmp_path):
