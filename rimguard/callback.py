@@ -39,6 +39,7 @@ logger = logging.getLogger("rimguard")
 
 STATE_DIR = "rimguard"
 PENALTY_FACTOR = {"ok": 1.0, "warn": 1.0, "regularize": 1.0, "freeze": 2.0, "stop": 4.0}
+ONE_OFF_ACTIONS = ("checkpoint", "freeze_top", "freeze")  # still taken when a rise jumps over their level
 AlertHandler = Callable[[Decision, dict, int], None]
 
 
@@ -112,6 +113,7 @@ class RIMGuard(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self.events = EventLog(None)
         self.checkpointed = False
+        self._crossed: set[tuple[str, str]] = set()  # (level, metric) over threshold at the last check
         self._loss_handle: torch.utils.hooks.RemovableHandle | None = None
         self._model: nn.Module | None = None
 
@@ -232,8 +234,15 @@ class RIMGuard(TrainerCallback):
         return (tied, *output[1:]) if isinstance(output, tuple) else tied
 
     # -- actions -----------------------------------------------------------------------------
-    def _apply(self, level: str, step: int, control: TrainerControl | None) -> None:
-        actions = self.config.actions_for(level)
+    def _actions(self, level: str, previous: str) -> list[str]:
+        """``level``'s actions, plus the one-off actions (checkpoint, freezes) of the levels that a
+        rise from ``previous`` jumped over: a jump from ok to freeze still saves the warn checkpoint."""
+        jumped = LEVELS[LEVELS.index(previous) + 1 : LEVELS.index(level)]
+        one_off = [a for lvl in jumped for a in self.config.actions_for(lvl) if a in ONE_OFF_ACTIONS]
+        return list(dict.fromkeys(one_off + self.config.actions_for(level)))
+
+    def _apply(self, level: str, step: int, control: TrainerControl | None, previous: str | None = None) -> None:
+        actions = self._actions(level, previous if previous is not None else level)
         assert self.penalty_term is not None and self.freezer is not None and self.monitor is not None
         weight = self.config.penalty_weight if "regularize" in actions else 0.0
         if self.config.adaptive_penalty:
@@ -242,7 +251,7 @@ class RIMGuard(TrainerCallback):
         safety = self.atlas.safety_per_layer()
         if "freeze" in actions:
             self._freeze(safety, step, "all")
-        elif "freeze_top" in actions and self.monitor.ready():
+        if "freeze_top" in actions and "freeze" not in actions and self.monitor.ready():
             shift = self.monitor.shift_per_neuron().cpu()
             keep = max(1, int(round(self.config.freeze_top_fraction * shift.numel())))
             chosen = torch.zeros(shift.numel(), dtype=torch.bool)
@@ -276,15 +285,18 @@ class RIMGuard(TrainerCallback):
             values["penalty"] = penalty
         decision = self.policy.update(values)
         warn = "warn" in self.config.actions_for(decision.level)
-        if warn and dist.is_main():
+        crossed = {(c.level, c.metric) for c in decision.crossings}
+        if warn and dist.is_main():  # once per crossing: not again while the metric stays over
             for c in decision.crossings:
-                logger.warning("rimguard: %s=%.4g crossed the '%s' threshold %.4g at step %d", c.metric, c.value, c.level, c.threshold, step)
+                if (c.level, c.metric) not in self._crossed:
+                    logger.warning("rimguard: %s=%.4g crossed the '%s' threshold %.4g at step %d", c.metric, c.value, c.level, c.threshold, step)
+        self._crossed = crossed
         if decision.changed:
             self.events.write({"event": "level", "step": step, "from": decision.previous, "to": decision.level,
                                "crossings": [c.__dict__ for c in decision.crossings]})
             if dist.is_main():
                 logger.warning("rimguard: risk level %s -> %s at step %d", decision.previous, decision.level, step)
-            self._apply(decision.level, step, control)
+            self._apply(decision.level, step, control, decision.previous)
             if self.on_alert is not None:
                 self.on_alert(decision, dict(values), step)
         values.update({"level": float(LEVELS.index(self.policy.level)), "lambda": self.lambda_, "frozen": float(self.freezer.count)})

@@ -171,6 +171,7 @@ def test_escalate_freezes_top_first_then_all_and_stops(tmp_path, tok, fast_confi
     _train("llama", tmp_path, tok, guard, steps=2)
     assert calls == [("freeze", 1)]
     assert guard.freezer.count == max(1, round(0.5 * llama_atlas.num_safety))
+    assert (tmp_path / "checkpoint-1").is_dir()  # the jump ok -> freeze still took warn's checkpoint
     events = (tmp_path / "rimguard.jsonl").read_text()
     assert '"event": "level"' in events and '"which": "top"' in events
     th["stop"] = {"task_rise": -1.0}
@@ -179,6 +180,16 @@ def test_escalate_freezes_top_first_then_all_and_stops(tmp_path, tok, fast_confi
                          train_dataset=Dataset.from_list(reasoning_texts(16)), processing_class=tok, callbacks=[guard])
     trainer.train()
     assert trainer.state.global_step == 1 and guard.freezer.count == llama_atlas.num_safety
+
+
+def test_each_crossing_is_warned_once_while_it_lasts(tmp_path, tok, fast_config, llama_atlas, caplog):
+    th = {"warn": {"task_rise": -1.0, "kl_task": 1e9}, "regularize": {}, "freeze": {}, "stop": {}}
+    guard = RIMGuard(fast_config(mode="monitor", thresholds=th, probe_every=1), atlas=llama_atlas)
+    with caplog.at_level("WARNING", logger="rimguard"):
+        _train("llama", tmp_path, tok, guard, steps=4)
+    assert len(guard.history) == 4 and all(h["level"] == 1.0 for h in guard.history)
+    crossed = [r.getMessage() for r in caplog.records if "crossed" in r.getMessage()]
+    assert len(crossed) == 1 and crossed[0].startswith("rimguard: task_rise=")
 
 
 def test_freeze_refused_under_sharded_backends(tmp_path, fast_config):
