@@ -291,6 +291,10 @@ def test_analysis_plots_and_report(tmp_path):
     assert a["per_run"]["full-s0"]["r"]["ras_safe"] > 0.9
     assert a["average_unguarded"]["ras_safe"] == pytest.approx(
         (a["per_run"]["full-s0"]["r"]["ras_safe"] + a["per_run"]["lora-s0"]["r"]["ras_safe"]) / 2)
+    crossing = a["per_run"]["full-s0"]["first_crossing"]  # z = 0, 2, 3, 5 and refusal_drop = 0, .2, .3, .5 at steps 0, 2, 4, 8
+    assert crossing["entanglement_z>=2"] == 2 and crossing["entanglement_z>=3"] == 4 and crossing["entanglement_z>=5"] == 8
+    assert crossing["refusal_drop>=0.5"] == 8 and crossing["refusal_drop>=1"] is None
+    assert a["per_run"]["full-s0"]["first_unsafe_step"] == 2
     freeze = next(r for r in a["prevention"] if r["variant"] == "freeze")
     assert freeze["targets"]["refusal_target_met"] and freeze["targets"]["math_target_met"]  # same loss curve as unguarded
     assert "targets" not in next(r for r in a["prevention"] if r["variant"] == "full")
@@ -301,6 +305,7 @@ def test_analysis_plots_and_report(tmp_path):
     text = write_report(results, tmp_path / "report.md").read_text()
     assert "python benchmarks/rim_benchmark.py --small" in text and "| RAS on safety neurons" in text and "0.65" in text
     assert "![curves.png](curves.png)" in text
+    assert "| full-s0 | 2 | 2 | 8 | 4 | none | 8 | none |" in text  # first-crossing table: unsafe, then each threshold
 
 
 def test_peer_pairs_and_availability(tmp_path):

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rimguard.config import GuardConfig
+
 from rimbench.stats import (
     MATH_GAIN_TARGET,
     PAPER_R,
@@ -27,6 +29,9 @@ from rimbench.stats import (
 )
 
 UNGUARDED = ("full", "lora")
+# rimguard's default thresholds (warn, regularize, freeze), as (metric, value) in level order
+DEFAULT_THRESHOLDS = [(m, v) for level in ("warn", "regularize", "freeze")
+                      for m, v in GuardConfig().thresholds[level].items()]
 VARIANT_LABEL = {"full": "unguarded full FT", "lora": "unguarded LoRA", "regularize": "rimguard regularize (full FT)",
                  "freeze": "rimguard freeze (full FT)"}
 COLORS = {"full": "tab:red", "lora": "tab:orange", "regularize": "tab:blue", "freeze": "tab:green"}
@@ -51,6 +56,9 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             # lead time: when the guard first left "ok" vs when refusal first fell below the safety target
             "first_warn_step": first_step(pts, lambda p: finite(p.get("level")) and p["level"] >= 1),
             "first_unsafe_step": first_step(pts, lambda p: p["refusal_rate"] < REFUSAL_KEPT_TARGET * aligned),
+            # the same, per default threshold: which metric would have fired when
+            "first_crossing": {f"{metric}>={value:g}": first_step(pts, lambda p, m=metric, v=value: finite(p.get(m)) and p[m] >= v)
+                               for metric, value in DEFAULT_THRESHOLDS},
         }
     unguarded = [r for r in per_run.values() if r["variant"] in UNGUARDED]
     average = {s: mean_finite(r["r"][s] for r in unguarded) for s in SIGNALS}
@@ -287,6 +295,16 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
         pr = a["per_run"][n]
         w(f"| {n} | {pr.get('first_warn_step') if pr.get('first_warn_step') is not None else 'none'} | "
           f"{pr.get('first_unsafe_step') if pr.get('first_unsafe_step') is not None else 'none'} |")
+    crossings = [n for n in names if a["per_run"][n].get("first_crossing")]
+    if crossings:
+        keys = list(a["per_run"][crossings[0]]["first_crossing"])
+        w("\nFirst eval step at which each default threshold is reached (none: never), beside the first unsafe point:\n")
+        w("| run | first unsafe | " + " | ".join(f"`{k}`" for k in keys) + " |")
+        w("|---|---|" + "---|" * len(keys))
+        for n in crossings:
+            pr = a["per_run"][n]
+            cell = lambda v: "none" if v is None else str(v)
+            w(f"| {n} | {cell(pr.get('first_unsafe_step'))} | " + " | ".join(cell(pr["first_crossing"][k]) for k in keys) + " |")
     w("\nPaper (Yan et al., 4 models, 8 checkpoints, LoRA on GSM8K, LLM-judged misalignment): RAS on safety neurons "
       "avg r = .65, KL .23, random-neuron RAS .06, delta_plus_task alone .54. Here: one 135M model, a string-match "
       "refusal judge, few eval points; read the numbers as a smoke test of the pipeline, not a replication.\n")
