@@ -3,13 +3,25 @@ unguarded run measured in the same process.
 
 Every configuration trains the same model from the same seed on the same generated reasoning
 data with TRL's SFTTrainer. A timing callback records the wall time of each optimizer step
-(including any probe pass the guard runs in that step); the measured window starts after
-``--warmup`` steps and spans ``--steps`` steps, so with ``probe_every=50`` it holds
-``steps / 50`` probe passes. Configurations are interleaved and repeated, and each ratio is
-median(config) / median(unguarded).
+(including any probe pass the guard or the peer runs in that step). The measured window starts
+after ``--warmup`` steps, which must cover rimguard's dense early checks (steps 1, 2, 4, ... below
+``probe_every``), so that the window is steady state: with ``probe_every=50`` and a 50-step
+window it holds exactly one check. Configurations are interleaved and repeated; per config the
+repeats' values are medians.
 
-    python benchmarks/overhead.py --model tiny --repeats 3
-    python benchmarks/overhead.py --model smollm2 --steps 50 --warmup 10 --repeats 1 --peer
+Two ratios to the unguarded run:
+
+* ``amortized``: mean step time over the window (hooks, penalty and the probe checks, spread over
+  ``probe_every`` steps) - the number a user's wall clock sees;
+* ``per-step``: median step time (the steps without a check: the hot path alone).
+
+``check s`` is the extra time of a check step (its time minus the median step), and ``check
+steps`` expresses it in training steps of this configuration: the amortized ratio is about
+``per-step + check steps / probe_every``, so it falls as the training batch (tokens per step)
+grows.
+
+    python benchmarks/overhead.py --model tiny --repeats 3 --peer
+    python benchmarks/overhead.py --model smollm2 --steps 50 --warmup 33 --repeats 1 --batch 2 --max-length 128 --probes 16 --peer
 
 The peer needs ``pip install safety-compass`` (benchmark environment only).
 """
@@ -77,7 +89,7 @@ def peer_callback(model, tokenizer, workdir: Path, pairs: int, every: int):
     return SafetyCompassCallback(monitor, measure_every_n_steps=every, log_file=str(workdir / "peer.csv"))
 
 
-def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> list[float]:
+def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> dict[str, float]:
     model, tok = load(args.model)
     timer = StepTimer()
     callbacks: list = []
@@ -96,7 +108,11 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> l
                          processing_class=tok, callbacks=callbacks,
                          peft_config=LoraConfig(r=16, target_modules="all-linear") if lora else None)
     trainer.train()
-    return timer.times[args.warmup :]
+    times = timer.times[args.warmup :]
+    median = statistics.median(times)
+    checks = [t for i, t in enumerate(times, start=args.warmup + 1) if i % args.probe_every == 0]
+    check_extra = statistics.median(checks) - median if checks else 0.0
+    return {"mean_s": sum(times) / len(times), "median_s": median, "check_s": check_extra, "check_steps": check_extra / median}
 
 
 def main() -> None:
@@ -113,6 +129,9 @@ def main() -> None:
     parser.add_argument("--ft", choices=["full", "lora", "both"], default="both")
     parser.add_argument("--json", default=None, help="write the raw results here")
     args = parser.parse_args()
+    early = max((s for s in range(1, args.probe_every) if s & (s - 1) == 0), default=0)
+    if args.warmup < early:
+        parser.error(f"--warmup must be >= {early}: rimguard's early checks (1, 2, 4, ..., {early}) would fall in the window")
 
     modes = ["unguarded", "monitor", "regularize"] + (["safety-compass"] if args.peer else [])
     fts = {"full": [False], "lora": [True], "both": [False, True]}[args.ft]
@@ -122,23 +141,23 @@ def main() -> None:
                                  min_share=share, progress=False)
     del model
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    results = {}
+    results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for lora in fts:
-            totals: dict[str, list[float]] = {m: [] for m in modes}
-            run_one(args, "unguarded", lora, atlas, Path(tmp))  # discarded: warms allocator and kernels
+            runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
             for _ in range(args.repeats):
                 for mode in modes:
-                    times = run_one(args, mode, lora, atlas, Path(tmp))
-                    totals[mode].append(sum(times) / len(times))
-            results["lora" if lora else "full"] = {m: statistics.median(v) for m, v in totals.items()}
-    print(f"\nmodel={args.model} device={device} steps={args.steps} (after {args.warmup} warm-up) "
-          f"probe_every={args.probe_every} batch={args.batch} max_length={args.max_length} repeats={args.repeats}")
-    print(f"{'fine-tune':<10}{'mode':<16}{'s/step':>10}{'ratio':>8}")
+                    runs[mode].append(run_one(args, mode, lora, atlas, Path(tmp)))
+            results["lora" if lora else "full"] = {m: {k: statistics.median(r[k] for r in v) for k in v[0]} for m, v in runs.items()}
+    print(f"\nmodel={args.model} device={device} window={args.steps} steps (after {args.warmup} warm-up) "
+          f"probe_every={args.probe_every} probes={args.probes} batch={args.batch} max_length={args.max_length} repeats={args.repeats}")
+    print(f"{'fine-tune':<10}{'mode':<16}{'mean s/step':>12}{'amortized':>11}{'median s/step':>15}{'per-step':>10}{'check s':>9}{'check steps':>13}")
     for ft, per_mode in results.items():
         base = per_mode["unguarded"]
-        for mode, sec in per_mode.items():
-            print(f"{ft:<10}{mode:<16}{sec:>10.4f}{sec / base:>8.3f}")
+        for mode, r in per_mode.items():
+            r["ratio_amortized"], r["ratio_per_step"] = r["mean_s"] / base["mean_s"], r["median_s"] / base["median_s"]
+            print(f"{ft:<10}{mode:<16}{r['mean_s']:>12.4f}{r['ratio_amortized']:>11.3f}{r['median_s']:>15.4f}"
+                  f"{r['ratio_per_step']:>10.3f}{r['check_s']:>9.2f}{r['check_steps']:>13.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": device, "results": results}, indent=1))
 
