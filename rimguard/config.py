@@ -58,6 +58,9 @@ class GuardConfig:
         probe_batch_size: sequences per probe forward.
         ema_decay: smoothing of the streamed reasoning activations, per optimizer step.
         kl_probes: reasoning sequences kept for KL(pi_0 || pi_t); 0 disables KL.
+        margin_probes: harmful probes (of the safety probes) scored for the refusal margin; each
+            runs once plus one short forward per opening, so this bounds most of a check's cost
+            beyond the safety pass. 0 disables the margin.
         kl_top_k: base log-probs stored per position (the rest is one tail bucket).
         rel_floor: activation floor for RAS, relative to the mean base activation.
         log_file: JSONL file name in ``output_dir`` (None: no file).
@@ -89,6 +92,7 @@ class GuardConfig:
     probe_batch_size: int = 8
     ema_decay: float = 0.9
     kl_probes: int = 8
+    margin_probes: int = 16
     kl_top_k: int = 64
     rel_floor: float = 0.05
     log_file: str | None = "rimguard.jsonl"
@@ -123,6 +127,7 @@ class GuardConfig:
         need(self.probe_batch_size >= 1, "probe_batch_size", "must be >= 1")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         need(self.kl_probes >= 0, "kl_probes", "must be >= 0")
+        need(self.margin_probes >= 0, "margin_probes", "must be >= 0")
         need(self.kl_top_k >= 1, "kl_top_k", "must be >= 1")
         need(self.rel_floor > 0, "rel_floor", "must be > 0")
         need(self.mode in MODES, "mode", f"must be one of {MODES}")

@@ -83,7 +83,7 @@ class EntanglementMonitor:
         self.safety_sequences = tokenize_dialogues(
             tokenizer, atlas.probe_prompts[:n], atlas.probe_responses[:n], config.max_length
         )
-        self.margin_prompts = atlas.probe_prompts[:n]
+        self.margin_prompts = atlas.probe_prompts[: min(n, config.margin_probes)]
         self.refusal_openings = list(refusal_openings)
         self.compliance_openings = list(compliance_openings)
         self.reasoning_prompts = list(reasoning_prompts)
@@ -154,7 +154,7 @@ class EntanglementMonitor:
         return dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1)
 
     def _margin(self) -> float | None:
-        if not self.refusal_openings or not self.compliance_openings:
+        if not (self.margin_prompts and self.refusal_openings and self.compliance_openings):
             return None
         mine = _shard(self.margin_prompts)
         total = torch.zeros((), device=self.device)

@@ -43,3 +43,18 @@ def test_cached_continuation_scores_with_lora():
 def test_empty_continuation_is_an_error():
     with pytest.raises(ValueError, match="at least one token"):
         continuation_logprobs(tiny_model("llama"), tiny_tokenizer(), ["Hi"], ["ok", ""])
+
+
+@pytest.mark.parametrize("margin_probes", [0, 2])
+def test_margin_probes_bounds_or_disables_the_margin(tok, fast_config, llama_atlas, margin_probes):
+    from rimguard.monitor import EntanglementMonitor
+
+    model = tiny_model("llama")
+    monitor = EntanglementMonitor(model, tok, llama_atlas, fast_config(margin_probes=margin_probes),
+                                  refusal_openings=bundled("refusal_openings"), compliance_openings=bundled("compliance_openings"))
+    monitor.start()
+    try:
+        assert len(monitor.margin_prompts) == margin_probes
+        assert (monitor.ref_margin is None) == (margin_probes == 0)
+    finally:
+        monitor.stop()
