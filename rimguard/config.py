@@ -32,10 +32,13 @@ class ConfigError(ValueError):
 
 
 def _default_thresholds() -> dict[str, dict[str, float]]:
+    # entanglement_z only: it is scale-free across models. refusal_drop and kl_task are logged
+    # without a default threshold: on SmolLM2-135M both move within the first 2 steps of GSM8K SFT
+    # (the refusal margin lost 4-6 nats) while the refusal rate is still 100% (benchmarks/RESULTS.md).
     return {
-        "warn": {"entanglement_z": 2.0, "refusal_drop": 0.5},
-        "regularize": {"entanglement_z": 3.0, "refusal_drop": 1.0},
-        "freeze": {"entanglement_z": 5.0, "refusal_drop": 2.0},
+        "warn": {"entanglement_z": 2.0},
+        "regularize": {"entanglement_z": 3.0},
+        "freeze": {"entanglement_z": 5.0},
         "stop": {},
     }
 
