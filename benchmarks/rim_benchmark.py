@@ -495,6 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "subject": {"folder": str(folder), "alignment": recipe.get("measured", {}), "recipe": recipe.get("recipe", {})},
         "atlas": {"num_safety": atlas.num_safety, "settings": atlas.settings},
         "peer": {"available": peer_ok, "note": peer_note}, "resumed_stages": cache.reused,
+        "guard_thresholds": guard_config(args, "monitor").thresholds,
         "baseline": baseline, "baseline_samples": baseline_samples, "bare_timing": bare, "runs": runs,
     }
     results["analysis"] = analyse(results)

@@ -280,7 +280,8 @@ def _fake_results(tmp_path):
             "subject": {"alignment": {"heldout_refusal_rate": 0.9}, "recipe": {"steps": 70}},
             "atlas": {"num_safety": 12}, "peer": {"available": False, "note": "not installed"},
             "baseline": {"refusal_rate": 0.9, "over_refusal": 0.1, "n_xstest": 4, "gsm8k_loss": 2.0},
-            "bare_timing": {"timing": {"median_plain_s": 1.6}}, "runs": runs, "stages": {"total": 120.0}}
+            "bare_timing": {"timing": {"median_plain_s": 1.6}}, "runs": runs, "stages": {"total": 120.0},
+            "guard_thresholds": {"warn": {"entanglement_z": 2.0}, "regularize": {"entanglement_z": 3.0}, "stop": {}}}
 
 
 def test_analysis_plots_and_report(tmp_path):
@@ -305,7 +306,8 @@ def test_analysis_plots_and_report(tmp_path):
     text = write_report(results, tmp_path / "report.md").read_text()
     assert "python benchmarks/rim_benchmark.py --small" in text and "| RAS on safety neurons" in text and "0.65" in text
     assert "![curves.png](curves.png)" in text
-    assert "| full-s0 | 2 | 2 | 8 | 4 | none | 8 | none |" in text  # first-crossing table: unsafe, then each threshold
+    assert "| full-s0 | 2 | 2 | 4 | 8 | 8 | none | none |" in text  # first-crossing table: unsafe, then each threshold
+    assert "thresholds in force: warn: entanglement_z 2, regularize: entanglement_z 3" in text
 
 
 def test_peer_pairs_and_availability(tmp_path):
