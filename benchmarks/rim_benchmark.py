@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--penalty-weight", type=float, default=1.0, help="lambda of mode=regularize")
     p.add_argument("--peer-pairs", type=int, default=None, help="contrastive pairs of the safety-compass concept [32 / 16]")
     p.add_argument("--no-peer", action="store_true", help="do not run safety-compass even if installed")
-    p.add_argument("--timing-steps", type=int, default=None, help="steps of the bare (no callback) timing run [8 / 4]; 0 skips it")
+    p.add_argument("--timing-steps", type=int, default=None, help="steps of the bare (no callback) timing run [6 / 2]; 0 skips it")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache (default $RIMGUARD_CACHE or ~/.cache/rimguard)")
     p.add_argument("--report-only", type=Path, default=None, metavar="DIR",

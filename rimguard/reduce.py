@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+SELECT_FIRST_RATIO = 8  # gather before the max when the tracked neurons are at most 1/8 of I
 Reducer = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
 
 
@@ -22,16 +23,22 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor |
     Returns:
         ``[B, n]`` in ``x``'s dtype (differentiable; rows of empty sequences are 0).
     """
-    # Reduce over tokens first, then pick the tracked neurons: a gather along the last dim of
-    # [B, T, I] costs far more than the max itself (measured 70 ms vs 2.4 ms on CPU, 8x512x1536).
-    if mask is None:
-        peak = x.amax(dim=1)
-        return peak if index is None else peak.index_select(-1, index)
-    keep = mask.to(torch.bool)
-    bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill_(~keep, torch.finfo(x.dtype).min)
-    peak = (x + bias.unsqueeze(-1)).amax(dim=1)  # padding sinks to the dtype's lowest value (or -inf)
-    if index is not None:
+    # Gather the tracked columns of [B, T, I] before the max when they are few (cheaper, and the
+    # penalty's autograd then saves only [B, T, n]); otherwise take the max over tokens first and
+    # pick from [B, I]. Measured on CPU, 8x512x1536: 48 neurons 2.0 ms vs 8.5 ms, all 1536: 70 ms
+    # vs 5.9 ms; the two orders cross near n = I / 10.
+    select_first = index is not None and index.numel() * SELECT_FIRST_RATIO <= x.shape[-1]
+    if select_first:
+        x = x.index_select(-1, index)
+    if mask is not None:
+        keep = mask.to(torch.bool)
+        bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill_(~keep, torch.finfo(x.dtype).min)
+        x = x + bias.unsqueeze(-1)  # padding sinks to the dtype's lowest value (or -inf)
+    peak = x.amax(dim=1)
+    if index is not None and not select_first:
         peak = peak.index_select(-1, index)
+    if mask is None:
+        return peak
     return torch.where(keep.any(dim=1, keepdim=True), peak, torch.zeros_like(peak))
 
 

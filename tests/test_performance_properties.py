@@ -1,6 +1,7 @@
 """Performance properties that are not timings: fused == plain, no host sync, flat memory."""
 
 import gc
+import itertools
 
 import pytest
 import torch
@@ -24,8 +25,8 @@ def test_fused_reduction_matches_float64_reference_on_cpu():
         x = torch.randn(b, t, i, generator=gen)
         mask = (torch.rand(b, t, generator=gen) > 0.4).long()
         mask[0] = 0  # an empty sequence
-        index = torch.randperm(i, generator=gen)[: i // 3 + 1]
-        for m in (mask, torch.ones_like(mask)):
+        for index, m in itertools.product((torch.randperm(i, generator=gen)[: i // 3 + 1], torch.randperm(i, generator=gen)[: i // 16 + 1]),
+                                          (mask, torch.ones_like(mask))):
             sums, count = fused(x, m, index)
             torch.testing.assert_close(sums.double(), _reference(x, m, index), rtol=1e-6, atol=1e-6)
             assert count.item() == m.bool().any(1).sum().item()
