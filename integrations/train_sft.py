@@ -10,20 +10,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
+from rimguard.events import read_jsonl
 from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer
 
 
 def records(path: str | None, count: int) -> list[dict]:
     if path is None:
         return reasoning_texts(count)
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()][:count]
+    rows = read_jsonl(path)[:count]
     return [{"prompt": [{"role": "user", "content": r["question"]}], "completion": [{"role": "assistant", "content": r["answer"]}]}
             for r in rows]
 
