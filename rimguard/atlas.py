@@ -10,6 +10,9 @@ A neuron is ``(layer, j)``: unit ``j`` of layer ``layer``'s intermediate activat
 * ``ref_safe`` ``[N]``: base activations on the safety probes (mean over probes of max over tokens);
 * ``ref_task`` ``[N]``: base activations on reasoning probes (NaN if none were given);
 * ``score`` ``[n]``: the selection score of each safety neuron (share of pairs, or effect size);
+* ``ranking`` ``[total]``: the selection score of *every* MLP neuron, layer-major (share of pairs
+  with ties broken by the mean contrast, or effect size); sizes freeze sets by share. Atlases
+  saved before it existed load without it;
 * the safety probes themselves (prompt and the base model's greedy response), the selection
   settings, and a fingerprint of the model.
 
@@ -74,6 +77,7 @@ class NeuronAtlas:
     settings: dict[str, Any]
     model_fingerprint: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    ranking: torch.Tensor | None = None
 
     # -- views -------------------------------------------------------------------------------
     @property
@@ -96,6 +100,12 @@ class NeuronAtlas:
         """Safety neuron ids per layer (``[n_l]`` long tensors; empty where a layer has none)."""
         neurons = self.safety_neurons()
         return [neurons[neurons[:, 0] == layer, 1].contiguous() for layer in range(len(self.layer_sizes))]
+
+    def top_share_per_layer(self, share: float) -> list[torch.Tensor]:
+        """The ``share`` of all MLP neurons with the highest ``ranking``, as ``[n_l]`` ids per layer."""
+        if self.ranking is None:
+            raise AtlasError("this atlas has no ranking of all neurons (saved by an older rimguard); identify it again to use freeze_share")
+        return top_share_per_layer(self.ranking, self.layer_sizes, share)
 
     def summary(self) -> str:
         counts = torch.bincount(self.safety_neurons()[:, 0], minlength=len(self.layer_sizes)).tolist()
@@ -125,10 +135,8 @@ class NeuronAtlas:
         """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory``; returns it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            name: getattr(self, name).detach().cpu().contiguous()
-            for name in ("tracked", "safety", "controls", "ref_safe", "ref_task", "score")
-        }
+        names = ("tracked", "safety", "controls", "ref_safe", "ref_task", "score") + (("ranking",) if self.ranking is not None else ())
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in names}
         save_file(tensors, str(directory / "atlas.safetensors"))
         meta = {
             "format_version": FORMAT_VERSION,
@@ -247,10 +255,12 @@ class NeuronAtlas:
                         f"(the best reaches {share.max().item():.0%}); lower min_share or raise top_m"
                     )
                 score = share[chosen]
+                contrast = (other - base).mean(0)
+                ranking = share + contrast / (2 * len(harmful) * contrast.abs().max().clamp_min(1e-12))
             else:
-                score_all = _cohens_d(base, other)
-                chosen = score_all.topk(m).indices
-                score = score_all[chosen]
+                ranking = _cohens_d(base, other)
+                chosen = ranking.topk(m).indices
+                score = ranking[chosen]
             order = score.argsort(descending=True)
             chosen, score = chosen[order], score[order]
             flat_safety = chosen.cpu()
@@ -279,6 +289,7 @@ class NeuronAtlas:
             ref_safe=safe_mean[flat_tracked],
             ref_task=task_ref.cpu()[flat_tracked] if task_ref is not None else torch.full((len(flat_tracked),), float("nan")),
             score=score.float().cpu(),
+            ranking=ranking.float().cpu(),
             probe_prompts=harmful,
             probe_responses=responses[: len(harmful)],
             settings={
@@ -292,6 +303,14 @@ class NeuronAtlas:
             },
             model_fingerprint=fingerprint(model, layers),
         )
+
+
+def top_share_per_layer(ranking: torch.Tensor, sizes: Sequence[int], share: float) -> list[torch.Tensor]:
+    """Split the top ``round(share * total)`` (at least 1) of a flat ``[total]`` ranking into per-layer ids."""
+    keep = max(1, int(round(share * ranking.numel())))
+    flat = ranking.topk(keep).indices.sort().values
+    starts = torch.tensor([0] + list(sizes)).cumsum(0)
+    return [flat[(flat >= starts[i]) & (flat < starts[i + 1])] - starts[i] for i in range(len(sizes))]
 
 
 def _cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

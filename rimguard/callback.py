@@ -27,6 +27,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from rimguard import dist
+from rimguard.anchor import AnchorError, AnchorRecord, ParamAnchor, SafetyAnchor, record_anchor
 from rimguard.atlas import NeuronAtlas
 from rimguard.config import LEVELS, GuardConfig
 from rimguard.events import EventLog
@@ -71,6 +72,8 @@ class RIMGuard(TrainerCallback):
             (anything :func:`rimguard.probes.load_prompts` takes); bundled sets by default.
         reasoning_prompts: reasoning probes for the base reference and KL; by default the
             training data itself is used.
+        anchor_prompts, anchor_harmless_prompts: the safety anchor's harmful prompts and harmless
+            look-alikes (bundled sets by default); they must not overlap the monitor's probes.
         on_alert: called as ``on_alert(decision, metrics, step)`` whenever the level changes.
         trainer: the Trainer, if it cannot be found on the call stack.
         **overrides: GuardConfig fields, e.g. ``probe_every=20``.
@@ -86,6 +89,8 @@ class RIMGuard(TrainerCallback):
         intent_prompts: Any = None,
         harmless_prompts: Any = None,
         reasoning_prompts: Any = None,
+        anchor_prompts: Any = None,
+        anchor_harmless_prompts: Any = None,
         on_alert: AlertHandler | None = None,
         trainer: Any = None,
         **overrides: Any,
@@ -102,6 +107,8 @@ class RIMGuard(TrainerCallback):
             "harmful": safety_prompts if safety_prompts is not None else "bundled:harmful",
             "intent": intent_prompts if intent_prompts is not None else "bundled:intent",
             "harmless": harmless_prompts if harmless_prompts is not None else "bundled:harmless",
+            "anchor": anchor_prompts if anchor_prompts is not None else "bundled:anchor_harmful",
+            "anchor_harmless": anchor_harmless_prompts if anchor_harmless_prompts is not None else "bundled:anchor_harmless",
         }
         self.reasoning = load_prompts(reasoning_prompts, name="reasoning") if reasoning_prompts is not None else []
         self.on_alert = on_alert
@@ -110,12 +117,15 @@ class RIMGuard(TrainerCallback):
         self.monitor: EntanglementMonitor | None = None
         self.penalty_term: EntanglementPenalty | None = None
         self.freezer: NeuronFreezer | None = None
+        self.anchor: SafetyAnchor | None = None
+        self.param_anchor: ParamAnchor | None = None
+        self.weight = 0.0  # lambda in force
+        self._pending: torch.Tensor | None = None  # this optimizer step's anchor loss, until a backward takes it
         self.history: list[dict[str, Any]] = []
         self.events = EventLog(None)
         self.checkpointed = False
         self._crossed: set[tuple[str, str]] = set()  # (level, metric) over threshold at the last check
         self._loss_handle: torch.utils.hooks.RemovableHandle | None = None
-        self._model: nn.Module | None = None
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -124,14 +134,31 @@ class RIMGuard(TrainerCallback):
 
     @property
     def lambda_(self) -> float:
-        return self.penalty_term.weight if self.penalty_term is not None else 0.0
+        return self.weight
+
+    def begin_step(self, step: int) -> None:
+        """Compute this optimizer step's anchor loss (a forward with gradient on the anchor batch).
+
+        ``step`` counts the optimizer steps done before this one. The Trainer integration calls it
+        from ``on_step_begin``; custom loops call it before the step's first forward.
+        """
+        self._pending = None
+        if self.weight <= 0 or self.monitor is None:
+            return
+        if self.anchor is not None and self.anchor.due(step):
+            self._pending = self.weight * self.anchor.loss(self.monitor.model, self.monitor.capture, step)
+        elif self.param_anchor is not None:
+            self._pending = self.weight * self.param_anchor.loss()
 
     def penalty(self) -> torch.Tensor | None:
-        """For custom loops: ``lambda * P`` of the forwards since the last call (add it to the loss).
+        """For custom loops: the regularizer's loss since the last call, weighted by lambda (add it to the loss).
 
-        Only meaningful when the guard was set up with :meth:`setup` and ``inject_loss=False``.
+        The activation penalty of the forwards since the last call, plus the anchor loss of
+        :meth:`begin_step`. Only meaningful when the guard was set up with ``inject_loss=False``.
         """
-        return self.penalty_term.pop() if self.penalty_term is not None else None
+        parts = [t for t in (self.penalty_term.pop() if self.penalty_term is not None else None, self._pending) if t is not None]
+        self._pending = None
+        return torch.stack(parts).sum() if parts else None
 
     def after_optimizer_step(self) -> None:
         """Hold frozen neurons fixed; call after every ``optimizer.step()`` in a custom loop."""
@@ -150,7 +177,6 @@ class RIMGuard(TrainerCallback):
 
         Called by ``on_train_begin``; call it yourself in a custom training loop.
         """
-        self._model = model
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if self.tokenizer is None:
             raise ValueError("RIMGuard needs a tokenizer: pass tokenizer= or give the Trainer a processing_class")
@@ -175,6 +201,7 @@ class RIMGuard(TrainerCallback):
         monitor.capture.taps.append(self.penalty_term)
         self._set_penalty_reference()
         self.freezer = NeuronFreezer(monitor.layers)
+        self._build_regularizer(model, restored)
         if inject_loss:
             self._loss_handle = monitor.layers[-1].block.register_forward_hook(self._add_penalty)
         if restored is not None:
@@ -182,11 +209,59 @@ class RIMGuard(TrainerCallback):
             self.policy.level, self.policy.streak = restored["policy"]["level"], restored["policy"]["streak"]
             self.history = restored["history"]
             self.checkpointed = restored["checkpointed"]
-            self.penalty_term.weight = restored["lambda"]
+            self._set_weight(restored["lambda"])
         else:
             self._apply(self.policy.level, step=0, control=None)
         self.events.write({"event": "start", "step": 0, "atlas": self.atlas.settings, "num_safety": self.atlas.num_safety,
-                           "mode": cfg.mode, "thresholds": cfg.thresholds, "resumed": restored is not None})
+                           "mode": cfg.mode, "thresholds": cfg.thresholds, "resumed": restored is not None,
+                           "regularizer": cfg.regularizer if cfg.regularizes() else None,
+                           "optimised_signals": self.optimised_signals()})
+
+    def optimised_signals(self) -> list[str]:
+        """The logged signals that this configuration's actions optimise directly (not witnesses)."""
+        from rimguard.config import OPTIMISED_SIGNALS
+
+        acts = {a for lvl in LEVELS for a in self.config.actions_for(lvl)}
+        used = ([self.config.regularizer] if "regularize" in acts else []) + (["freeze"] if acts & {"freeze", "freeze_top"} else [])
+        return sorted({m for a in used for m in OPTIMISED_SIGNALS[a]})
+
+    def _build_regularizer(self, model: nn.Module, restored: dict[str, Any] | None) -> None:
+        """The safety anchor or the parameter anchor, when the configuration can regularize with it."""
+        cfg, monitor = self.config, self.monitor
+        assert monitor is not None and self.atlas is not None and self.freezer is not None
+        if not cfg.regularizes() or cfg.regularizer == "activation":
+            return
+        safety = [i.to(monitor.device) for i in self.atlas.safety_per_layer()]
+        if cfg.regularizer == "params":
+            if cfg.param_scope == "all":
+                slices = [(p, 0, None) for p in model.parameters() if p.requires_grad]
+            else:
+                slices = [(p, d, i) for layer, ids in zip(monitor.layers, safety) if ids.numel()
+                          for p, d, i, _, _ in self.freezer.targets(layer, ids)]
+            self.param_anchor = ParamAnchor(slices)
+            if restored is not None:
+                self.param_anchor.load_state(restored["param"])
+            return
+        if restored is not None:
+            record = restored["anchor"]
+            if record is None:
+                raise AnchorError("the checkpoint's guard state has no anchor record (it was saved without the safety "
+                                  "anchor); resume with the configuration it was trained with")
+        else:
+            harmful = load_prompts(self.sources["anchor"], name="anchor")
+            harmless = load_prompts(self.sources["anchor_harmless"], name="anchor_harmless") if cfg.anchor_harmless else []
+            probes = set(monitor.probe_prompts())
+            overlap = [p for p in harmful + harmless if p in probes]
+            if overlap:
+                raise AnchorError(f"{len(overlap)} anchor prompt(s) are also monitor probes (e.g. {overlap[0]!r}); the "
+                                  "monitor must measure prompts the anchor never trains on: pass disjoint anchor_prompts=")
+            record = None
+            if dist.is_main():
+                record = record_anchor(model, self.tokenizer, monitor.capture, safety, harmful, harmless, cfg.anchor_max_new_tokens,
+                                       cfg.max_length, cfg.anchor_top_k, cfg.probe_batch_size)
+            record = dist.broadcast(record)
+        self.anchor = SafetyAnchor(record.to(monitor.device), safety, cfg.anchor_batch_size, cfg.anchor_every,
+                                   cfg.anchor_act_weight, cfg.rel_floor)
 
     def teardown(self) -> None:
         """Remove every hook; the model is left as it is."""
@@ -222,15 +297,19 @@ class RIMGuard(TrainerCallback):
 
     def _add_penalty(self, module: nn.Module, args: tuple, output: Any) -> Any:
         """Forward hook on the last decoder block: tie the penalty to its output hidden states."""
-        term = self.penalty_term
-        if term is None or not term.active or not module.training or not torch.is_grad_enabled():
+        term, monitor = self.penalty_term, self.monitor
+        if not module.training or not torch.is_grad_enabled() or (monitor is not None and monitor.capture.routing):
             return output
-        value = term.pop()  # always pop, so no graph outlives its forward
-        if value is None:
+        accum, scale = trainer_penalty_scale(self.trainer)
+        # the activation penalty is per micro-batch (mean over them); the anchor loss once per optimizer step
+        parts = [t / accum for t in (term.pop() if term is not None and term.active else None,) if t is not None]
+        if self._pending is not None:
+            parts.append(self._pending)
+            self._pending = None
+        if not parts:
             return output
         hidden = output[0] if isinstance(output, tuple) else output
-        coef = torch.as_tensor(trainer_penalty_scale(self.trainer), device=hidden.device)
-        tied = attach_penalty(hidden, value, coef)
+        tied = attach_penalty(hidden, torch.stack(parts).sum(), torch.as_tensor(scale, device=hidden.device))
         return (tied, *output[1:]) if isinstance(output, tuple) else tied
 
     # -- actions -----------------------------------------------------------------------------
@@ -244,13 +323,14 @@ class RIMGuard(TrainerCallback):
     def _apply(self, level: str, step: int, control: TrainerControl | None, previous: str | None = None) -> None:
         actions = self._actions(level, previous if previous is not None else level)
         assert self.penalty_term is not None and self.freezer is not None and self.monitor is not None
-        weight = self.config.penalty_weight if "regularize" in actions else 0.0
+        weight = self.config.weight if "regularize" in actions else 0.0
         if self.config.adaptive_penalty:
             weight *= PENALTY_FACTOR[level]
-        self.penalty_term.weight = weight
+        self._set_weight(weight)
         safety = self.atlas.safety_per_layer()
         if "freeze" in actions:
-            self._freeze(safety, step, "all")
+            share = self.config.freeze_share
+            self._freeze(self.atlas.top_share_per_layer(share) if share else safety, step, f"share {share:g}" if share else "all")
         if "freeze_top" in actions and "freeze" not in actions and self.monitor.ready():
             shift = self.monitor.shift_per_neuron().cpu()
             keep = max(1, int(round(self.config.freeze_top_fraction * shift.numel())))
@@ -264,6 +344,11 @@ class RIMGuard(TrainerCallback):
         if control is not None and "stop" in actions:
             control.should_training_stop = True
             self.events.write({"event": "stop", "step": step, "level": level})
+
+    def _set_weight(self, weight: float) -> None:
+        self.weight = weight
+        if self.penalty_term is not None:
+            self.penalty_term.weight = weight if self.config.regularizer == "activation" else 0.0
 
     def _freeze(self, per_layer: Sequence[torch.Tensor], step: int, which: str) -> None:
         assert self.freezer is not None
@@ -283,6 +368,9 @@ class RIMGuard(TrainerCallback):
         penalty = self.penalty_term.drain_logged()
         if penalty is not None:
             values["penalty"] = penalty
+        for reg in (self.anchor, self.param_anchor):
+            if reg is not None:
+                values.update(reg.drain_logged())
         decision = self.policy.update(values)
         warn = "warn" in self.config.actions_for(decision.level)
         crossed = {(c.level, c.metric) for c in decision.crossings}
@@ -321,7 +409,11 @@ class RIMGuard(TrainerCallback):
         restored = self._load_checkpoint(args, state) if state.global_step > 0 else None
         self.setup(model, self.tokenizer or _tokenizer_of(kwargs.get("processing_class")), args.output_dir, restored=restored)
 
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.begin_step(state.global_step)
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._pending = None  # a step whose forwards never took the anchor loss must not carry it over
         if self.monitor is None:
             return
         self.monitor.step_end()
@@ -352,6 +444,12 @@ class RIMGuard(TrainerCallback):
                 f"rimguard: freezing is not supported under {sharded} (parameters are sharded); "
                 "use mode='monitor' or 'regularize', or actions without freeze/freeze_top"
             )
+        if sharded and self.config.regularizes() and self.config.regularizer != "activation":
+            raise RuntimeError(
+                f"rimguard: regularizer='{self.config.regularizer}' is not supported under {sharded}: it runs its own "
+                "forward on the unwrapped model (anchor) or needs whole parameters (params); use regularizer='activation' "
+                "there, or train without sharding"
+            )
 
     # -- checkpoint state --------------------------------------------------------------------
     def save_state(self, folder: str | Path) -> None:
@@ -363,11 +461,16 @@ class RIMGuard(TrainerCallback):
         frz = self.freezer.state_dict()
         tensors = {f"monitor.{k}": v for k, v in mon["tensors"].items()}
         tensors.update({f"merged.{k}": v for k, v in frz["merged_base"].items()})
+        if self.anchor is not None:
+            tensors.update({f"anchor.{k}": v for k, v in self.anchor.record.tensors().items()})
+        if self.param_anchor is not None:
+            tensors.update({f"param.{k}": v for k, v in self.param_anchor.state_dict().items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
         meta = {
             "ref_margin": mon["ref_margin"], "frozen": frz["frozen"], "lambda": self.lambda_,
             "policy": {"level": self.policy.level, "streak": self.policy.streak},
             "history": self.history, "checkpointed": self.checkpointed,
+            "anchor_prompts": self.anchor.record.prompts if self.anchor is not None else None,
         }
         (folder / "state.json").write_text(json.dumps(meta), encoding="utf-8")
 
@@ -378,9 +481,16 @@ class RIMGuard(TrainerCallback):
             return None
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(str(folder / "state.safetensors"))
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+        anchor = part("anchor")
         return {
+            "anchor": AnchorRecord.from_tensors(anchor, meta["anchor_prompts"]) if anchor else None,
+            "param": part("param"),
             "atlas": NeuronAtlas.load(folder / "atlas"),
-            "monitor": {"tensors": {k[8:]: v for k, v in tensors.items() if k.startswith("monitor.")}, "ref_margin": meta["ref_margin"]},
-            "freezer": {"frozen": meta["frozen"], "merged_base": {k[7:]: v for k, v in tensors.items() if k.startswith("merged.")}},
+            "monitor": {"tensors": part("monitor"), "ref_margin": meta["ref_margin"]},
+            "freezer": {"frozen": meta["frozen"], "merged_base": part("merged")},
             "policy": meta["policy"], "history": meta["history"], "checkpointed": meta["checkpointed"], "lambda": meta["lambda"],
         }

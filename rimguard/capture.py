@@ -1,7 +1,7 @@
 """Forward hooks that reduce MLP activations where they are produced.
 
 :class:`ActivationCapture` puts one forward pre-hook on every down projection (its input is the
-``[B, T, I]`` intermediate activation) and a pre/post pair on the model itself, which reads the
+``[B, T, I]`` intermediate activation) and a pre-hook on the model itself, which reads the
 ``attention_mask`` of each call. Each layer hook reduces the activation at once, so no activation
 tensor outlives its forward pass.
 
@@ -69,6 +69,7 @@ class ActivationCapture:
         self._probe_full = False
         self._sums: list[torch.Tensor | None] | None = None
         self._count: torch.Tensor | None = None
+        self._route: Tap | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -79,7 +80,6 @@ class ActivationCapture:
         if self.attached:
             return self
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._on_model_end, always_call=True))
         for pos, layer in enumerate(self.layers):
             self._handles.append(layer.down.module.register_forward_pre_hook(self._layer_hook(pos)))
         return self
@@ -92,19 +92,21 @@ class ActivationCapture:
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # the mask is kept after the forward: a checkpointed layer recomputed during backward
+        # belongs to the latest forward and must replay with its mask (same ops, same saved tensors)
         self._forward_id += 1
         mask = kwargs.get("attention_mask")
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self._streaming = self._probe_rows is None and module.training and torch.is_grad_enabled()
-
-    def _on_model_end(self, module: nn.Module, args: tuple, output: object) -> None:
-        self._mask = None
+        self._streaming = self._probe_rows is None and self._route is None and module.training and torch.is_grad_enabled()
 
     def _layer_hook(self, pos: int) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             recompute = self._seen[pos] == self._forward_id
             self._seen[pos] = self._forward_id
+            if self._route is not None:
+                self._route(pos, x, self._mask, recompute)
+                return
             if self._streaming:
                 for tap in self.taps:
                     tap(pos, x, self._mask, recompute)
@@ -139,6 +141,27 @@ class ActivationCapture:
             return None
         sums = torch.cat(sums_per_layer)  # type: ignore[arg-type]
         return sums, count
+
+    # -- routed forwards ---------------------------------------------------------------------
+    @property
+    def routing(self) -> bool:
+        """True while a :meth:`routed` block runs (its forwards are not training forwards)."""
+        return self._route is not None
+
+    @contextmanager
+    def routed(self, tap: Tap) -> Iterator[None]:
+        """Send every layer's live activation to ``tap`` alone while the block runs.
+
+        For the guard's own forwards with gradient (the safety anchor's batch): they are neither
+        streamed as training data nor seen by the other taps.
+        """
+        if self._route is not None or self._probe_rows is not None:
+            raise RuntimeError("routed() cannot nest with routed() or probing()")
+        self._route = tap
+        try:
+            yield
+        finally:
+            self._route = None
 
     # -- probe -------------------------------------------------------------------------------
     @contextmanager

@@ -11,6 +11,17 @@ LEVELS = ("ok", "warn", "regularize", "freeze", "stop")
 ACTIONS = ("warn", "regularize", "freeze_top", "freeze", "checkpoint", "stop")
 METRICS = ("entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop")
 MODES = ("monitor", "regularize", "freeze", "escalate")
+REGULARIZERS = ("anchor", "activation", "params")
+# lambda when penalty_weight is None, per regularizer (see benchmarks/RESULTS.md for how they were chosen)
+DEFAULT_WEIGHTS = {"anchor": 1.0, "activation": 1.0, "params": 10.0}
+# Which logged signals an action optimises directly (so they cannot witness its success). The
+# refusal margin and KL are measured on probes no action trains on.
+OPTIMISED_SIGNALS: dict[str, tuple[str, ...]] = {
+    "activation": ("ras_safe", "safety_drop", "task_rise", "entanglement_z", "entanglement_pct"),
+    "anchor": ("safety_drop",),
+    "params": (),
+    "freeze": (),
+}
 
 # What each level does under each mode; "ok" is the level before any threshold is crossed.
 MODE_ACTIONS: dict[str, dict[str, list[str]]] = {
@@ -78,9 +89,24 @@ class GuardConfig:
         hysteresis: a reached level is left only when every metric is below
             ``value - hysteresis * |value|``.
         patience: consecutive probe checks a higher level must hold before escalating.
-        penalty_weight: lambda of the entanglement penalty.
+        regularizer: what the ``regularize`` action adds to the loss: ``"anchor"`` (default: the
+            self-distilled safety anchor, KL to the base model's own responses to anchor prompts
+            plus a one-sided hold on the safety neurons' activations there, see
+            :mod:`rimguard.anchor`), ``"activation"`` (anchor the safety neurons' activations on
+            the training batch to their base values) or ``"params"`` (L2-SP pull to the base weights).
+        penalty_weight: lambda of the regularizer; None takes its default (``DEFAULT_WEIGHTS``).
         adaptive_penalty: scale lambda by the level (x1 at regularize, x2 at freeze, x4 at stop).
+        anchor_every: optimizer steps between anchor batches (the anchor's cost falls with it).
+        anchor_batch_size: anchor rows per anchor batch (harmful and harmless look-alikes mixed).
+        anchor_act_weight: weight of the anchor's neuron term relative to its KL term.
+        anchor_harmless: also anchor harmless look-alike prompts to the base model's own answers,
+            so the anchor does not teach blanket refusal (over-refusal).
+        anchor_max_new_tokens: length of the recorded base responses, tokens.
+        anchor_top_k: base log-probs recorded per response token (the rest is one tail bucket).
+        param_scope: ``"all"`` trainable parameters or only the safety neurons' slices (``params``).
         freeze_top_fraction: share of the safety neurons (the most shifted) that ``freeze_top`` freezes.
+        freeze_share: if set, ``freeze`` holds this share of *all* MLP neurons, the highest by the
+            atlas' selection score, instead of the atlas' safety set.
     """
 
     method: str = "counterfactual"
@@ -105,9 +131,18 @@ class GuardConfig:
     actions: dict[str, list[str]] = field(default_factory=dict)
     hysteresis: float = 0.1
     patience: int = 1
-    penalty_weight: float = 1.0
+    regularizer: str = "anchor"
+    penalty_weight: float | None = None
     adaptive_penalty: bool = False
+    anchor_every: int = 1
+    anchor_batch_size: int = 8
+    anchor_act_weight: float = 1.0
+    anchor_harmless: bool = True
+    anchor_max_new_tokens: int = 32
+    anchor_top_k: int = 32
+    param_scope: str = "all"
     freeze_top_fraction: float = 0.25
+    freeze_share: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -136,7 +171,15 @@ class GuardConfig:
         need(self.mode in MODES, "mode", f"must be one of {MODES}")
         need(0 <= self.hysteresis < 1, "hysteresis", "must be in [0, 1)")
         need(self.patience >= 1, "patience", "must be >= 1")
-        need(self.penalty_weight >= 0, "penalty_weight", "must be >= 0")
+        need(self.regularizer in REGULARIZERS, "regularizer", f"must be one of {REGULARIZERS}")
+        need(self.penalty_weight is None or 0 <= self.penalty_weight < float("inf"), "penalty_weight", "must be finite and >= 0")
+        need(self.anchor_every >= 1, "anchor_every", "must be >= 1")
+        need(self.anchor_batch_size >= 1, "anchor_batch_size", "must be >= 1")
+        need(0 <= self.anchor_act_weight < float("inf"), "anchor_act_weight", "must be finite and >= 0")
+        need(self.anchor_max_new_tokens >= 1, "anchor_max_new_tokens", "must be >= 1")
+        need(self.anchor_top_k >= 1, "anchor_top_k", "must be >= 1")
+        need(self.param_scope in ("all", "safety"), "param_scope", "must be 'all' or 'safety'")
+        need(self.freeze_share is None or 0 < self.freeze_share <= 1, "freeze_share", "must be in (0, 1]")
         need(0 < self.freeze_top_fraction <= 1, "freeze_top_fraction", "must be in (0, 1]")
         need(isinstance(self.thresholds, dict), "thresholds", "must be a dict level -> {metric: value}")
         for level, rules in self.thresholds.items():
@@ -156,6 +199,15 @@ class GuardConfig:
                      f"'{higher}.{metric}'={value} is below '{lower}.{metric}'={below}; levels must rise")
 
     # -- derived -----------------------------------------------------------------------------
+    @property
+    def weight(self) -> float:
+        """lambda of the chosen regularizer (``penalty_weight``, else its default)."""
+        return DEFAULT_WEIGHTS[self.regularizer] if self.penalty_weight is None else float(self.penalty_weight)
+
+    def regularizes(self) -> bool:
+        """Whether any level's actions include ``regularize``."""
+        return any("regularize" in self.actions_for(level) for level in LEVELS)
+
     def actions_for(self, level: str) -> list[str]:
         """The actions of ``level``: the explicit ``actions`` entry, else the mode's preset."""
         return list(self.actions.get(level, MODE_ACTIONS[self.mode][level]))

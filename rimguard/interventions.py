@@ -96,13 +96,14 @@ class _PenaltyGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, penalty: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(coef)
+        # kept as an attribute, not saved: under activation checkpointing the recomputed block
+        # does not re-tie, and a saved tensor would make the two passes save different counts
+        ctx.coef = coef
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (coef,) = ctx.saved_tensors
-        return grad, coef.to(grad.dtype if grad.is_floating_point() else torch.float32), None
+        return grad, ctx.coef.to(grad.dtype if grad.is_floating_point() else torch.float32), None
 
 
 def attach_penalty(hidden: torch.Tensor, penalty: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -120,19 +121,20 @@ def attach_penalty(hidden: torch.Tensor, penalty: torch.Tensor, coef: torch.Tens
     return _PenaltyGrad.apply(hidden, penalty, coef.detach())
 
 
-def trainer_penalty_scale(trainer: Any) -> torch.Tensor | float:
-    """Coefficient that makes the per-micro-batch penalty weigh ``lambda * mean over micro-batches``.
+def trainer_penalty_scale(trainer: Any) -> tuple[int, torch.Tensor | float]:
+    """``(accumulation steps, loss scale)`` of the trainer's backward pass.
 
-    The penalty's gradient bypasses the Trainer's loss scaling, so it is divided by the number
-    of gradient-accumulation steps here, and multiplied by the fp16 loss scale (a device tensor,
-    no sync) when a ``GradScaler`` is active.
+    A penalty's gradient bypasses the Trainer's loss scaling: a per-micro-batch term is divided
+    by the number of gradient-accumulation steps (so it weighs ``lambda * mean over micro-batches``),
+    and every term is multiplied by the fp16 loss scale (a device tensor, no sync) when a
+    ``GradScaler`` is active.
     """
     if trainer is None:
-        return 1.0
+        return 1, 1.0
     steps = max(int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1), 1)
     scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
     scale = getattr(scaler, "_scale", None)
-    return scale / steps if isinstance(scale, torch.Tensor) else 1.0 / steps
+    return steps, scale if isinstance(scale, torch.Tensor) else 1.0
 
 
 # -- freeze ----------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ class NeuronFreezer:
     def count(self) -> int:
         return sum(int(f.numel()) for f in self.frozen)
 
-    def _targets(self, layer: MLPLayer, neurons: torch.Tensor) -> list[tuple[nn.Parameter, int, torch.Tensor, Projection, str]]:
+    def targets(self, layer: MLPLayer, neurons: torch.Tensor) -> list[tuple[nn.Parameter, int, torch.Tensor, Projection, str]]:
         """(param, dim, index, projection, role) of every slice that ``neurons`` own."""
         out = []
         for proj in layer.inputs:
@@ -210,7 +212,7 @@ class NeuronFreezer:
                 continue
             added += int(new.numel())
             self.frozen[pos] = torch.cat([self.frozen[pos], new])
-            targets = self._targets(layer, new)
+            targets = self.targets(layer, new)
             for param, dim, index, proj, role in targets:  # LoRA: merge first, then zero the factors
                 if role == "base" and not param.requires_grad:
                     self._merge_lora(proj, dim, index)

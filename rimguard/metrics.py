@@ -134,3 +134,23 @@ def refusal_margin(refusal_logp: torch.Tensor, comply_logp: torch.Tensor) -> tor
         refusal_logp, comply_logp: ``[P]`` teacher-forced log-probabilities of the openings.
     """
     return (refusal_logp - comply_logp).mean()
+
+
+def shrink_penalty(ref: torch.Tensor, now: torch.Tensor, rel_floor: float = DEFAULT_REL_FLOOR) -> torch.Tensor:
+    """One-sided activation anchor: mean of ``relu((ref - now) / scale)^2``, the delta-minus-safe half of RAS.
+
+    Penalises safety neurons whose activation on a safety prompt falls below its base value;
+    a rise costs nothing. ``scale = max(|ref|, rel_floor * mean |ref|)`` per neuron, so the term is
+    unit-free and a near-zero reference cannot blow it up.
+
+    Args:
+        ref: ``[..., n]`` base activations (max over tokens), detached.
+        now: ``[..., n]`` current activations, differentiable.
+
+    Returns:
+        ``[]`` mean over all entries (0 for an empty input).
+    """
+    if ref.numel() == 0:
+        return now.sum() * 0
+    scale = ref.abs().clamp_min(rel_floor * ref.abs().mean().clamp_min(1e-8))
+    return (torch.relu(ref - now) / scale).pow(2).mean()

@@ -126,6 +126,10 @@ class EntanglementMonitor:
     def attached(self) -> bool:
         return self.capture.attached or self._grab_handle is not None
 
+    def probe_prompts(self) -> list[str]:
+        """Every prompt the monitor measures (safety probes; the margin's prompts are among them)."""
+        return list(self.atlas.probe_prompts[: self.config.num_safety_probes])
+
     # -- reasoning stream --------------------------------------------------------------------
     def step_end(self) -> None:
         """Fold this optimizer step's streamed activations into the EMA (on device, no sync)."""
@@ -169,7 +173,7 @@ class EntanglementMonitor:
     def _grab_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """On the first training forward, keep a few of its sequences and their base log-probs."""
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if not (module.training and torch.is_grad_enabled() and isinstance(ids, torch.Tensor)):
+        if not (module.training and torch.is_grad_enabled() and isinstance(ids, torch.Tensor)) or self.capture.routing:
             return
         self._grab_handle.remove()
         self._grab_handle = None

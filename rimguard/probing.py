@@ -68,11 +68,18 @@ def pad(sequences: Sequence[Sequence[int]], pad_value: int, left: bool = False) 
 
 
 @contextmanager
+def forked_rng() -> Iterator[None]:
+    """Run the block on a fork of the CPU (and current CUDA) RNG: the training run draws the same numbers."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextmanager
 def probe_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, no grad, forked RNG; the previous mode is restored on exit."""
     was_training = model.training
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with forked_rng(), torch.no_grad():
         model.eval()
         try:
             yield
@@ -85,12 +92,13 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def generate(
+def generate_ids(
     model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8, desc: str | None = None
-) -> list[str]:
-    """Greedy completions of chat-formatted ``prompts`` (decoded, special tokens stripped)."""
+) -> list[list[int]]:
+    """Token ids of the greedy responses to chat-formatted ``prompts``, up to and including the first EOS."""
     device, pid = model_device(model), pad_id(tokenizer)
-    outputs: list[str] = []
+    eos = tokenizer.eos_token_id
+    outputs: list[list[int]] = []
     with probe_mode(model):
         for group in tqdm(list(chunks(prompts, batch_size)), desc=desc, disable=desc is None, leave=False):
             batch = pad([encode(tokenizer, format_prompt(tokenizer, p)) for p in group], pid, left=True).to(device)
@@ -101,9 +109,17 @@ def generate(
                 do_sample=False,
                 pad_token_id=pid,
             )
-            new = out[:, batch.input_ids.shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            for row in out[:, batch.input_ids.shape[1] :].tolist():
+                outputs.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
     return outputs
+
+
+def generate(
+    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8, desc: str | None = None
+) -> list[str]:
+    """Greedy completions of chat-formatted ``prompts`` (decoded, special tokens stripped)."""
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, desc)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def tokenize_dialogues(tokenizer, prompts: Sequence[str], responses: Sequence[str] | None = None, max_length: int = 256) -> list[list[int]]:

@@ -8,6 +8,9 @@ The bundled sets are written by the rimguard authors (no third-party text):
 * ``harmless`` - safe requests that share trigger words with harmful ones;
 * ``refusals`` - refusal replies, used by the demo's alignment SFT;
 * ``refusal_openings`` / ``compliance_openings`` - response openings for the refusal margin;
+* ``anchor_harmful`` / ``anchor_harmless`` - the safety anchor's prompts: harmful requests and
+  harmless look-alikes, disjoint from every other set (the monitor never measures what the
+  anchor trains on);
 * ``reasoning`` - generated arithmetic word problems, see :mod:`rimguard.probes.reasoning`.
 """
 
@@ -20,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 from rimguard.events import read_jsonl
 
-BUNDLED = ("harmful", "intent", "harmless", "refusals", "refusal_openings", "compliance_openings")
+BUNDLED = ("harmful", "intent", "harmless", "refusals", "refusal_openings", "compliance_openings", "anchor_harmful", "anchor_harmless")
 TEXT_KEYS = ("prompt", "goal", "text", "question", "instruction", "request")
 
 
