@@ -43,7 +43,7 @@ def test_penalty_gradient_through_trainer_with_accumulation(tmp_path, tok, fast_
         model = tiny_model("llama")
         if lora:
             model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-        guard = RIMGuard(fast_config(mode="regularize", penalty_weight=weight, probe_every=100), atlas=llama_atlas,
+        guard = RIMGuard(fast_config(mode="regularize", regularizer="activation", penalty_weight=weight, probe_every=100), atlas=llama_atlas,
                          reasoning_prompts=REASONING)
         rec = GradRecorder()
         store = []
@@ -56,7 +56,7 @@ def test_penalty_gradient_through_trainer_with_accumulation(tmp_path, tok, fast_
         handle.remove()
         grads[weight], batches = rec.grads, store
     # the penalty alone, through the custom-loop API, on the same micro-batches and weights (lr = 0)
-    guard = RIMGuard(fast_config(mode="regularize", penalty_weight=w), atlas=llama_atlas, reasoning_prompts=REASONING)
+    guard = RIMGuard(fast_config(mode="regularize", regularizer="activation", penalty_weight=w), atlas=llama_atlas, reasoning_prompts=REASONING)
     guard.setup(model, tok, inject_loss=False)
     model.train()
     model.zero_grad()
@@ -69,7 +69,7 @@ def test_penalty_gradient_through_trainer_with_accumulation(tmp_path, tok, fast_
     for name, p in model.named_parameters():
         if name in grads[w]:
             expected = p.grad if p.grad is not None else torch.zeros_like(p)
-            torch.testing.assert_close(grads[w][name] - grads[0.0][name], expected, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(grads[w][name] - grads[0.0][name], expected, rtol=1e-4, atol=5e-6)
             checked += int(expected.abs().sum() > 0)
     assert checked > 0  # the penalty really reaches parameters
 
@@ -198,4 +198,4 @@ def test_freeze_refused_under_sharded_backends(tmp_path, fast_config):
     guard = RIMGuard(fast_config(mode="freeze"))
     with pytest.raises(RuntimeError, match="not supported under fsdp"):
         guard._check_backend(SimpleNamespace(deepspeed=None, fsdp="full_shard"))
-    RIMGuard(fast_config(mode="regularize"))._check_backend(SimpleNamespace(deepspeed="ds.json", fsdp=None))
+    RIMGuard(fast_config(mode="regularize", regularizer="activation"))._check_backend(SimpleNamespace(deepspeed="ds.json", fsdp=None))

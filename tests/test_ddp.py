@@ -23,6 +23,7 @@ def test_torchrun_two_ranks(tmp_path):
     assert ranks[0]["frozen_intact"] and ranks[1]["frozen_intact"]
     assert ranks[0]["frozen_checksum"] == ranks[1]["frozen_checksum"]
     assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]  # DDP kept replicas in sync
+    assert any(r.get("anchor_kl", 0) > 0 for r in h0)  # the safety anchor (escalate's regularizer) ran on both ranks
     events = [json.loads(l) for l in (tmp_path / "rimguard.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "start" for e in events) == 1  # only the main process writes
     assert [e["step"] for e in events if e["event"] == "metrics"] == [1, 2, 4, 6]

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import torch
+
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -46,9 +48,13 @@ def test_resume_reproduces_metrics_and_decisions(tmp_path, tok, fast_config):
     a, b = later(full.history), later(resumed.history)
     assert [r["step"] for r in a] == [6, 8] and len(a) == len(b)
     for x, y in zip(a, b):
-        for key in ("ras_safe", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "level", "lambda", "frozen"):
-            assert x[key] == y[key], (key, x[key], y[key])
+        for key in ("ras_safe", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "level", "lambda", "frozen", "anchor_kl"):
+            assert x.get(key) == y.get(key), (key, x.get(key), y.get(key))
     assert max(r["level"] for r in full.history) >= 2  # the run really took decisions
     assert full.freezer.frozen[0].tolist() == resumed.freezer.frozen[0].tolist()
+    # the safety anchor (escalate's regularizer) took part, and its recorded base distributions came back exactly
+    assert any(r.get("anchor_kl", 0) > 0 for r in a)
+    saved, back = full.anchor.record.tensors(), resumed.anchor.record.tensors()
+    assert all(torch.equal(saved[k], back[k]) for k in saved) and full.anchor.record.prompts == resumed.anchor.record.prompts
     events = [json.loads(l) for l in (tmp_path / "part" / "rimguard.jsonl").read_text().splitlines()]
     assert [e["resumed"] for e in events if e["event"] == "start"] == [False, True]
