@@ -172,7 +172,11 @@ class Study:
             return json.loads(path.read_text())
         say("step-0 evaluation of the aligned model")
         base = self.model(0)
-        rec = {**self.refusal(base, full=True), **self.final_eval(base), "gsm8k_loss": self.loss(base)}
+        t = time.perf_counter()
+        rec = {**self.refusal(base, full=True), "gsm8k_loss": self.loss(base)}
+        say(f"  refusal and loss {time.perf_counter() - t:.0f}s")
+        rec.update(self.final_eval(base))
+        say(f"  with XSTest and GSM8K accuracy {time.perf_counter() - t:.0f}s")
         self.args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec, indent=1))
         return rec
@@ -258,8 +262,8 @@ def _number(text: str) -> str | None:
 class Baselines(TrainerCallback):
     """At the check steps (after the guard's own check): the baseline signals and the held-out refusal."""
 
-    def __init__(self, study: Study, guard: Any, peer: Any) -> None:
-        self.study, self.guard, self.peer = study, guard, peer
+    def __init__(self, study: Study, guard: Any, peer: Any, full: bool = True) -> None:
+        self.study, self.guard, self.peer, self.full = study, guard, peer, full
         self.rows: list[dict[str, Any]] = []
         self.start: list[torch.Tensor] = []
         self.kl_ref: tuple | None = None
@@ -268,6 +272,8 @@ class Baselines(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from rimguard.probes import bundled
 
+        if not self.full:
+            return
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.start = [p.detach().clone() for p in self.params]
         self.harmless = _kl_batch(self.study.tok, bundled("harmless")[-8:])
@@ -278,6 +284,14 @@ class Baselines(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         if step not in CHECKS:
+            return
+        if not self.full:  # prevention: the guard's own signals at every check, held-out refusal at the end
+            row = {"step": step, **{k: v for h in self.guard.history if h["step"] == step for k, v in h.items()
+                                    if isinstance(v, (int, float)) and k != "step"}}
+            if step == STEPS:
+                row.update(self.study.refusal(model, full=True))
+                row["gsm8k_loss"] = self.study.loss(model)
+            self.rows.append(row)
             return
         t0 = time.perf_counter()
         from rimguard import metrics
@@ -347,8 +361,9 @@ def run(spec: RunSpec, study: Study) -> dict[str, Any]:
                                "max_length": 192, "probe_batch_size": 16, "probe_every": 10_000, "log_file": "rimguard.jsonl",
                                **spec.guard})
     guard = make_guard_class()(guard_cfg, atlas=study.atlas, check_steps=CHECKS)
-    peer = bpeer.Peer(study.tok, workdir / "peer", pairs=16, batch_size=16, max_length=128) if bpeer.available()[0] else None
-    base = Baselines(study, guard, peer)
+    full = study.args.preset == "validity" or spec.variant == "none"  # baselines and refusal curve for every unguarded run
+    peer = bpeer.Peer(study.tok, workdir / "peer", pairs=16, batch_size=16, max_length=128) if full and bpeer.available()[0] else None
+    base = Baselines(study, guard, peer, full)
     timer, losses = StepTimer(), LossLog()
     lora = LoraConfig(r=32, lora_alpha=64, use_rslora=True, target_modules="all-linear", lora_dropout=0.0,
                       task_type="CAUSAL_LM") if spec.finetune == "lora" else None

@@ -113,7 +113,7 @@ class RIMGuard(TrainerCallback):
         self.reasoning = load_prompts(reasoning_prompts, name="reasoning") if reasoning_prompts is not None else []
         self.on_alert = on_alert
         self.trainer = trainer
-        self.policy = RiskPolicy(self.config.thresholds, self.config.hysteresis, self.config.patience)
+        self.policy = RiskPolicy(self.config.thresholds, self.config.hysteresis, self.config.patience, self.config.fault_level)
         self.monitor: EntanglementMonitor | None = None
         self.penalty_term: EntanglementPenalty | None = None
         self.freezer: NeuronFreezer | None = None
@@ -125,6 +125,7 @@ class RIMGuard(TrainerCallback):
         self.events = EventLog(None)
         self.checkpointed = False
         self._crossed: set[tuple[str, str]] = set()  # (level, metric) over threshold at the last check
+        self._faults: set[str] = set()  # non-finite metrics at the last check
         self._loss_handle: torch.utils.hooks.RemovableHandle | None = None
 
     # -- public ------------------------------------------------------------------------------
@@ -372,6 +373,7 @@ class RIMGuard(TrainerCallback):
             if reg is not None:
                 values.update(reg.drain_logged())
         decision = self.policy.update(values)
+        self._report_faults(decision.faults, step)
         warn = "warn" in self.config.actions_for(decision.level)
         crossed = {(c.level, c.metric) for c in decision.crossings}
         if warn and dist.is_main():  # once per crossing: not again while the metric stays over
@@ -396,6 +398,16 @@ class RIMGuard(TrainerCallback):
             self.trainer.log({f"rimguard/{k}": v for k, v in values.items()})
             self.trainer.control.should_log = should_log
         return values
+
+    def _report_faults(self, faults: list[str], step: int) -> None:
+        """A ``fault`` event at every check with non-finite metrics; one warning while the same fault lasts."""
+        if faults:
+            layers = self.monitor.nonfinite_layers() if self.monitor is not None else []
+            self.events.write({"event": "fault", "step": step, "metrics": faults, "layers": layers, "level": self.policy.level})
+            if dist.is_main() and not self._faults:  # a new fault episode
+                logger.warning("rimguard: non-finite %s at step %d (activations of layer(s) %s); read as a fault, the level "
+                               "is held at '%s' or above", ", ".join(faults), step, layers or "-", self.policy.level)
+        self._faults = set(faults)
 
     def due(self, step: int) -> bool:
         every = self.config.probe_every

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ class GuardConfig:
         hysteresis: a reached level is left only when every metric is below
             ``value - hysteresis * |value|``.
         patience: consecutive probe checks a higher level must hold before escalating.
+        fault_level: the level a check rises to (at least) when a metric is NaN or infinite, a
+            fault rather than a reading; the level never falls at such a check (``"ok"``: only keep it).
         regularizer: what the ``regularize`` action adds to the loss: ``"anchor"`` (default: the
             self-distilled safety anchor, KL to the base model's own responses to anchor prompts
             plus a one-sided hold on the safety neurons' activations there, see
@@ -131,6 +134,7 @@ class GuardConfig:
     actions: dict[str, list[str]] = field(default_factory=dict)
     hysteresis: float = 0.1
     patience: int = 1
+    fault_level: str = "warn"
     regularizer: str = "anchor"
     penalty_weight: float | None = None
     adaptive_penalty: bool = False
@@ -171,6 +175,7 @@ class GuardConfig:
         need(self.mode in MODES, "mode", f"must be one of {MODES}")
         need(0 <= self.hysteresis < 1, "hysteresis", "must be in [0, 1)")
         need(self.patience >= 1, "patience", "must be >= 1")
+        need(self.fault_level in LEVELS, "fault_level", f"must be one of {LEVELS}")
         need(self.regularizer in REGULARIZERS, "regularizer", f"must be one of {REGULARIZERS}")
         need(self.penalty_weight is None or 0 <= self.penalty_weight < float("inf"), "penalty_weight", "must be finite and >= 0")
         need(self.anchor_every >= 1, "anchor_every", "must be >= 1")
@@ -186,7 +191,8 @@ class GuardConfig:
             need(level in LEVELS[1:], "thresholds", f"unknown level '{level}' (levels: {LEVELS[1:]})")
             for metric, value in rules.items():
                 need(metric in METRICS, "thresholds", f"unknown metric '{metric}' at level '{level}' (metrics: {METRICS})")
-                need(isinstance(value, (int, float)) and value == value, "thresholds", f"{level}.{metric} must be a number")
+                need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), "thresholds",
+                     f"{level}.{metric} must be a finite number")
         for level, acts in self.actions.items():
             need(level in LEVELS, "actions", f"unknown level '{level}' (levels: {LEVELS})")
             bad = [a for a in acts if a not in ACTIONS]

@@ -15,6 +15,8 @@ Choices the paper leaves open, fixed here:
 * **Who counts in n.** Every neuron of the set: neurons that fail the condition contribute 0
   (the paper's ``1/n`` with the sum restricted to the condition).
 * **RAS at zero.** ``RAS = 0`` when both shifts are 0.
+* **Non-finite inputs.** A NaN or infinite activation makes every shift and RAS it enters NaN
+  (never 0): a fault must not read as "no shift". The guard reports it as a ``fault``.
 """
 
 from __future__ import annotations
@@ -44,20 +46,29 @@ def safety_drop(safe0: torch.Tensor, safet: torch.Tensor, floor: torch.Tensor | 
     """delta-minus-safe: ``(1/n) sum_{j: a0 > at} ((a0 - at) / at) * a0``. Shape ``[...]``."""
     a0, at = _clamp(safe0, floor), _clamp(safet, floor)
     term = torch.where(a0 > at, (a0 - at) / at * a0, torch.zeros_like(a0))
-    return term.mean(dim=-1)
+    return _poison(term, a0, at, safe0, safet).mean(dim=-1)
 
 
 def task_rise(task0: torch.Tensor, taskt: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
     """delta-plus-task: ``(1/n) sum_{j: at > a0} ((at - a0) / a0) * at``. Shape ``[...]``."""
     a0, at = _clamp(task0, floor), _clamp(taskt, floor)
     term = torch.where(at > a0, (at - a0) / a0 * at, torch.zeros_like(a0))
-    return term.mean(dim=-1)
+    return _poison(term, a0, at, task0, taskt).mean(dim=-1)
+
+
+def _poison(term: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """``term`` with NaN wherever an input is not finite (a comparison with NaN is False, which would read as 0)."""
+    bad = torch.zeros_like(term, dtype=torch.bool)
+    for x in inputs:
+        bad |= ~torch.isfinite(x)
+    return term.masked_fill(bad, float("nan"))
 
 
 def harmonic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``2ab / (a + b)``, and 0 where ``a + b == 0``."""
     total = a + b
-    return torch.where(total > 0, 2 * a * b / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    out = torch.where(total > 0, 2 * a * b / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    return _poison(out, a, b)
 
 
 def ras(

@@ -243,6 +243,14 @@ class EntanglementMonitor:
             out["kl_task"] = kl
         return out
 
+    def nonfinite_layers(self) -> list[int]:
+        """Layers whose tracked activations (last safety probe or reasoning stream) hold a NaN or inf."""
+        bad = torch.zeros(self.atlas.tracked.shape[0], dtype=torch.bool)
+        for values in (self.safe_now, self.ema_task):
+            if values is not None:
+                bad |= ~torch.isfinite(values.detach().cpu())
+        return sorted(set(self.atlas.tracked[bad, 0].tolist()))
+
     def shift_per_neuron(self) -> torch.Tensor:
         """Per safety neuron, ``[n]``: relative task rise plus relative safety drop (for freeze_top).
 

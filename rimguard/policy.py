@@ -7,13 +7,16 @@ Levels rise ``ok -> warn -> regularize -> freeze -> stop``. At each check:
   any of its metrics stays above ``threshold - hysteresis * |threshold|`` (so a noisy metric
   near a threshold does not flap);
 * the level rises to the target only after the target has held for ``patience`` consecutive
-  checks; it falls at once.
+  checks; it falls at once;
+* a non-finite metric is a *fault*, not a reading: the level never falls at a check with a
+  fault, and rises at once to at least ``fault_level``.
 
 All ranks feed the policy the same reduced metrics, so they take the same decisions.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -37,6 +40,7 @@ class Decision:
     level: str
     previous: str
     crossings: list[Crossing] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)  # metrics that were NaN or infinite
 
     @property
     def changed(self) -> bool:
@@ -50,6 +54,7 @@ class RiskPolicy:
     thresholds: Mapping[str, Mapping[str, float]]
     hysteresis: float = 0.1
     patience: int = 1
+    fault_level: str = "warn"
     level: str = "ok"
     streak: int = 0
 
@@ -69,9 +74,14 @@ class RiskPolicy:
         )
 
     def update(self, metrics: Mapping[str, float]) -> Decision:
-        """Feed one check's metrics; returns the (possibly new) level and the crossings."""
-        crossed = self.crossings(metrics)
+        """Feed one check's metrics; returns the (possibly new) level, the crossings and the faults."""
         rank = {name: i for i, name in enumerate(LEVELS)}
+        faults = sorted(m for m, v in metrics.items() if not _finite(v))
+        if faults:
+            previous = self.level
+            self.level, self.streak = LEVELS[max(rank[self.level], rank[self.fault_level])], 0
+            return Decision(self.level, previous, self.crossings({m: v for m, v in metrics.items() if _finite(v)}), faults)
+        crossed = self.crossings(metrics)
         target = max((rank[c.level] for c in crossed), default=0)
         current = rank[self.level]
         if target <= current and current > 0 and self._holds(self.level, metrics):
@@ -85,3 +95,7 @@ class RiskPolicy:
             self.streak = 0
             self.level = LEVELS[target]
         return Decision(self.level, previous, crossed)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
