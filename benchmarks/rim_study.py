@@ -48,6 +48,7 @@ SHARED = HERE.parent.parent / "shared" / "data"
 STEPS = 12
 CHECKS = [1, 3, 6, 9, 12]  # guard checks and baselines; step 3 is the early (25%) check
 EVALS = [3, 6, 9, 12]  # held-out refusal (plus step 0, shared)
+EARLY = 3  # 25% of training: the check whose values the validity analysis reads
 LR = 1e-4
 
 
@@ -68,11 +69,12 @@ class RunSpec:
 
 
 def validity_plan() -> list[RunSpec]:
-    plan = [RunSpec("cot", seed=s) for s in (0, 1, 2)]
+    """8 conditions x 2 seeds first (16 runs, 3 of them shared with the prevention preset), then 4 more seeds."""
+    plan = [RunSpec("cot", seed=s) for s in (0, 1)]
     plan += [RunSpec("cot", seed=s, lr=LR / 4) for s in (0, 1)]
     plan += [RunSpec("cot", "lora", seed=s) for s in (0, 1)]
     plan += [RunSpec(c, seed=s) for c in ("refusal_mix", "chat_distill", "answer_only", "effort_min", "harmful_comply") for s in (0, 1)]
-    plan += [RunSpec(c, seed=2) for c in ("effort_min", "harmful_comply", "refusal_mix")]
+    plan += [RunSpec(c, seed=2) for c in ("cot", "effort_min", "harmful_comply", "refusal_mix")]
     return plan
 
 
@@ -315,7 +317,7 @@ class Baselines(TrainerCallback):
         row["kl_harmless"] = _kl_now(model, self.harmless, self.kl_ref)
         probes = g.atlas.probe_prompts[:8]
         row["probe_refusal"] = [judge(t) for t in generate(model, self.study.tok, probes, 12, 8)].count("refusal") / len(probes)
-        if self.peer is not None:
+        if self.peer is not None and step in (EARLY, STEPS):
             row["peer_cosine"] = self.peer.measure(model, step).get(bpeer.COSINE)
         self.seconds += time.perf_counter() - t0
         if step in EVALS:

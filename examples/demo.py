@@ -49,21 +49,31 @@ COLUMNS = ("step", "ras_safe", "entanglement_z", "refusal_drop", "kl_task", "lev
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=MODES, default="monitor", help="what the guard does as risk rises")
+    p.add_argument("--mode", choices=MODES, default=None, help="what the guard does as risk rises [--config's, else monitor]")
     p.add_argument("--steps", type=int, default=24, help="reasoning SFT optimizer steps")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    p.add_argument("--out", type=Path, default=None, help="output folder [runs/demo-MODE: one per mode, so runs never mix]")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache; unset: $RIMGUARD_CACHE or ~/.cache/rimguard")
     p.add_argument("--model", type=Path, default=None,
                    help="folder of a causal LM and its tokenizer to guard instead of the aligned SmolLM2 (e.g. your own)")
     p.add_argument("--lr", type=float, default=2e-4, help="reasoning SFT learning rate")
     p.add_argument("--batch-size", type=int, default=4, help="reasoning SFT batch size")
     p.add_argument("--warmup", type=int, default=3, help="learning-rate warmup steps")
-    p.add_argument("--probe-every", type=int, default=12, help="steps between guard checks (plus steps 1, 2, 4, 8)")
-    p.add_argument("--probes", type=int, default=8, help="harmful prompts the guard probes (more: steadier, slower)")
+    p.add_argument("--probe-every", type=int, default=None, help="steps between guard checks, plus steps 1, 2, 4, 8 [--config's, else 12]")
+    p.add_argument("--probes", type=int, default=None, help="harmful prompts the guard probes (more: steadier, slower) [--config's, else 8]")
     p.add_argument("--config", type=Path, default=None,
-                   help="GuardConfig YAML/JSON for every other guard setting (--mode, --probe-every and --probes still apply)")
+                   help="GuardConfig YAML/JSON; the flags above override only the settings you pass")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads; unset: torch's choice")
     return p.parse_args(argv)
+
+
+DEMO_DEFAULTS = {"mode": "monitor", "probe_every": 12, "num_safety_probes": 8, "max_new_tokens": 16, "kl_probes": 4, "max_length": 192}
+
+
+def guard_settings(args: argparse.Namespace) -> dict:
+    """GuardConfig fields: the demo's defaults, then ``--config``'s, then the flags the user passed."""
+    settings = dict(DEMO_DEFAULTS) | (GuardConfig.load(args.config).to_dict() if args.config else {})
+    flags = {"mode": args.mode, "probe_every": args.probe_every, "num_safety_probes": args.probes}
+    return settings | {k: v for k, v in flags.items() if v is not None}
 
 
 class LiveTable(TrainerCallback):
@@ -190,7 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
     guard_log.addHandler(TqdmHandler())
     guard_log.setLevel(logging.WARNING)
     guard_log.propagate = False
+    config = GuardConfig.from_dict(guard_settings(args))
+    args.out = args.out or Path(f"runs/demo-{config.mode}")
     args.out.mkdir(parents=True, exist_ok=True)
+    if config.log_file:  # a re-run into the same folder replaces its own log instead of merging into it
+        (args.out / config.log_file).unlink(missing_ok=True)
     start = time.time()
 
     # 1. the aligned model (built on first use, several minutes; then cached), or the user's
@@ -209,8 +223,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{folder.name} refuses {before['refusal']}/{before['n']} held-out harmful requests before reasoning SFT")
 
     # 3. guarded reasoning SFT
-    settings = GuardConfig.load(args.config).to_dict() if args.config else {"max_new_tokens": 16, "kl_probes": 4, "max_length": 192}
-    config = GuardConfig.from_dict(settings | {"mode": args.mode, "probe_every": args.probe_every, "num_safety_probes": args.probes})
     guard = RIMGuard(config)
     table = LiveTable()
     # TRL's SFTConfig turns activation (gradient) checkpointing on by default; a 135M model does not need it.
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                          train_dataset=Dataset.from_list(reasoning_texts(args.steps * args.batch_size)))
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
-    print(f"guarded reasoning SFT: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, mode={args.mode}"
+    print(f"guarded reasoning SFT: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, mode={config.mode}"
           " (the guard first finds the safety neurons)")
     trained = time.time()
     trainer.train()
@@ -235,17 +247,17 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. refusal after, summary and plot
     after, after_texts = refusals(trainer.model, tokenizer, heldout, "refusals after")
     summary = {
-        "mode": args.mode, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "model": str(folder),
+        "mode": config.mode, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "model": str(folder),
         "alignment": recipe.get("measured", {}) | {"recipe": recipe.get("recipe")},
         "heldout_harmful_before": before, "heldout_harmful_after": after,
-        "final_level": guard.level, "frozen": int(guard.freezer.count) if guard.freezer else 0,
+        "final_level": guard.level, "final_action": guard.action, "frozen": int(guard.freezer.count) if guard.freezer else 0,
         "num_safety_neurons": guard.atlas.num_safety, "history": guard.history,
         "samples": [{"prompt": p, "before": b, "after": a, "judged_after": judge(a)}
                     for p, b, a in zip(heldout, before_texts, after_texts)],
         "seconds": {"model_ready": round(ready - start, 1), "train": round(trained, 1), "total": round(time.time() - start, 1)},
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    title = (f"rimguard demo ({folder.name}), mode={args.mode}: held-out refusal {before['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}"
+    title = (f"rimguard demo ({folder.name}), mode={config.mode}: held-out refusal {before['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}"
              f" ({len(heldout)} prompts, lr {args.lr:g}, {args.steps} steps)")
     plot(guard.history, table.losses, config, args.out / "rimguard_demo.png", title)
 
@@ -254,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{after['refusal']}/{after['n']} ({after['refusal_rate']:.0%}) after "
           f"[{after['garbage']} degenerate outputs after]")
     last = guard.history[-1] if guard.history else {}
-    print(f"guard: {guard.atlas.num_safety} safety neurons; final level '{guard.level}'; "
+    peak = LEVELS[int(max((h["level"] for h in guard.history), default=0))]
+    acted = "no action taken (monitor mode)" if config.mode == "monitor" else f"action in force at the end: {guard.action}"
+    print(f"guard: {guard.atlas.num_safety} safety neurons; risk reached '{peak}', final risk level '{guard.level}'; {acted}; "
           f"entanglement z {last.get('entanglement_z', math.nan):.3g}; refusal drop {last.get('refusal_drop', math.nan):.3g}; "
           f"{summary['frozen']} neurons frozen")
     print(f"time: model ready {summary['seconds']['model_ready']:.0f}s, guarded SFT {trained:.0f}s, "

@@ -101,6 +101,10 @@ class NeuronAtlas:
         neurons = self.safety_neurons()
         return [neurons[neurons[:, 0] == layer, 1].contiguous() for layer in range(len(self.layer_sizes))]
 
+    def same_selection(self, other: "NeuronAtlas") -> bool:
+        """True if ``other`` tracks the same neurons with the same safety and control sets."""
+        return all(torch.equal(getattr(self, k), getattr(other, k)) for k in ("tracked", "safety", "controls"))
+
     def top_share_per_layer(self, share: float) -> list[torch.Tensor]:
         """The ``share`` of all MLP neurons with the highest ``ranking``, as ``[n_l]`` ids per layer."""
         if self.ranking is None:

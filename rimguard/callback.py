@@ -28,9 +28,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from rimguard import dist
 from rimguard.anchor import AnchorError, AnchorRecord, ParamAnchor, SafetyAnchor, record_anchor
-from rimguard.atlas import NeuronAtlas
+from rimguard.atlas import AtlasError, NeuronAtlas
 from rimguard.config import LEVELS, GuardConfig
-from rimguard.events import EventLog
+from rimguard.events import EventLog, new_run_id
 from rimguard.interventions import EntanglementPenalty, NeuronFreezer, attach_penalty, trainer_penalty_scale
 from rimguard.monitor import EntanglementMonitor
 from rimguard.policy import Decision, RiskPolicy
@@ -39,6 +39,7 @@ from rimguard.probes import bundled, load_prompts
 logger = logging.getLogger("rimguard")
 
 STATE_DIR = "rimguard"
+ATLAS_DIR = "rimguard_atlas"
 PENALTY_FACTOR = {"ok": 1.0, "warn": 1.0, "regularize": 1.0, "freeze": 2.0, "stop": 4.0}
 ONE_OFF_ACTIONS = ("checkpoint", "freeze_top", "freeze")  # still taken when a rise jumps over their level
 AlertHandler = Callable[[Decision, dict, int], None]
@@ -59,6 +60,10 @@ def _find_trainer() -> Any:
 
 def _tokenizer_of(processing_class: Any) -> Any:
     return getattr(processing_class, "tokenizer", processing_class)
+
+
+class GuardStateError(RuntimeError):
+    """The guard's checkpoint state is missing or unusable; the message names the path and the remedies."""
 
 
 class RIMGuard(TrainerCallback):
@@ -126,6 +131,8 @@ class RIMGuard(TrainerCallback):
         self.checkpointed = False
         self._crossed: set[tuple[str, str]] = set()  # (level, metric) over threshold at the last check
         self._faults: set[str] = set()  # non-finite metrics at the last check
+        self.run_id = ""
+        self._rebased = False  # resumed without guard state: references are re-taken on trained weights
         self._loss_handle: torch.utils.hooks.RemovableHandle | None = None
 
     # -- public ------------------------------------------------------------------------------
@@ -136,6 +143,16 @@ class RIMGuard(TrainerCallback):
     @property
     def lambda_(self) -> float:
         return self.weight
+
+    @property
+    def action(self) -> str:
+        """What the guard is doing now, apart from the risk level (which is what the signals say)."""
+        parts = []
+        if self.weight > 0:
+            parts.append(f"regularize ({self.config.regularizer}, lambda={self.weight:g})")
+        if self.freezer is not None and self.freezer.count:
+            parts.append(f"freeze ({self.freezer.count} neurons)")
+        return ", ".join(parts) or "none (monitor only)"
 
     def begin_step(self, step: int) -> None:
         """Compute this optimizer step's anchor loss (a forward with gradient on the anchor batch).
@@ -182,16 +199,19 @@ class RIMGuard(TrainerCallback):
         if self.tokenizer is None:
             raise ValueError("RIMGuard needs a tokenizer: pass tokenizer= or give the Trainer a processing_class")
         cfg = self.config
+        self.run_id = restored["run_id"] if restored is not None else dist.broadcast(new_run_id())
         if dist.is_main() and output_dir is not None:
-            self.events = EventLog(Path(output_dir) / cfg.log_file if cfg.log_file else None)
+            self.events = EventLog(Path(output_dir) / cfg.log_file if cfg.log_file else None, self.run_id)
+            if restored is not None:  # each step once: this run's records after the checkpoint are replaced
+                self.events.drop_after(restored["step"])
         if restored is not None:
             self.atlas = restored["atlas"]
         if self.atlas is None:
             self.atlas = dist.broadcast(self._identify(model) if dist.is_main() else None)
             if dist.is_main() and output_dir is not None:
-                self.atlas.save(Path(output_dir) / "rimguard_atlas")
+                self._save_atlas(Path(output_dir))
         else:
-            self.atlas.check_model(model, check_weights=restored is None)
+            self.atlas.check_model(model, check_weights=restored is None and not self._rebased)
         monitor = EntanglementMonitor(
             model, self.tokenizer, self.atlas, cfg, self.reasoning,
             bundled("refusal_openings"), bundled("compliance_openings"),
@@ -217,6 +237,23 @@ class RIMGuard(TrainerCallback):
                            "mode": cfg.mode, "thresholds": cfg.thresholds, "resumed": restored is not None,
                            "regularizer": cfg.regularizer if cfg.regularizes() else None,
                            "optimised_signals": self.optimised_signals()})
+
+    def _save_atlas(self, output_dir: Path) -> None:
+        """Save to ``output_dir/rimguard_atlas``; an existing, different atlas there is never overwritten
+        (the new one goes to ``rimguard_atlas-2``, ``-3``, ...)."""
+        assert self.atlas is not None
+        folder, n = output_dir / ATLAS_DIR, 1
+        while (folder / "atlas.json").is_file():
+            try:
+                if NeuronAtlas.load(folder).same_selection(self.atlas):
+                    return
+            except AtlasError:
+                pass
+            n += 1
+            folder = output_dir / f"{ATLAS_DIR}-{n}"
+        self.atlas.save(folder)
+        if n > 1:
+            logger.warning("rimguard: %s holds a different atlas; this run's atlas is saved to %s", output_dir / ATLAS_DIR, folder)
 
     def optimised_signals(self) -> list[str]:
         """The logged signals that this configuration's actions optimise directly (not witnesses)."""
@@ -390,7 +427,7 @@ class RIMGuard(TrainerCallback):
             if self.on_alert is not None:
                 self.on_alert(decision, dict(values), step)
         values.update({"level": float(LEVELS.index(self.policy.level)), "lambda": self.lambda_, "frozen": float(self.freezer.count)})
-        record = {"event": "metrics", "step": step, **values}
+        record = {"event": "metrics", "step": step, **values, "action": self.action}
         self.history.append(record)
         self.events.write(record)
         if self.trainer is not None:  # Trainer.log resets control.should_log: keep the step's own loss log
@@ -419,6 +456,8 @@ class RIMGuard(TrainerCallback):
         self.trainer = self.trainer or _find_trainer()
         self._check_backend(args)
         restored = self._load_checkpoint(args, state) if state.global_step > 0 else None
+        if restored is not None:
+            restored["step"] = state.global_step
         self.setup(model, self.tokenizer or _tokenizer_of(kwargs.get("processing_class")), args.output_dir, restored=restored)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -479,6 +518,7 @@ class RIMGuard(TrainerCallback):
             tensors.update({f"param.{k}": v for k, v in self.param_anchor.state_dict().items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
         meta = {
+            "run_id": self.run_id,
             "ref_margin": mon["ref_margin"], "frozen": frz["frozen"], "lambda": self.lambda_,
             "policy": {"level": self.policy.level, "streak": self.policy.streak},
             "history": self.history, "checkpointed": self.checkpointed,
@@ -489,8 +529,7 @@ class RIMGuard(TrainerCallback):
     def _load_checkpoint(self, args: TrainingArguments, state: TrainerState) -> dict[str, Any] | None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR
         if not (folder / "state.json").is_file():
-            logger.warning("rimguard: resuming at step %d but %s holds no guard state; starting fresh", state.global_step, folder)
-            return None
+            return self._missing_state(Path(args.output_dir), folder, state.global_step)
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(str(folder / "state.safetensors"))
 
@@ -499,6 +538,7 @@ class RIMGuard(TrainerCallback):
 
         anchor = part("anchor")
         return {
+            "run_id": meta.get("run_id", ""),
             "anchor": AnchorRecord.from_tensors(anchor, meta["anchor_prompts"]) if anchor else None,
             "param": part("param"),
             "atlas": NeuronAtlas.load(folder / "atlas"),
@@ -506,3 +546,21 @@ class RIMGuard(TrainerCallback):
             "freezer": {"frozen": meta["frozen"], "merged_base": part("merged")},
             "policy": meta["policy"], "history": meta["history"], "checkpointed": meta["checkpointed"], "lambda": meta["lambda"],
         }
+
+    def _missing_state(self, output_dir: Path, folder: Path, step: int) -> None:
+        """A resume whose checkpoint has no guard state: follow ``on_missing_state`` (never silently re-identify)."""
+        policy = self.config.on_missing_state
+        saved = output_dir / ATLAS_DIR
+        if policy == "error":
+            raise GuardStateError(
+                f"resuming at step {step}, but {folder} holds no guard state. Either resume from a checkpoint saved with "
+                f"the guard attached, or set GuardConfig(on_missing_state='atlas') to reuse the saved atlas {saved} with "
+                "references re-taken now (the metrics then measure drift since this resume), or on_missing_state='fresh' "
+                "to identify anew on the current weights"
+            )
+        self._rebased = True
+        if policy == "atlas" and self.atlas is None:
+            self.atlas = NeuronAtlas.load(saved)
+        logger.warning("rimguard: resuming at step %d without guard state (%s); on_missing_state=%r: %s", step, folder, policy,
+                       f"reusing {saved}, references re-taken now" if policy == "atlas" else "identifying anew")
+        return None

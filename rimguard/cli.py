@@ -54,7 +54,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from rimguard.report import write_report
 
-    png, md = write_report(args.run_dir)
+    png, md = write_report(args.run_dir, run=args.run)
     print(f"wrote {png}\nwrote {md}")
 
 
@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("atlas")
     p = sub.add_parser("report", help="plots and a Markdown summary of a guarded run")
     p.add_argument("run_dir", help="the run's output_dir (holds rimguard.jsonl)")
-    sub.add_parser("demo", help="run the README's guarded fine-tune (extra flags go to examples/demo.py)")
+    p.add_argument("--run", default=None, help="run id (or a unique prefix) when the log holds several runs; default: the last")
+    # no help of its own: -h/--help reach the demo's parser, which lists every demo flag
+    sub.add_parser("demo", add_help=False, help="run the README's guarded fine-tune (rimguard demo --help: its flags)")
     return parser
 
 

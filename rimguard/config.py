@@ -79,6 +79,9 @@ class GuardConfig:
         kl_top_k: base log-probs stored per position (the rest is one tail bucket).
         rel_floor: activation floor for RAS, relative to the mean base activation.
         log_file: JSONL file name in ``output_dir`` (None: no file).
+        on_missing_state: a resume whose checkpoint lacks the guard's state: ``"error"`` (default:
+            refuse, naming the remedies), ``"atlas"`` (reuse ``output_dir/rimguard_atlas`` and re-take
+            references now) or ``"fresh"`` (identify anew on the current weights).
 
     Policy and actions:
         mode: preset of actions per level: ``monitor`` (warn only), ``regularize`` (penalty from
@@ -128,6 +131,7 @@ class GuardConfig:
     kl_top_k: int = 64
     rel_floor: float = 0.05
     log_file: str | None = "rimguard.jsonl"
+    on_missing_state: str = "error"
 
     mode: str = "monitor"
     thresholds: dict[str, dict[str, float]] = field(default_factory=_default_thresholds)
@@ -176,6 +180,7 @@ class GuardConfig:
         need(0 <= self.hysteresis < 1, "hysteresis", "must be in [0, 1)")
         need(self.patience >= 1, "patience", "must be >= 1")
         need(self.fault_level in LEVELS, "fault_level", f"must be one of {LEVELS}")
+        need(self.on_missing_state in ("error", "atlas", "fresh"), "on_missing_state", "must be 'error', 'atlas' or 'fresh'")
         need(self.regularizer in REGULARIZERS, "regularizer", f"must be one of {REGULARIZERS}")
         need(self.penalty_weight is None or 0 <= self.penalty_weight < float("inf"), "penalty_weight", "must be finite and >= 0")
         need(self.anchor_every >= 1, "anchor_every", "must be >= 1")

@@ -1,12 +1,27 @@
-"""Append-only JSONL event log (metrics, level changes, freezes); written by the main process only."""
+"""JSONL event log (metrics, level changes, freezes, faults); written by the main process only.
+
+Every record carries the ``run_id`` of the guarded run that wrote it, so several runs into one
+``output_dir`` stay apart. A resumed run keeps its run id and first drops its own records after
+the checkpoint's step (an atomic rewrite), so each step appears once. A half-written last line (a
+killed process) is skipped with a warning when the log is read.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import IO, Any
+
+logger = logging.getLogger("rimguard")
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def _clean(value: Any) -> Any:
@@ -20,10 +35,11 @@ def _clean(value: Any) -> Any:
 
 
 class EventLog:
-    """One JSON object per line, each with ``time`` (unix seconds). ``path=None`` writes nothing."""
+    """One JSON object per line, each with ``time`` (unix seconds) and ``run_id``. ``path=None`` writes nothing."""
 
-    def __init__(self, path: str | Path | None) -> None:
+    def __init__(self, path: str | Path | None, run_id: str = "") -> None:
         self.path = Path(path) if path is not None else None
+        self.run_id = run_id
         self._file: IO[str] | None = None
 
     def write(self, record: dict[str, Any]) -> None:
@@ -32,8 +48,24 @@ class EventLog:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
-        self._file.write(json.dumps(_clean({"time": round(time.time(), 3), **record})) + "\n")
+        self._file.write(json.dumps(_clean({"time": round(time.time(), 3), "run_id": self.run_id, **record})) + "\n")
         self._file.flush()
+
+    def drop_after(self, step: int) -> int:
+        """Remove this run's records with a step after ``step`` (a resume); atomic. Returns how many."""
+        if self.path is None or not self.path.is_file():
+            return 0
+        self.close()
+        kept, dropped = [], 0
+        for record in read_events(self.path):
+            if record.get("run_id") == self.run_id and record.get("step", 0) > step:
+                dropped += 1
+            else:
+                kept.append(record)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        return dropped
 
     def close(self) -> None:
         if self._file is not None:
@@ -44,8 +76,12 @@ class EventLog:
 def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> list[Any]:
     """Parse a JSONL file, skipping blank lines; raises ``error`` naming the file and line on bad input."""
     path = Path(path)
+    return read_jsonl_lines(path, path.read_text(encoding="utf-8").splitlines(), error)
+
+
+def read_jsonl_lines(path: Path, lines: list[str], error: type[Exception] = ValueError) -> list[Any]:
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -55,5 +91,21 @@ def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> list[An
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """Parse a guard JSONL log; raises ValueError naming the file and line on bad input."""
-    return read_jsonl(path)
+    """Parse a guard JSONL log. A half-written last line (no newline: the writer was killed) is
+    skipped with a warning; any other bad line raises ValueError naming the file and line."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    tail = lines.pop() if lines and not text.endswith("\n") else ""
+    records = read_jsonl_lines(path, lines)
+    if tail.strip():
+        try:
+            records.append(json.loads(tail))
+        except json.JSONDecodeError:
+            logger.warning("rimguard: %s ends with a half-written line (%d characters); skipped", path, len(tail))
+    return records
+
+
+def runs_of(events: list[dict[str, Any]]) -> list[str]:
+    """The run ids in a log, in the order they first appear (``""`` for records written before run ids)."""
+    return list(dict.fromkeys(e.get("run_id", "") for e in events))

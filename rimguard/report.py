@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from rimguard.config import LEVELS
-from rimguard.events import read_events
+from rimguard.events import read_events, runs_of
 
 PANELS = (
     ("ras_safe", "RAS on safety neurons", "ras_control_mean"),
@@ -94,13 +94,22 @@ def summarize(events: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: str | Path, log_file: str = "rimguard.jsonl") -> tuple[Path, Path]:
-    """Read ``run_dir/log_file``; write ``rimguard_report.png`` and ``rimguard_report.md`` beside it."""
+def write_report(run_dir: str | Path, log_file: str = "rimguard.jsonl", run: str | None = None) -> tuple[Path, Path]:
+    """Read ``run_dir/log_file``; write ``rimguard_report.png`` and ``rimguard_report.md`` beside it.
+
+    A log can hold several runs (each record has a ``run_id``): the last run is reported unless
+    ``run`` names another (a run id or its unique prefix).
+    """
     run_dir = Path(run_dir)
     log = run_dir / log_file
     if not log.is_file():
         raise FileNotFoundError(f"{log}: no rimguard log here (is this a run's output_dir?)")
     events = read_events(log)
+    ids = runs_of(events)
+    chosen = [r for r in ids if r.startswith(run)] if run is not None else ids[-1:]
+    if len(chosen) != 1:
+        raise ValueError(f"{log}: run {run!r} matches {len(chosen)} of the runs {ids}")
+    events = [e for e in events if e.get("run_id", "") == chosen[0]]
     if not any(e.get("event") == "metrics" for e in events):
         raise ValueError(f"{log}: holds no metrics yet")
     thresholds = next((e.get("thresholds") for e in events if e.get("event") == "start"), None)
