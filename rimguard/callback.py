@@ -40,6 +40,7 @@ logger = logging.getLogger("rimguard")
 
 STATE_DIR = "rimguard"
 ATLAS_DIR = "rimguard_atlas"
+WITNESS = "refusal_drop"  # behavioural, on the monitor's own probes: no action optimises it
 PENALTY_FACTOR = {"ok": 1.0, "warn": 1.0, "regularize": 1.0, "freeze": 2.0, "stop": 4.0}
 ONE_OFF_ACTIONS = ("checkpoint", "freeze_top", "freeze")  # still taken when a rise jumps over their level
 AlertHandler = Callable[[Decision, dict, int], None]
@@ -132,6 +133,7 @@ class RIMGuard(TrainerCallback):
         self._crossed: set[tuple[str, str]] = set()  # (level, metric) over threshold at the last check
         self._faults: set[str] = set()  # non-finite metrics at the last check
         self.run_id = ""
+        self.witness: float | None = None  # WITNESS when the current level was raised
         self._rebased = False  # resumed without guard state: references are re-taken on trained weights
         self._loss_handle: torch.utils.hooks.RemovableHandle | None = None
 
@@ -231,6 +233,7 @@ class RIMGuard(TrainerCallback):
             self.history = restored["history"]
             self.checkpointed = restored["checkpointed"]
             self._set_weight(restored["lambda"])
+            self.witness = restored["witness"]
         else:
             self._apply(self.policy.level, step=0, control=None)
         self.events.write({"event": "start", "step": 0, "atlas": self.atlas.settings, "num_safety": self.atlas.num_safety,
@@ -409,8 +412,10 @@ class RIMGuard(TrainerCallback):
         for reg in (self.anchor, self.param_anchor):
             if reg is not None:
                 values.update(reg.drain_logged())
-        decision = self.policy.update(values)
+        decision = self.policy.update(values, may_fall=self._witness_recovered(values))
         self._report_faults(decision.faults, step)
+        if LEVELS.index(decision.level) > LEVELS.index(decision.previous):
+            self.witness = values.get(WITNESS)
         warn = "warn" in self.config.actions_for(decision.level)
         crossed = {(c.level, c.metric) for c in decision.crossings}
         if warn and dist.is_main():  # once per crossing: not again while the metric stays over
@@ -435,6 +440,15 @@ class RIMGuard(TrainerCallback):
             self.trainer.log({f"rimguard/{k}": v for k, v in values.items()})
             self.trainer.control.should_log = should_log
         return values
+
+    def _witness_recovered(self, values: dict[str, float]) -> bool:
+        """Whether the level may fall: with no action in force, always; under an action, only once the
+        behavioural witness (the refusal-margin drop, measured on prompts no action trains on) is no
+        worse than when the level was raised. An action that optimises what the thresholds read
+        (the activation penalty drives z down) cannot talk the guard back to 'ok' while safety is gone."""
+        acting = self.weight > 0 or (self.freezer is not None and self.freezer.count > 0)
+        now = values.get(WITNESS)
+        return not acting or now is None or self.witness is None or now <= self.witness
 
     def _report_faults(self, faults: list[str], step: int) -> None:
         """A ``fault`` event at every check with non-finite metrics; one warning while the same fault lasts."""
@@ -518,7 +532,7 @@ class RIMGuard(TrainerCallback):
             tensors.update({f"param.{k}": v for k, v in self.param_anchor.state_dict().items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
         meta = {
-            "run_id": self.run_id,
+            "run_id": self.run_id, "witness": self.witness,
             "ref_margin": mon["ref_margin"], "frozen": frz["frozen"], "lambda": self.lambda_,
             "policy": {"level": self.policy.level, "streak": self.policy.streak},
             "history": self.history, "checkpointed": self.checkpointed,
@@ -538,7 +552,7 @@ class RIMGuard(TrainerCallback):
 
         anchor = part("anchor")
         return {
-            "run_id": meta.get("run_id", ""),
+            "run_id": meta.get("run_id", ""), "witness": meta.get("witness"),
             "anchor": AnchorRecord.from_tensors(anchor, meta["anchor_prompts"]) if anchor else None,
             "param": part("param"),
             "atlas": NeuronAtlas.load(folder / "atlas"),

@@ -8,6 +8,8 @@ Levels rise ``ok -> warn -> regularize -> freeze -> stop``. At each check:
   near a threshold does not flap);
 * the level rises to the target only after the target has held for ``patience`` consecutive
   checks; it falls at once;
+* the caller can forbid a fall (``may_fall=False``): the guard does so while an action is in
+  force and the signals it does not optimise have not recovered;
 * a non-finite metric is a *fault*, not a reading: the level never falls at a check with a
   fault, and rises at once to at least ``fault_level``.
 
@@ -73,7 +75,7 @@ class RiskPolicy:
             metrics.get(m) is not None and metrics[m] >= t - self.hysteresis * abs(t) for m, t in rules.items()
         )
 
-    def update(self, metrics: Mapping[str, float]) -> Decision:
+    def update(self, metrics: Mapping[str, float], may_fall: bool = True) -> Decision:
         """Feed one check's metrics; returns the (possibly new) level, the crossings and the faults."""
         rank = {name: i for i, name in enumerate(LEVELS)}
         faults = sorted(m for m, v in metrics.items() if not _finite(v))
@@ -84,7 +86,7 @@ class RiskPolicy:
         crossed = self.crossings(metrics)
         target = max((rank[c.level] for c in crossed), default=0)
         current = rank[self.level]
-        if target <= current and current > 0 and self._holds(self.level, metrics):
+        if target <= current and current > 0 and (self._holds(self.level, metrics) or not may_fall):
             target = current
         previous = self.level
         if target > current:

@@ -74,6 +74,9 @@ def summarize(events: list[dict[str, Any]]) -> str:
     if metrics:
         first, last = metrics[0], metrics[-1]
         lines.append(f"- checks: {len(metrics)} (steps {first['step']} to {last['step']})")
+        peak = max(int(m.get("level") or 0) for m in metrics)
+        lines.append(f"- risk level (what the signals say): highest `{LEVELS[peak]}`, last `{LEVELS[int(last.get('level') or 0)]}`; "
+                     f"action in force at the end (what the guard did): {last.get('action', 'not logged')}")
         lines += ["", "| metric | first | last | max |", "|---|---|---|---|"]
         for key in ("ras_safe", "ras_control_mean", "entanglement_z", "refusal_drop", "kl_task", "penalty", "frozen"):
             vals = [m[key] for m in metrics if m.get(key) is not None]

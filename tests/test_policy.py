@@ -28,3 +28,20 @@ def test_patience_delays_escalation_only():
     assert p.update({"entanglement_z": 5}).level == "ok"
     assert p.update({"entanglement_z": 5}).level == "regularize"
     assert p.update({"entanglement_z": 0}).level == "ok"  # falls at once
+
+
+def test_level_does_not_fall_while_the_unoptimised_witness_stays_down(tok, fast_config, llama_atlas):
+    """escalate, activation penalty: z driven back down while the refusal margin keeps falling must not end on ok."""
+    from rimguard import RIMGuard
+    from rimguard.testing import tiny_model
+
+    th = {"warn": {"entanglement_z": 2.0}, "regularize": {"entanglement_z": 3.0}, "freeze": {}, "stop": {}}
+    guard = RIMGuard(fast_config(mode="escalate", regularizer="activation", thresholds=th, hysteresis=0.0), atlas=llama_atlas)
+    guard.setup(tiny_model("llama"), tok, inject_loss=False)
+    script = iter([{"entanglement_z": 3.5, "refusal_drop": 4.0},   # -> regularize (the penalty starts)
+                   {"entanglement_z": 0.1, "refusal_drop": 6.0},   # z pushed down, margin still falling: hold
+                   {"entanglement_z": 0.1, "refusal_drop": 3.0}])  # the witness recovered: the level may fall
+    guard.monitor.measure = lambda: dict(next(script))
+    levels = [guard.level for _ in range(3) if guard.check(1) is not None]
+    assert levels == ["regularize", "regularize", "ok"]
+    guard.teardown()
