@@ -8,13 +8,17 @@ from typing import Any
 from rimguard.config import LEVELS
 from rimguard.events import read_events, runs_of
 
+# (key, title, control-set key, drawn as steps, shown only when non-zero somewhere)
 PANELS = (
-    ("ras_safe", "RAS on safety neurons", "ras_control_mean"),
-    ("entanglement_z", "entanglement z (vs control sets)", None),
-    ("refusal_drop", "refusal margin drop (nats)", None),
-    ("kl_task", "KL(pi_0 || pi_t) on reasoning", None),
-    ("level", "risk level", None),
-    ("frozen", "frozen neurons", None),
+    ("ras_safe", "RAS on safety neurons", "ras_control_mean", False, False),
+    ("entanglement_z", "entanglement z (vs control sets)", None, False, False),
+    ("refusal_margin", "refusal vs compliance log-odds (nats)", None, False, False),
+    ("kl_task", "KL(pi_0 || pi_t) on reasoning", None, False, False),
+    ("level", "risk level (what the signals say)", None, True, False),
+    ("lambda", "regularizer lambda in force", None, True, True),
+    ("anchor_kl", "safety-anchor KL (base responses)", None, False, True),
+    ("penalty", "activation penalty", None, False, True),
+    ("frozen", "frozen neurons", None, True, True),
 )
 
 
@@ -29,14 +33,21 @@ def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metrics = [e for e in events if e.get("event") == "metrics"]
     changes = [e for e in events if e.get("event") == "level"]
     freezes = [e for e in events if e.get("event") == "freeze"]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
-    for ax, (key, title, control) in zip(axes.flat, PANELS):
+    panels = [p for p in PANELS if any(m.get(p[0]) for m in metrics) or not p[4] and any(p[0] in m for m in metrics)]
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(13, 3.3 * rows), sharex=True, squeeze=False)
+    for ax, (key, title, control, steps_drawn, _) in zip(axes.flat, panels):
         steps, values = _series(metrics, key)
-        ax.plot(steps, values, marker="o", ms=3, label=key)
+        if steps_drawn:
+            ax.step(steps, values, where="post", marker="o", ms=3, label=key)
+        else:
+            ax.plot(steps, values, marker="o", ms=3, label=key)
         if control:
             cs, cv = _series(metrics, control)
             ax.plot(cs, cv, color="grey", ls=":", label="control sets (mean)")
@@ -50,11 +61,18 @@ def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[st
             ax.axvline(freeze["step"], color="C2", lw=1.2, ls="-.", alpha=0.7)
         if key == "level":
             ax.set_yticks(range(len(LEVELS)), LEVELS)
-        ax.set_title(title, fontsize=10)
+        elif steps_drawn:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         if control:
             ax.legend(fontsize=7)
-    for ax in axes[-1]:
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    for ax in list(axes.flat)[: len(panels)]:
+        ax.xaxis.set_tick_params(labelbottom=True)
+    for ax in list(axes.flat)[max(0, len(panels) - cols): len(panels)]:
         ax.set_xlabel("optimizer step")
     fig.suptitle("rimguard: orange lines = level changes, green dash-dot = freezes, red dashed = thresholds", fontsize=9)
     fig.tight_layout()
