@@ -134,6 +134,8 @@ def plot_validity(res: dict[str, Any], dest: Path) -> list[Path]:
     conds = sorted({r["condition"] for r in runs})
     colour = {c: plt.cm.tab10(i % 10) for i, c in enumerate(conds)}
     keys = [k for k, s in res["signals"].items() if s.get("available")]
+    if not keys:
+        return []
     cols = 4
     fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((len(keys) + cols - 1) // cols)), squeeze=False)
     for ax, key in zip(axes.flat, keys):
