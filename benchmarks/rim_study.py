@@ -83,6 +83,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "anchor-0.3": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 0.3},
     "anchor-1": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0},
     "anchor-3": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 3.0},
+    "anchor-1-kl-only": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0, "anchor_act_weight": 0.0},
+    "anchor-1-every4": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0, "anchor_every": 4},
     "params": {"mode": "regularize", "regularizer": "params", "penalty_weight": 10.0},
     "freeze-0.5%": {"mode": "freeze", "freeze_share": 0.005},
     "freeze-2%": {"mode": "freeze", "freeze_share": 0.02},
@@ -92,13 +94,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def prevention_plan() -> list[RunSpec]:
+    """Unguarded and the default anchor at full FT seeds 0 and 1 and LoRA seed 0, every other action at
+    full FT seed 0, then the remaining seeds of the other actions (run last: the study resumes run by run)."""
+    def at(variant: str, seed: int = 0, finetune: str = "full") -> RunSpec:
+        return RunSpec("cot", finetune, seed=seed, variant=variant, guard=VARIANTS[variant])
+
     plan = [RunSpec("cot", seed=s) for s in (0, 1)] + [RunSpec("cot", "lora", seed=0)]
-    for variant in ("anchor-1", "anchor-0.3", "anchor-3"):
-        plan += [RunSpec("cot", seed=s, variant=variant, guard=VARIANTS[variant]) for s in (0, 1)]
-        plan.append(RunSpec("cot", "lora", seed=0, variant=variant, guard=VARIANTS[variant]))
-    for variant in ("activation", "params"):
-        plan += [RunSpec("cot", seed=s, variant=variant, guard=VARIANTS[variant]) for s in (0, 1)]
-    plan += [RunSpec("cot", seed=0, variant=v, guard=VARIANTS[v]) for v in ("freeze-0.5%", "freeze-2%", "freeze-5%", "escalate")]
+    plan += [at("anchor-1"), at("anchor-1", 1), at("anchor-1", 0, "lora")]
+    plan += [at(v) for v in ("anchor-0.3", "anchor-3", "anchor-1-kl-only", "activation", "params", "freeze-0.5%", "freeze-2%",
+                             "freeze-5%", "escalate", "anchor-1-every4")]
+    plan += [at(v, 1) for v in ("anchor-0.3", "anchor-3", "activation", "params")]
+    plan += [at(v, 0, "lora") for v in ("anchor-0.3", "anchor-3")]
     return plan
 
 

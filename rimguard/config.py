@@ -19,7 +19,9 @@ DEFAULT_WEIGHTS = {"anchor": 1.0, "activation": 1.0, "params": 10.0}
 # refusal margin and KL are measured on probes no action trains on.
 OPTIMISED_SIGNALS: dict[str, tuple[str, ...]] = {
     "activation": ("ras_safe", "safety_drop", "task_rise", "entanglement_z", "entanglement_pct"),
-    "anchor": ("safety_drop",),
+    # the neuron term holds the safety neurons up on the anchor prompts; measured on SmolLM2 it carries
+    # over to the monitor's probes (safety_drop -> 0), so RAS and z read low under the anchor
+    "anchor": ("safety_drop", "ras_safe", "entanglement_z", "entanglement_pct"),
     "params": (),
     "freeze": (),
 }

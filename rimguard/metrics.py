@@ -1,6 +1,6 @@
 """Entanglement and forgetting metrics, as pure tensor functions.
 
-Notation (paper, ``../shared/PAPER.md``): for a neuron set ``S`` of size ``n``, ``safe0``/``safet``
+Notation (Yan et al., "When Thinking Backfires", arXiv 2509.00544): for a neuron set ``S`` of size ``n``, ``safe0``/``safet``
 are activations on safety probes under the base model and now, ``task0``/``taskt`` on reasoning
 data. A neuron's activation on a prompt is its max over tokens; activations are averaged over
 prompts. All vectors are ``[..., n]``; leading dimensions are batch dimensions (e.g. many

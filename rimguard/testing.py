@@ -83,3 +83,16 @@ def reasoning_texts(count: int, seed: int = 0) -> list[dict[str, str]]:
         {"prompt": [{"role": "user", "content": p.question}], "completion": [{"role": "assistant", "content": p.solution()}]}
         for p in problems(count, seed)
     ]
+
+
+def assert_grad_difference(model: torch.nn.Module, with_term: dict[str, torch.Tensor], without: dict[str, torch.Tensor],
+                           rtol: float, atol: float) -> None:
+    """``with_term - without`` equals each parameter's ``.grad`` in ``model`` (the term's gradient alone),
+    and the term reaches at least one parameter."""
+    checked = 0
+    for name, p in model.named_parameters():
+        if name in with_term:
+            expected = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(with_term[name] - without[name], expected, rtol=rtol, atol=atol)
+            checked += int(expected.abs().sum() > 0)
+    assert checked > 0, "the term reaches no parameter"

@@ -8,7 +8,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import RIMGuard
-from rimguard.testing import reasoning_texts, tiny_model
+from rimguard.testing import assert_grad_difference, reasoning_texts, tiny_model
 
 REASONING = ["What is 2 + 3?", "A train goes 40 km per hour for 2 hours. How far?", "What is 7 * 6?"]
 
@@ -65,13 +65,7 @@ def test_penalty_gradient_through_trainer_with_accumulation(tmp_path, tok, fast_
         model(**batch)
         (guard.penalty() / len(batches)).backward()
     guard.teardown()
-    checked = 0
-    for name, p in model.named_parameters():
-        if name in grads[w]:
-            expected = p.grad if p.grad is not None else torch.zeros_like(p)
-            torch.testing.assert_close(grads[w][name] - grads[0.0][name], expected, rtol=1e-4, atol=5e-6)
-            checked += int(expected.abs().sum() > 0)
-    assert checked > 0  # the penalty really reaches parameters
+    assert_grad_difference(model, grads[w], grads[0.0], rtol=1e-4, atol=5e-6)
 
 
 def _train(model_type, tmp_path, tok, guard, steps=5):

@@ -110,3 +110,20 @@ def test_config_roundtrip_and_validation(tmp_path):
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(ConfigError, match="bad.yaml: top level must be a mapping"):
         GuardConfig.load(tmp_path / "bad.yaml")
+
+
+def test_demo_keeps_the_config_files_settings_unless_a_flag_is_passed(tmp_path, model_dir):
+    out, cfg = tmp_path / "demo", tmp_path / "guard.json"
+    GuardConfig(max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=64, kl_probes=2, mode="freeze",
+                probe_every=3, num_safety_probes=4).save(cfg)
+    proc = run("demo", "--model", model_dir, "--config", cfg, "--steps", 3, "--batch-size", 2, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "freeze" and summary["frozen"] > 0  # the file's mode, not the demo's default
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3]  # the file's probe_every=3
+    assert "action in force at the end: freeze" in proc.stdout
+
+
+def test_demo_help_lists_the_demo_flags():
+    proc = run("demo", "--help")
+    assert proc.returncode == 0 and all(flag in proc.stdout for flag in ("--mode", "--out", "--model", "--config", "--threads"))
