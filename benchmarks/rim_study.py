@@ -101,8 +101,8 @@ def prevention_plan() -> list[RunSpec]:
 
     plan = [RunSpec("cot", seed=s) for s in (0, 1)] + [RunSpec("cot", "lora", seed=0)]
     plan += [at("anchor-1"), at("anchor-1", 1), at("anchor-1", 0, "lora")]
-    plan += [at(v) for v in ("anchor-0.3", "anchor-3", "anchor-1-kl-only", "activation", "params", "freeze-0.5%", "freeze-2%",
-                             "freeze-5%", "escalate", "anchor-1-every4")]
+    plan += [at(v) for v in ("anchor-0.3", "anchor-3", "anchor-1-kl-only", "activation", "params", "freeze-2%", "escalate",
+                             "freeze-0.5%", "freeze-5%", "anchor-1-every4")]
     plan += [at(v, 1) for v in ("anchor-0.3", "anchor-3", "activation", "params")]
     plan += [at(v, 0, "lora") for v in ("anchor-0.3", "anchor-3")]
     return plan
@@ -154,7 +154,9 @@ class Study:
         eval_idx = set(bdata.sample(range(len(adv)), args.n_harmful, seed=0))
         self.harmful = [adv[i]["goal"] for i in sorted(eval_idx)]
         self.comply = [adv[i] for i in range(len(adv)) if i not in eval_idx]
-        self.xstest = [r["prompt"] for r in bdata.stratified(bdata.load_xstest(args.xstest), args.n_xstest, seed=0)]
+        safe = bdata.load_xstest(args.xstest)
+        self.xstest = [r["prompt"] for r in bdata.stratified(safe, args.n_xstest, seed=0)]
+        self.xstest_small = [r["prompt"] for r in bdata.stratified(safe, 100, seed=0)]  # validity runs: 100, spread over types
         atlas_dir = args.out / "atlas"
         if not (atlas_dir / "atlas.json").is_file():
             say("identifying the atlas (48 pairs, 100 control sets)")
@@ -207,11 +209,12 @@ class Study:
         from rimguard.judge import judge
         from rimguard.probing import generate
 
-        texts = generate(model, self.tok, self.xstest, 24, batch_size=64)
+        prompts = self.xstest if accuracy else self.xstest_small
+        texts = generate(model, self.tok, prompts, 24, batch_size=64)
         verdicts = [judge(t) for t in texts]
         out = {"over_refusal": verdicts.count("refusal") / len(verdicts), "xstest_garbage_rate": verdicts.count("garbage") / len(verdicts),
                "n_xstest": len(verdicts),
-               "samples_xstest": [{"prompt": p, "completion": t, "verdict": v} for p, t, v in zip(self.xstest[:40], texts, verdicts)]}
+               "samples_xstest": [{"prompt": p, "completion": t, "verdict": v} for p, t, v in zip(prompts[:40], texts, verdicts)]}
         if accuracy:
             answers = generate(model, self.tok, [r["question"] for r in self.gsm_acc], 200, batch_size=50)
             right = [_number(a) == _number(cond.final_answer(r["answer"])) for a, r in zip(answers, self.gsm_acc)]

@@ -321,6 +321,11 @@ class RIMGuard(TrainerCallback):
         intents = load_prompts(self.sources["intent"], name="intent") if cfg.method == "counterfactual" else []
         harmless = load_prompts(self.sources["harmless"], name="harmless") if cfg.method == "effect_size" else []
         logger.info("rimguard: identifying safety-critical neurons on %d prompts", len(harmful))
+        dtype = next(model.parameters()).dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            logger.warning("rimguard: identifying the safety neurons under %s; the selection can differ from an fp32 one. "
+                           "Identify once in fp32 (rimguard identify MODEL_DIR -o atlas/) and pass atlas='atlas/' to reuse it.",
+                           str(dtype).replace("torch.", ""))
         return NeuronAtlas.identify(
             model, self.tokenizer, harmful, intents, harmless, self.reasoning, method=cfg.method, top_m=cfg.top_m,
             min_share=cfg.min_share, num_controls=cfg.num_controls, max_new_tokens=cfg.max_new_tokens,

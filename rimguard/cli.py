@@ -29,15 +29,15 @@ def _identify(args: argparse.Namespace) -> None:
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"{args.model}: no such model folder")
     cfg = GuardConfig.load(args.config) if args.config else GuardConfig()
+    # every probe file is read before the model is loaded: a typo fails in a second, not after the load
+    harmful = load_prompts(args.safety, name="safety")[: cfg.num_safety_probes]
+    intents = load_prompts(args.intent, name="intent") if cfg.method == "counterfactual" else ()
+    harmless = load_prompts(args.harmless, name="harmless") if args.harmless else ()
+    reasoning = load_prompts(args.reasoning, name="reasoning") if args.reasoning else ()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    harmful = load_prompts(args.safety, name="safety")[: cfg.num_safety_probes]
     atlas = NeuronAtlas.identify(
-        model, tokenizer, harmful,
-        intents=load_prompts(args.intent, name="intent") if cfg.method == "counterfactual" else (),
-        harmless=load_prompts(args.harmless, name="harmless") if args.harmless else (),
-        reasoning=load_prompts(args.reasoning, name="reasoning") if args.reasoning else (),
-        method=cfg.method, top_m=cfg.top_m, min_share=cfg.min_share, num_controls=cfg.num_controls,
+        model, tokenizer, harmful, intents=intents, harmless=harmless, reasoning=reasoning, method=cfg.method, top_m=cfg.top_m, min_share=cfg.min_share, num_controls=cfg.num_controls,
         max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length, batch_size=cfg.probe_batch_size, seed=cfg.seed,
     )
     atlas.save(args.output)
@@ -48,7 +48,11 @@ def _identify(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from rimguard.atlas import NeuronAtlas
 
-    print(NeuronAtlas.load(args.atlas).summary())
+    folder = Path(args.atlas)
+    if not (folder / "atlas.json").is_file() and (folder / "rimguard_atlas" / "atlas.json").is_file():
+        raise FileNotFoundError(f"{folder} is a run folder; its atlas is in {folder / 'rimguard_atlas'} "
+                                f"(rimguard inspect {folder / 'rimguard_atlas'})")
+    print(NeuronAtlas.load(folder).summary())
 
 
 def _report(args: argparse.Namespace) -> None:

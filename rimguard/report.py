@@ -88,7 +88,9 @@ def summarize(events: list[dict[str, Any]]) -> str:
     start = next((e for e in events if e.get("event") == "start"), {})
     lines = ["# rimguard run report", ""]
     if start:
-        lines.append(f"- mode: `{start.get('mode')}`, safety neurons: {start.get('num_safety')}, atlas: {start.get('atlas')}")
+        lines.append(f"- mode: `{start.get('mode')}`, safety neurons: {start.get('num_safety')}")
+        if start.get("atlas"):
+            lines += ["", "| atlas setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in start["atlas"].items()] + [""]
     if metrics:
         first, last = metrics[0], metrics[-1]
         lines.append(f"- checks: {len(metrics)} (steps {first['step']} to {last['step']})")
@@ -104,7 +106,11 @@ def summarize(events: list[dict[str, Any]]) -> str:
     lines += ["", "## Events", ""]
     for e in changes:
         if e["event"] == "level":
-            why = ", ".join(f"{c['metric']}={c['value']:.3g}>={c['threshold']:.3g}" for c in e.get("crossings", []))
+            highest: dict[str, dict] = {}  # one line per metric: the highest threshold it crossed
+            for c in e.get("crossings", []):
+                if c["metric"] not in highest or c["threshold"] > highest[c["metric"]]["threshold"]:
+                    highest[c["metric"]] = c
+            why = ", ".join(f"{c['metric']}={c['value']:.3g} >= {c['level']} {c['threshold']:.3g}" for c in highest.values())
             lines.append(f"- step {e['step']}: level {e['from']} -> {e['to']} ({why or 'thresholds released'})")
         elif e["event"] == "freeze":
             lines.append(f"- step {e['step']}: froze {e['added']} neurons ({e['which']}), {e['frozen']} in all")

@@ -15,7 +15,7 @@ REASONING = ["What is 2 + 3?", "A train goes 40 km per hour for 2 hours. How far
 
 def sft(out, **kw):
     base = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=0.0, report_to=[],
-                bf16=False, gradient_checkpointing=False, save_strategy="no", use_cpu=True, max_length=64, seed=0,
+                bf16=False, activation_checkpointing=False, save_strategy="no", use_cpu=True, max_length=64, seed=0,
                 disable_tqdm=True, max_grad_norm=0.0)
     return SFTConfig(**{**base, **kw})
 

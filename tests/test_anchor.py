@@ -19,7 +19,7 @@ ANCHOR = dict(mode="regularize", regularizer="anchor", anchor_max_new_tokens=6, 
 
 def sft(out, **kw):
     base = dict(output_dir=str(out), max_steps=1, per_device_train_batch_size=2, learning_rate=0.0, report_to=[], bf16=False,
-                gradient_checkpointing=False, save_strategy="no", use_cpu=True, max_length=64, seed=0, disable_tqdm=True,
+                activation_checkpointing=False, save_strategy="no", use_cpu=True, max_length=64, seed=0, disable_tqdm=True,
                 max_grad_norm=0.0)
     return SFTConfig(**{**base, **kw})
 

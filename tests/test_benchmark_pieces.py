@@ -213,7 +213,7 @@ def test_eval_points_loop_in_tiny_sft(llama_atlas, fast_config, tmp_path, lora):
     guard = rim_benchmark.make_guard_class()(fast_config(log_file=None, probe_every=10_000), atlas=llama_atlas, check_steps=steps[1:])
     timer, evals = StepTimer(), EvalPoints(steps, fn)
     cfg = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
-                    save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False, max_length=96, seed=0,
+                    save_strategy="no", use_cpu=True, bf16=False, activation_checkpointing=False, max_length=96, seed=0,
                     disable_tqdm=True, logging_steps=100)
     peft_config = None
     if lora:

@@ -70,7 +70,7 @@ def test_guarded_run_tensorboard_and_report(tmp_path):
                                  max_length=64, kl_probes=2, probe_every=4, mode="escalate",
                                  thresholds={"warn": {"task_rise": 0.0}, "regularize": {}, "freeze": {}, "stop": {}}))
     args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
-                     report_to=["tensorboard"], bf16=False, gradient_checkpointing=False,
+                     report_to=["tensorboard"], bf16=False, activation_checkpointing=False,
                      save_strategy="no", use_cpu=True, max_length=64, disable_tqdm=True)
     SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(16)),
                processing_class=tiny_tokenizer(), callbacks=[guard]).train()
@@ -127,3 +127,29 @@ def test_demo_keeps_the_config_files_settings_unless_a_flag_is_passed(tmp_path, 
 def test_demo_help_lists_the_demo_flags():
     proc = run("demo", "--help")
     assert proc.returncode == 0 and all(flag in proc.stdout for flag in ("--mode", "--out", "--model", "--config", "--threads"))
+
+
+def test_identify_checks_probe_files_before_loading_the_model(tmp_path, model_dir):
+    proc = run("identify", model_dir, "--safety", tmp_path / "missing.csv", "-o", tmp_path / "atlas")
+    assert proc.returncode == 2 and "missing.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inspect_points_a_run_folder_to_its_atlas(tmp_path, llama_atlas):
+    llama_atlas.save(tmp_path / "rimguard_atlas")
+    proc = run("inspect", tmp_path)
+    assert proc.returncode == 2 and "rimguard inspect" in proc.stderr and "rimguard_atlas" in proc.stderr
+
+
+def test_reduced_precision_identification_warns_once(tok, fast_config, caplog):
+    import contextlib
+    import logging
+
+    import torch
+
+    from rimguard.atlas import AtlasError
+    from rimguard.testing import tiny_model
+
+    guard = RIMGuard(fast_config(min_share=0.1, top_m=0.05), tokenizer=tok)
+    with caplog.at_level(logging.WARNING, logger="rimguard"), contextlib.suppress(AtlasError):  # the warning comes first
+        guard._identify(tiny_model("llama").to(torch.bfloat16))
+    assert sum("under bfloat16" in r.getMessage() for r in caplog.records) == 1

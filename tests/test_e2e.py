@@ -18,7 +18,7 @@ EXPECTED = {"ras_safe", "ras_control_mean", "entanglement_z", "entanglement_pct"
 
 def sft_args(out, **kw):
     base = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=3,
-                report_to=[], bf16=False, gradient_checkpointing=False, save_strategy="no", use_cpu=True,
+                report_to=[], bf16=False, activation_checkpointing=False, save_strategy="no", use_cpu=True,
                 max_length=96, seed=0, disable_tqdm=True)
     return SFTConfig(**{**base, **kw})
 

@@ -35,7 +35,7 @@ def test_dpo(tmp_path, tok, fast_config, llama_atlas, mode):
     before = _frozen_slices(model, llama_atlas)
     guard = RIMGuard(fast_config(mode=mode, probe_every=3), atlas=llama_atlas)
     args = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
-                     max_length=96, gradient_checkpointing=False, **COMMON)
+                     max_length=96, activation_checkpointing=False, **COMMON)
     trainer = DPOTrainer(model=model, ref_model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[guard])
     trainer.train()
     _check(guard, tmp_path, 3)
@@ -55,7 +55,7 @@ def test_grpo(tmp_path, tok, fast_config, llama_atlas):
     before = _frozen_slices(model, llama_atlas)
     guard = RIMGuard(fast_config(mode="freeze", probe_every=2), atlas=llama_atlas)
     args = GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=8, learning_rate=1e-3, gradient_checkpointing=False, **COMMON)
+                      max_completion_length=8, learning_rate=1e-3, activation_checkpointing=False, **COMMON)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, callbacks=[guard])
     trainer.train()

@@ -18,7 +18,7 @@ config = GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share
                      freeze_top_fraction=0.5)
 guard = RIMGuard(config)
 args = SFTConfig(output_dir=out, max_steps=6, per_device_train_batch_size=2, learning_rate=2e-3, report_to=[], bf16=False,
-                 gradient_checkpointing=False, save_strategy="no", use_cpu=True, ddp_backend="gloo", max_length=64, seed=0,
+                 activation_checkpointing=False, save_strategy="no", use_cpu=True, ddp_backend="gloo", max_length=64, seed=0,
                  disable_tqdm=True, logging_steps=100)
 model = tiny_model("llama")
 trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(reasoning_texts(48)), processing_class=tiny_tokenizer(),
