@@ -101,7 +101,8 @@ def prevention_plan() -> list[RunSpec]:
 
     plan = [RunSpec("cot", seed=s) for s in (0, 1)] + [RunSpec("cot", "lora", seed=0)]
     plan += [at("anchor-1"), at("anchor-1", 1), at("anchor-1", 0, "lora")]
-    plan += [at(v) for v in ("anchor-0.3", "anchor-3", "anchor-1-kl-only", "activation", "params", "freeze-2%", "escalate",
+    plan += [at("anchor-1-kl-only", 1), at("anchor-1-kl-only", 0, "lora")]
+    plan += [at(v) for v in ("anchor-0.3", "anchor-3", "anchor-1-kl-only", "activation", "escalate", "freeze-2%", "params",
                              "freeze-0.5%", "freeze-5%", "anchor-1-every4")]
     plan += [at(v, 1) for v in ("anchor-0.3", "anchor-3", "activation", "params")]
     plan += [at(v, 0, "lora") for v in ("anchor-0.3", "anchor-3")]

@@ -263,7 +263,8 @@ class RIMGuard(TrainerCallback):
         from rimguard.config import OPTIMISED_SIGNALS
 
         acts = {a for lvl in LEVELS for a in self.config.actions_for(lvl)}
-        used = ([self.config.regularizer] if "regularize" in acts else []) + (["freeze"] if acts & {"freeze", "freeze_top"} else [])
+        reg = self.config.regularizer + ("+neurons" if self.config.regularizer == "anchor" and self.config.anchor_act_weight > 0 else "")
+        used = ([reg] if "regularize" in acts else []) + (["freeze"] if acts & {"freeze", "freeze_top"} else [])
         return sorted({m for a in used for m in OPTIMISED_SIGNALS[a]})
 
     def _build_regularizer(self, model: nn.Module, restored: dict[str, Any] | None) -> None:

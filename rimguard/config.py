@@ -19,9 +19,10 @@ DEFAULT_WEIGHTS = {"anchor": 1.0, "activation": 1.0, "params": 10.0}
 # refusal margin and KL are measured on probes no action trains on.
 OPTIMISED_SIGNALS: dict[str, tuple[str, ...]] = {
     "activation": ("ras_safe", "safety_drop", "task_rise", "entanglement_z", "entanglement_pct"),
-    # the neuron term holds the safety neurons up on the anchor prompts; measured on SmolLM2 it carries
-    # over to the monitor's probes (safety_drop -> 0), so RAS and z read low under the anchor
-    "anchor": ("safety_drop", "ras_safe", "entanglement_z", "entanglement_pct"),
+    # the anchor's KL acts on behaviour on its own prompts; its neuron term (anchor_act_weight > 0) holds
+    # the safety neurons up there, which on SmolLM2 carried over to the monitor's probes (RAS, z < 0)
+    "anchor": (),
+    "anchor+neurons": ("safety_drop", "ras_safe", "entanglement_z", "entanglement_pct"),
     "params": (),
     "freeze": (),
 }
@@ -106,7 +107,9 @@ class GuardConfig:
         adaptive_penalty: scale lambda by the level (x1 at regularize, x2 at freeze, x4 at stop).
         anchor_every: optimizer steps between anchor batches (the anchor's cost falls with it).
         anchor_batch_size: anchor rows per anchor batch (harmful and harmless look-alikes mixed).
-        anchor_act_weight: weight of the anchor's neuron term relative to its KL term.
+        anchor_act_weight: weight of the anchor's neuron term (the paper's delta-minus-safe side)
+            relative to its KL term. Default 0: on SmolLM2 it added no retention (100% kept with and
+            without) but drove the monitor's RAS and z below zero, blinding them (benchmarks/RESULTS.md).
         anchor_harmless: also anchor harmless look-alike prompts to the base model's own answers,
             so the anchor does not teach blanket refusal (over-refusal).
         anchor_max_new_tokens: length of the recorded base responses, tokens.
@@ -146,7 +149,7 @@ class GuardConfig:
     adaptive_penalty: bool = False
     anchor_every: int = 1
     anchor_batch_size: int = 8
-    anchor_act_weight: float = 1.0
+    anchor_act_weight: float = 0.0
     anchor_harmless: bool = True
     anchor_max_new_tokens: int = 32
     anchor_top_k: int = 32
