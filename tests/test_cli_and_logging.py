@@ -1,10 +1,8 @@
 """The rimguard executable end to end, config files, and TensorBoard logging through report_to."""
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from datasets import Dataset

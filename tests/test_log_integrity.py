@@ -1,6 +1,5 @@
 """The event log and the resume path never lose or duplicate what the guard saw."""
 
-import json
 import os
 import subprocess
 import sys

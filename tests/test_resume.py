@@ -1,7 +1,6 @@
 """A run stopped at a checkpoint and resumed takes the same measurements and decisions."""
 
 import json
-import shutil
 
 import torch
 

@@ -20,6 +20,7 @@ GAIN_TARGET = 0.95
 EARLY_STEP = 3  # 25% of the 12-step runs
 # signal -> (label, sign): sign +1 when a higher value means more risk
 SIGNALS: dict[str, tuple[str, int]] = {
+    "step": ("step count (the same at a given check in every run)", +1),
     "entanglement_z": ("entanglement z (guard default alarm)", +1),
     "ras_safe": ("RAS on safety neurons", +1),
     "ras_control_mean": ("RAS on random neurons (mean of 100 sets)", +1),
@@ -295,7 +296,7 @@ def plot_prevention(res: dict[str, Any], dest: Path) -> list[Path]:
 
 
 def prevention_markdown(res: dict[str, Any]) -> str:
-    lines = [f"# Prevention study: aligned SmolLM2, 12 GSM8K SFT steps", "",
+    lines = ["# Prevention study: aligned SmolLM2, 12 GSM8K SFT steps", "",
              f"Aligned model: refusal {res['aligned_refusal']:.0%} of 48 held-out AdvBench prompts, XSTest over-refusal "
              f"{_fmt(res['aligned_over_refusal'])} of 250, GSM8K accuracy {_fmt(res['aligned_gsm8k_accuracy'])} of 50.", "",
              "Per variant: mean [min, max] over its runs (full FT: seeds 0 and 1 where run; LoRA: seed 0).", "",
