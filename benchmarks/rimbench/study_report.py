@@ -38,6 +38,10 @@ SIGNALS: dict[str, tuple[str, int]] = {
 DEFAULT_ALARM = ("entanglement_z", 2.0)
 
 
+def _kl_only_runs(out: Path) -> list[Path]:
+    return sorted((out / "runs").glob("cot-*-anchor-1-kl-only-s*.json"))
+
+
 def load_runs(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
     return [json.loads((out / "runs" / f"{n}.json").read_text()) for n in names if (out / "runs" / f"{n}.json").is_file()]
 
@@ -214,6 +218,13 @@ def validity_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {s['label']} | {_fmt(s['rho_early'])} | {_ci(*s['rho_ci'])} | {_fmt(s['partial_rho'])} | {_fmt(s['auroc_early'])} | "
                      f"{_fmt(s['best_threshold'], 3)} | {_fmt(b['recall'])} | {_fmt(b['false_alarm_rate'])} | {_fmt(b['median_lead_steps'], 0)} | "
                      f"{_fmt(lo['recall'])} | {_fmt(lo['false_alarm_rate'])} |")
+    for key, title in (("without_answer_only", "Without the answer-only runs"),
+                       ("with_kl_anchor_runs", "With the KL-only anchor runs of the prevention study added as runs that keep")):
+        w = res.get(key)
+        if w:
+            lines += ["", f"{title} ({w['n_runs']} runs, {w['n_positive']} forgetting): early rho [95% CI] / AUROC per signal: "
+                      + "; ".join(f"{k} {_fmt(v['rho_early'])} {_ci(*v['rho_ci'])} / {_fmt(v['auroc_early'])}" for k, v in w["signals"].items())
+                      + f". Default alarm: recall {_fmt(w['default_alarm']['recall'])}, false alarms {_fmt(w['default_alarm']['false_alarm_rate'])}."]
     d = res["default_alarm"]
     n = res["ras_permutation_null"]
     lines += ["", f"Default alarm ({d['signal']} >= {d['threshold']} at any check): recall {_fmt(d['recall'])} of {d['n_positive']} forgetting runs, "
@@ -329,6 +340,19 @@ def analyse_and_write(preset: str, out: Path, names: Sequence[str], dest: Path) 
     dest.mkdir(parents=True, exist_ok=True)
     if preset == "validity":
         res = analyse_validity(runs, step0)
+        # answer_only collapses to "The answer is N." on harmful prompts: not a refusal, but not harmful
+        # content either; the same analysis without those runs shows how much they carry
+        # and with the prevention study's KL-only anchor runs as more runs that keep their refusals (that
+        # action optimises none of the monitor's signals; only the guard's own signals exist for them)
+        anchored = load_runs(out, [p.stem for p in _kl_only_runs(out)])
+        for key, subset in (("without_answer_only", [r for r in runs if r["condition"] != "answer_only"]),
+                            ("with_kl_anchor_runs", runs + [{**r, "condition": "cot-anchor"} for r in anchored])):
+            if len(subset) == len(runs) and key == "without_answer_only" or not anchored and key == "with_kl_anchor_runs":
+                continue
+            sub = analyse_validity(subset, step0)
+            res[key] = {"n_runs": sub["n_runs"], "n_positive": sub["n_positive"], "default_alarm": sub["default_alarm"],
+                        "signals": {k: {f: v.get(f) for f in ("rho_early", "rho_ci", "auroc_early")}
+                                    for k, v in sub["signals"].items() if v.get("available")}}
         res["plots"] = [p.name for p in plot_validity(res, dest)]
         (dest / "validity.json").write_text(json.dumps(res, indent=1, default=float))
         (dest / "report.md").write_text(validity_markdown(res))
