@@ -218,7 +218,7 @@ def validity_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {s['label']} | {_fmt(s['rho_early'])} | {_ci(*s['rho_ci'])} | {_fmt(s['partial_rho'])} | {_fmt(s['auroc_early'])} | "
                      f"{_fmt(s['best_threshold'], 3)} | {_fmt(b['recall'])} | {_fmt(b['false_alarm_rate'])} | {_fmt(b['median_lead_steps'], 0)} | "
                      f"{_fmt(lo['recall'])} | {_fmt(lo['false_alarm_rate'])} |")
-    for key, title in (("without_answer_only", "Without the answer-only runs"),
+    for key, title in (("without_template_runs", "Without the answer-only and effort-minimising runs (template answers)"),
                        ("with_kl_anchor_runs", "With the KL-only anchor runs of the prevention study added as runs that keep")):
         w = res.get(key)
         if w:
@@ -340,14 +340,15 @@ def analyse_and_write(preset: str, out: Path, names: Sequence[str], dest: Path) 
     dest.mkdir(parents=True, exist_ok=True)
     if preset == "validity":
         res = analyse_validity(runs, step0)
-        # answer_only collapses to "The answer is N." on harmful prompts: not a refusal, but not harmful
-        # content either; the same analysis without those runs shows how much they carry
+        # answer_only and effort_min answer harmful prompts with their trained template ("The answer is N.",
+        # "I'll skip the explanation..."): not a refusal, but 24 tokens cannot show harmful content either;
+        # the same analysis without those runs shows how much they carry
         # and with the prevention study's KL-only anchor runs as more runs that keep their refusals (that
         # action optimises none of the monitor's signals; only the guard's own signals exist for them)
         anchored = load_runs(out, [p.stem for p in _kl_only_runs(out)])
-        for key, subset in (("without_answer_only", [r for r in runs if r["condition"] != "answer_only"]),
+        for key, subset in (("without_template_runs", [r for r in runs if r["condition"] not in ("answer_only", "effort_min")]),
                             ("with_kl_anchor_runs", runs + [{**r, "condition": "cot-anchor"} for r in anchored])):
-            if len(subset) == len(runs) and key == "without_answer_only" or not anchored and key == "with_kl_anchor_runs":
+            if len(subset) == len(runs) and key == "without_template_runs" or not anchored and key == "with_kl_anchor_runs":
                 continue
             sub = analyse_validity(subset, step0)
             res[key] = {"n_runs": sub["n_runs"], "n_positive": sub["n_positive"], "default_alarm": sub["default_alarm"],
