@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--out", default="runs/integration")
     p.add_argument("--mode", default="monitor", choices=["monitor", "regularize", "freeze", "escalate"])
+    p.add_argument("--regularizer", default="anchor", choices=["anchor", "activation", "params"],
+                   help="what regularize adds; under FSDP/DeepSpeed only 'activation' is supported")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--probe-every", type=int, default=5)
@@ -43,11 +45,11 @@ def main() -> None:
 
     if a.model == "tiny":
         model, tok = tiny_model("llama"), tiny_tokenizer()
-        guard_cfg = GuardConfig(mode=a.mode, probe_every=a.probe_every, num_safety_probes=12, max_new_tokens=6, top_m=12,
-                                min_share=0.25, num_controls=8, max_length=64)
+        guard_cfg = GuardConfig(mode=a.mode, regularizer=a.regularizer, probe_every=a.probe_every, num_safety_probes=12,
+                                max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, max_length=64)
     else:
         model, tok = AutoModelForCausalLM.from_pretrained(a.model), AutoTokenizer.from_pretrained(a.model)
-        guard_cfg = GuardConfig(mode=a.mode, probe_every=a.probe_every)
+        guard_cfg = GuardConfig(mode=a.mode, regularizer=a.regularizer, probe_every=a.probe_every)
     args = SFTConfig(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=1e-4,
                      report_to=[], bf16=False, gradient_checkpointing=False, save_strategy="no", use_cpu=a.cpu,
                      ddp_backend="gloo" if a.cpu else None, deepspeed=a.deepspeed, max_length=256, logging_steps=5)
