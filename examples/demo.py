@@ -44,7 +44,7 @@ from rimguard.probing import generate
 from rimguard.testing import reasoning_texts
 from rimguard.zoo import EVAL_MAX_NEW_TOKENS, aligned_smollm2, alignment_split
 
-COLUMNS = ("step", "ras_safe", "entanglement_z", "refusal_drop", "kl_task", "level", "frozen")
+COLUMNS = ("step", "safety_drop", "ras_safe", "entanglement_z", "refusal_drop", "level", "frozen")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,11 +149,14 @@ def plot(history: list[dict], losses: list[tuple[int, float]], config: GuardConf
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True)
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared: every panel gets whole steps
     panels = [
         ("ras_safe", "RAS: safety neurons vs controls", "ras_control_mean"),
-        ("entanglement_z", "entanglement z (RAS vs controls)", None),
+        ("safety_drop", "safety-neuron activation loss (the alarm)", None),
         ("refusal_drop", "refusal margin drop (nats)", None),
         ("kl_task", "KL(pi_0 || pi_t) on reasoning data", None),
     ]
@@ -181,6 +184,7 @@ def plot(history: list[dict], losses: list[tuple[int, float]], config: GuardConf
     frozen = [h["frozen"] for h in history]
     twin.step(steps, frozen, "x--", where="post", color="tab:blue", label="frozen")
     twin.set_ylim(0, max(1.0, max(frozen, default=0.0)) * 1.15)
+    twin.yaxis.set_major_locator(MaxNLocator(integer=True))
     twin.set_ylabel("frozen neurons", color="tab:blue")
     for ax in axes[1]:
         ax.set_xlabel("optimizer step")
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak = LEVELS[int(max((h["level"] for h in guard.history), default=0))]
     acted = "no action taken (monitor mode)" if config.mode == "monitor" else f"action in force at the end: {guard.action}"
     print(f"guard: {guard.atlas.num_safety} safety neurons; risk reached '{peak}', final risk level '{guard.level}'; {acted}; "
-          f"entanglement z {last.get('entanglement_z', math.nan):.3g}; refusal drop {last.get('refusal_drop', math.nan):.3g}; "
+          f"safety_drop {last.get('safety_drop', math.nan):.3g}; entanglement z {last.get('entanglement_z', math.nan):.3g}; refusal drop {last.get('refusal_drop', math.nan):.3g}; "
           f"{summary['frozen']} neurons frozen")
     print(f"time: model ready {summary['seconds']['model_ready']:.0f}s, guarded SFT {trained:.0f}s, "
           f"total {summary['seconds']['total']:.0f}s")
