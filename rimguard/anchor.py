@@ -203,6 +203,7 @@ class SafetyAnchor:
         self.record = record
         self.tap = SafetyTap(safety_per_layer)
         self.batch_size, self.every, self.act_weight, self.rel_floor = batch_size, every, act_weight, rel_floor
+        self._lengths = record.attn.sum(1).cpu()  # row lengths on the host: trimming a batch needs no device sync
         self._logged: torch.Tensor | None = None  # [3]: sum kl, sum act, count (device, no sync)
 
     def due(self, step: int) -> bool:
@@ -219,9 +220,10 @@ class SafetyAnchor:
     def loss(self, model: nn.Module, capture: ActivationCapture, step: int) -> torch.Tensor:
         """``KL + mu * shrink`` on this step's anchor rows, differentiable (a forward with gradient)."""
         rec = self.record
-        rows = self.rows(step).to(rec.ids.device)
+        host_rows = self.rows(step)
+        width = int(self._lengths[host_rows].max())
+        rows = host_rows.to(rec.ids.device)
         attn = rec.attn[rows]
-        width = int(attn.sum(1).max())
         with forked_rng(), checkpointing_off(model), capture.routed(self.tap):
             logits = model(input_ids=rec.ids[rows, :width], attention_mask=attn[:, :width]).logits
         logp = response_logprobs(logits, rec.pos[rows].clamp_max(width - 1))
