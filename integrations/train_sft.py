@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
@@ -58,6 +59,8 @@ def main() -> None:
     trainer.train()
     if trainer.is_world_process_zero():
         print(f"rimguard integration run done: world_size={trainer.accelerator.num_processes}, output in {a.out}")
+    if torch.distributed.is_initialized():  # tear down explicitly: left to interpreter exit, CPU backends can abort
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -35,3 +35,5 @@ record = {
 }
 with open(f"{out}/rank{rank}.json", "w") as fh:
     json.dump(record, fh)
+dist.barrier()
+dist.destroy_process_group()

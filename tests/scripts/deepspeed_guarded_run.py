@@ -28,3 +28,5 @@ trainer.train()
 rank = dist.get_rank()
 record = {"rank": rank, "world": dist.get_world_size(), "deepspeed": trainer.is_deepspeed_enabled, "history": guard.history}
 Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+dist.barrier()
+dist.destroy_process_group()  # an explicit teardown: left to interpreter exit, the CPU comm backend sometimes aborts
