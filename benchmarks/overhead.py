@@ -43,7 +43,12 @@ from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, NeuronAtlas, RIMGuard
 from rimguard.probes import bundled
-from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer
+from rimguard.testing import (
+    no_checkpointing,
+    reasoning_texts,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 
 class StepTimer(TrainerCallback):
@@ -101,7 +106,7 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
         callbacks.append(peer_callback(model, tok, workdir, args.probes, args.probe_every))
     callbacks.append(timer)
     cfg = SFTConfig(output_dir=str(workdir / mode), max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
-                    learning_rate=1e-5, report_to=[], bf16=False, gradient_checkpointing=False, save_strategy="no",
+                    learning_rate=1e-5, report_to=[], bf16=False, **no_checkpointing(), save_strategy="no",
                     use_cpu=not torch.cuda.is_available(), max_length=args.max_length, seed=0, disable_tqdm=True,
                     logging_steps=10_000)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(reasoning_texts(args.batch * (args.warmup + args.steps) + 8)),

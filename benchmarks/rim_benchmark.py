@@ -48,12 +48,19 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
 from rimbench import data as bdata  # noqa: E402
 from rimbench import peer as bpeer  # noqa: E402
-from rimbench.evaluation import EvalPoints, Evaluator, StepTimer, parse_steps, step_time_summary  # noqa: E402
+from rimbench.evaluation import (  # noqa: E402
+    EvalPoints,
+    Evaluator,
+    StepTimer,
+    parse_steps,
+    step_time_summary,
+)
 from rimbench.report import analyse, plot_all, write_report  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from rimguard.testing import no_checkpointing  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
 VARIANTS = ("full", "lora", "regularize", "freeze")
@@ -188,7 +195,7 @@ def sft_config(args: argparse.Namespace, workdir: Path, seed: int, steps: int, l
         output_dir=str(workdir), max_steps=steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_length=args.max_length,
         logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False,
-        gradient_checkpointing=False, seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
+        **no_checkpointing(), seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
     )
 
 
@@ -378,16 +385,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python benchmarks/rim_benchmark.py" + ("" if argv is None and len(sys.argv) <= 1 else " " + shlex.join(argv if argv is not None else sys.argv[1:]))
     if args.threads:
         torch.set_num_threads(args.threads)
+    import warnings
+
+    import datasets
     from transformers import AutoTokenizer
     from transformers import logging as hf_logging
 
     from rimguard import NeuronAtlas
     from rimguard.probes import bundled
     from rimguard.zoo import aligned_smollm2
-
-    import warnings
-
-    import datasets
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -37,12 +37,13 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
 from rimbench import conditions as cond  # noqa: E402
 from rimbench import data as bdata  # noqa: E402
 from rimbench import peer as bpeer  # noqa: E402
 from rimbench.evaluation import StepTimer, completion_examples, heldout_loss  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from rimguard.testing import no_checkpointing  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
 STEPS = 12
@@ -361,11 +362,11 @@ def _kl_now(model, batch, ref) -> float:
 def run(spec: RunSpec, study: Study) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
+    from rim_benchmark import LossLog, make_guard_class
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
     from rimguard import GuardConfig
-    from rim_benchmark import LossLog, make_guard_class
 
     started = time.perf_counter()
     workdir = study.args.out / "work" / spec.name
@@ -381,7 +382,7 @@ def run(spec: RunSpec, study: Study) -> dict[str, Any]:
                       task_type="CAUSAL_LM") if spec.finetune == "lora" else None
     args = SFTConfig(output_dir=str(workdir), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=spec.lr,
                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_length=192, logging_steps=1, report_to=[],
-                     save_strategy="no", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=spec.seed,
+                     save_strategy="no", use_cpu=True, bf16=False, fp16=False, **no_checkpointing(), seed=spec.seed,
                      data_seed=spec.seed, disable_tqdm=True, dataloader_num_workers=0)
     trainer = SFTTrainer(model=study.model(spec.seed), args=args, train_dataset=Dataset.from_list(study.records(spec, STEPS * 4)),
                          processing_class=study.tok, callbacks=[guard, timer, base, losses], peft_config=lora)

@@ -41,7 +41,7 @@ from rimguard import GuardConfig, RIMGuard
 from rimguard.config import LEVELS, MODES
 from rimguard.judge import judge, refusal_rate
 from rimguard.probing import generate
-from rimguard.testing import reasoning_texts
+from rimguard.testing import no_checkpointing, reasoning_texts
 from rimguard.zoo import EVAL_MAX_NEW_TOKENS, aligned_smollm2, alignment_split
 
 COLUMNS = ("step", "safety_drop", "ras_safe", "entanglement_z", "refusal_drop", "level", "frozen")
@@ -148,7 +148,6 @@ def plot(history: list[dict], losses: list[tuple[int, float]], config: GuardConf
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     steps = [h["step"] for h in history]
@@ -229,11 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. guarded reasoning SFT
     guard = RIMGuard(config)
     table = LiveTable()
-    # TRL's SFTConfig turns activation (gradient) checkpointing on by default; a 135M model does not need it.
-    no_checkpointing = {"activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
-                        else "gradient_checkpointing": False}
+    # TRL's SFTConfig turns activation checkpointing on by default; a 135M model does not need it.
     sft = SFTConfig(
-        **no_checkpointing, output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        **no_checkpointing(), output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup, logging_steps=1, max_length=192,
         report_to=[], save_strategy="no", save_only_model=True, use_cpu=True, bf16=False, fp16=False, seed=0,
         disable_tqdm=True,  # the guard's 'checkpoint' action (mode=escalate) still saves; save_only_model keeps it small

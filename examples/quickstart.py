@@ -36,7 +36,8 @@ ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p.question}],
                          "completion": [{"role": "assistant", "content": p.solution()}]} for p in problems(200)])
 
 sft = SFTConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-4, max_length=256,
-                use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=5)
+                use_cpu=True, bf16=False, activation_checkpointing=False,  # older transformers: gradient_checkpointing=False
+                report_to=[], save_strategy="no", logging_steps=5)
 
 guard = RIMGuard(GuardConfig(mode="regularize", probe_every=10, **overrides))  # the safety anchor, plus the monitor's alarms
 trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok, callbacks=[guard])

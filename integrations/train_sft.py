@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 from datasets import Dataset
@@ -18,7 +19,12 @@ from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
 from rimguard.events import read_jsonl
-from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer
+from rimguard.testing import (
+    no_checkpointing,
+    reasoning_texts,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 
 def records(path: str | None, count: int) -> list[dict]:
@@ -52,14 +58,16 @@ def main() -> None:
         model, tok = AutoModelForCausalLM.from_pretrained(a.model), AutoTokenizer.from_pretrained(a.model)
         guard_cfg = GuardConfig(mode=a.mode, regularizer=a.regularizer, probe_every=a.probe_every)
     args = SFTConfig(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=1e-4,
-                     report_to=[], bf16=False, gradient_checkpointing=False, save_strategy="no", use_cpu=a.cpu,
+                     report_to=[], bf16=False, **no_checkpointing(), save_strategy="no", use_cpu=a.cpu,
                      ddp_backend="gloo" if a.cpu else None, deepspeed=a.deepspeed, max_length=256, logging_steps=5)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records(a.data, a.batch * a.steps * 8)),
                          processing_class=tok, callbacks=[RIMGuard(guard_cfg)])
     trainer.train()
     if trainer.is_world_process_zero():
         print(f"rimguard integration run done: world_size={trainer.accelerator.num_processes}, output in {a.out}")
-    if torch.distributed.is_initialized():  # tear down explicitly: left to interpreter exit, CPU backends can abort
+    if torch.distributed.is_initialized():  # tear down while the interpreter is alive: gloo can abort at exit otherwise
+        del trainer
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 

@@ -35,6 +35,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+def no_checkpointing() -> dict[str, bool]:
+    """``TrainingArguments`` keyword that turns activation checkpointing off, under the field name of the
+    installed transformers (``activation_checkpointing`` in recent releases, ``gradient_checkpointing`` in 5.20 and earlier)."""
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+    return {name: False}
+
+
 @lru_cache(maxsize=1)
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A 600-token byte-level BPE with a chat template and pad/eos tokens."""

@@ -8,14 +8,19 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import RIMGuard
-from rimguard.testing import assert_grad_difference, reasoning_texts, tiny_model
+from rimguard.testing import (
+    assert_grad_difference,
+    no_checkpointing,
+    reasoning_texts,
+    tiny_model,
+)
 
 REASONING = ["What is 2 + 3?", "A train goes 40 km per hour for 2 hours. How far?", "What is 7 * 6?"]
 
 
 def sft(out, **kw):
     base = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=0.0, report_to=[],
-                bf16=False, activation_checkpointing=False, save_strategy="no", use_cpu=True, max_length=64, seed=0,
+                bf16=False, **no_checkpointing(), save_strategy="no", use_cpu=True, max_length=64, seed=0,
                 disable_tqdm=True, max_grad_norm=0.0)
     return SFTConfig(**{**base, **kw})
 

@@ -12,14 +12,19 @@ from rimguard import RIMGuard, metrics
 from rimguard.anchor import AnchorError
 from rimguard.atlas import top_share_per_layer
 from rimguard.probes import bundled
-from rimguard.testing import assert_grad_difference, reasoning_texts, tiny_model
+from rimguard.testing import (
+    assert_grad_difference,
+    no_checkpointing,
+    reasoning_texts,
+    tiny_model,
+)
 
 ANCHOR = dict(mode="regularize", regularizer="anchor", anchor_max_new_tokens=6, anchor_batch_size=4, probe_every=100)
 
 
 def sft(out, **kw):
     base = dict(output_dir=str(out), max_steps=1, per_device_train_batch_size=2, learning_rate=0.0, report_to=[], bf16=False,
-                activation_checkpointing=False, save_strategy="no", use_cpu=True, max_length=64, seed=0, disable_tqdm=True,
+                **no_checkpointing(), save_strategy="no", use_cpu=True, max_length=64, seed=0, disable_tqdm=True,
                 max_grad_norm=0.0)
     return SFTConfig(**{**base, **kw})
 

@@ -29,7 +29,12 @@ from rimbench.evaluation import (  # noqa: E402
 )
 from rimbench.stats import forgetting, mean_finite, pearson, run_correlations, targets  # noqa: E402
 
-from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer  # noqa: E402
+from rimguard.testing import (  # noqa: E402
+    no_checkpointing,
+    reasoning_texts,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 
 # -- correlation ------------------------------------------------------------------------------
@@ -196,10 +201,9 @@ def test_evaluator_on_tiny_model():
 def test_eval_points_loop_in_tiny_sft(llama_atlas, fast_config, tmp_path, lora):
     """A tiny SFT with the guard and the eval callback: evaluation happens exactly at the requested
     steps, in eval mode under no_grad, train mode restored; guard checks land on the same steps."""
+    import rim_benchmark
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
-
-    import rim_benchmark
 
     tok = tiny_tokenizer()
     model = tiny_model("llama")
@@ -213,7 +217,7 @@ def test_eval_points_loop_in_tiny_sft(llama_atlas, fast_config, tmp_path, lora):
     guard = rim_benchmark.make_guard_class()(fast_config(log_file=None, probe_every=10_000), atlas=llama_atlas, check_steps=steps[1:])
     timer, evals = StepTimer(), EvalPoints(steps, fn)
     cfg = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
-                    save_strategy="no", use_cpu=True, bf16=False, activation_checkpointing=False, max_length=96, seed=0,
+                    save_strategy="no", use_cpu=True, bf16=False, **no_checkpointing(), max_length=96, seed=0,
                     disable_tqdm=True, logging_steps=100)
     peft_config = None
     if lora:

@@ -84,7 +84,7 @@ def test_masked_max_against_float64_reference_many_shapes():
 
 def _train_steps(model, capture, steps, checkpointing):
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = torch.randint(0, 500, (2, 9))
     mask = torch.ones_like(ids)

@@ -9,7 +9,12 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import ConfigError, GuardConfig, RIMGuard
-from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer
+from rimguard.testing import (
+    no_checkpointing,
+    reasoning_texts,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 EXE = [sys.executable, "-m", "rimguard.cli"]
 
@@ -68,7 +73,7 @@ def test_guarded_run_tensorboard_and_report(tmp_path):
                                  max_length=64, kl_probes=2, probe_every=4, mode="escalate",
                                  thresholds={"warn": {"task_rise": 0.0}, "regularize": {}, "freeze": {}, "stop": {}}))
     args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
-                     report_to=["tensorboard"], bf16=False, activation_checkpointing=False,
+                     report_to=["tensorboard"], bf16=False, **no_checkpointing(),
                      save_strategy="no", use_cpu=True, max_length=64, disable_tqdm=True)
     SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(16)),
                processing_class=tiny_tokenizer(), callbacks=[guard]).train()

@@ -10,7 +10,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import RIMGuard
-from rimguard.testing import reasoning_texts, tiny_model
+from rimguard.testing import no_checkpointing, reasoning_texts, tiny_model
 
 EXPECTED = {"ras_safe", "ras_control_mean", "entanglement_z", "entanglement_pct", "safety_drop", "task_rise",
             "kl_task", "refusal_margin", "refusal_drop", "level", "lambda", "frozen"}
@@ -18,7 +18,7 @@ EXPECTED = {"ras_safe", "ras_control_mean", "entanglement_z", "entanglement_pct"
 
 def sft_args(out, **kw):
     base = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=3,
-                report_to=[], bf16=False, activation_checkpointing=False, save_strategy="no", use_cpu=True,
+                report_to=[], bf16=False, **no_checkpointing(), save_strategy="no", use_cpu=True,
                 max_length=96, seed=0, disable_tqdm=True)
     return SFTConfig(**{**base, **kw})
 

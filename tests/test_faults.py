@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 from rimguard import GuardConfig, RIMGuard, metrics
 from rimguard.config import LEVELS, ConfigError
 from rimguard.policy import RiskPolicy
-from rimguard.testing import reasoning_texts, tiny_model
+from rimguard.testing import no_checkpointing, reasoning_texts, tiny_model
 
 TH = {"warn": {"entanglement_z": 2.0}, "regularize": {"entanglement_z": 3.0}, "freeze": {"entanglement_z": 5.0}, "stop": {}}
 finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False, width=32)  # activation scale
@@ -81,7 +81,7 @@ def test_inf_weight_mid_run_is_a_fault_and_the_level_holds(tmp_path, tok, fast_c
     th = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 1e-4}, "freeze": {"task_rise": 1e9}, "stop": {}}
     guard = RIMGuard(fast_config(mode="escalate", thresholds=th, probe_every=1, hysteresis=0.0), atlas=llama_atlas)
     args = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
-                     bf16=False, activation_checkpointing=False, save_strategy="no", use_cpu=True, max_length=64, seed=0,
+                     bf16=False, **no_checkpointing(), save_strategy="no", use_cpu=True, max_length=64, seed=0,
                      disable_tqdm=True, logging_steps=100, max_grad_norm=0.0)
     trainer = SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(24)),
                          processing_class=tok, callbacks=[guard, _Poison(3)])

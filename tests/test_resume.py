@@ -3,13 +3,12 @@
 import json
 
 import torch
-
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import RIMGuard
-from rimguard.testing import reasoning_texts, tiny_model
+from rimguard.testing import no_checkpointing, reasoning_texts, tiny_model
 
 # low thresholds so the run escalates (and freezes) before and after the checkpoint
 TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.002}, "freeze": {"task_rise": 0.004}, "stop": {}}
@@ -18,7 +17,7 @@ TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.002}, "freeze": 
 def run(out, tok, fast_config, max_steps, resume=None):
     guard = RIMGuard(fast_config(mode="escalate", thresholds=TH, probe_every=2, penalty_weight=0.5, hysteresis=0.0))
     args = SFTConfig(output_dir=str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-3, report_to=[],
-                     bf16=False, activation_checkpointing=False, save_strategy="steps", save_steps=4, use_cpu=True,
+                     bf16=False, **no_checkpointing(), save_strategy="steps", save_steps=4, use_cpu=True,
                      max_length=64, seed=0, disable_tqdm=True, logging_steps=100)
     trainer = SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(48)),
                          processing_class=tok, callbacks=[guard])

@@ -10,7 +10,7 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 from rimguard import RIMGuard
 from rimguard.arch import find_mlp_layers
 from rimguard.probes.reasoning import problems
-from rimguard.testing import tiny_model
+from rimguard.testing import no_checkpointing, tiny_model
 
 COMMON = dict(report_to=[], bf16=False, use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, logging_steps=100)
 
@@ -35,7 +35,7 @@ def test_dpo(tmp_path, tok, fast_config, llama_atlas, mode):
     before = _frozen_slices(model, llama_atlas)
     guard = RIMGuard(fast_config(mode=mode, probe_every=3), atlas=llama_atlas)
     args = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
-                     max_length=96, activation_checkpointing=False, **COMMON)
+                     max_length=96, **no_checkpointing(), **COMMON)
     trainer = DPOTrainer(model=model, ref_model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[guard])
     trainer.train()
     _check(guard, tmp_path, 3)
@@ -55,7 +55,7 @@ def test_grpo(tmp_path, tok, fast_config, llama_atlas):
     before = _frozen_slices(model, llama_atlas)
     guard = RIMGuard(fast_config(mode="freeze", probe_every=2), atlas=llama_atlas)
     args = GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=8, learning_rate=1e-3, activation_checkpointing=False, **COMMON)
+                      max_completion_length=8, learning_rate=1e-3, **no_checkpointing(), **COMMON)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, callbacks=[guard])
     trainer.train()

@@ -1,5 +1,6 @@
 """Run under torchrun: a guarded SFT with freezing on 2 CPU ranks (gloo); each rank dumps what it saw."""
 
+import gc
 import json
 import sys
 
@@ -8,7 +9,12 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
-from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer
+from rimguard.testing import (
+    no_checkpointing,
+    reasoning_texts,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 out = sys.argv[1]
 TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.0004}, "freeze": {"task_rise": 0.0009}, "stop": {}}
@@ -18,7 +24,7 @@ config = GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share
                      actions={"warn": ["warn", "regularize"]})  # the safety anchor from the first warning (step 1) on
 guard = RIMGuard(config)
 args = SFTConfig(output_dir=out, max_steps=6, per_device_train_batch_size=2, learning_rate=2e-3, report_to=[], bf16=False,
-                 activation_checkpointing=False, save_strategy="no", use_cpu=True, ddp_backend="gloo", max_length=64, seed=0,
+                 **no_checkpointing(), save_strategy="no", use_cpu=True, ddp_backend="gloo", max_length=64, seed=0,
                  disable_tqdm=True, logging_steps=100)
 model = tiny_model("llama")
 trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(reasoning_texts(48)), processing_class=tiny_tokenizer(),
@@ -35,5 +41,9 @@ record = {
 }
 with open(f"{out}/rank{rank}.json", "w") as fh:
     json.dump(record, fh)
+# Tear down while the interpreter is alive: gloo work objects still referenced at interpreter exit
+# abort the process ("terminate called without an active exception") in about 1 run of 10.
+del trainer, guard
+gc.collect()
 dist.barrier()
 dist.destroy_process_group()

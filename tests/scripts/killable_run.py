@@ -12,7 +12,12 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
-from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer
+from rimguard.testing import (
+    no_checkpointing,
+    reasoning_texts,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 out, kill_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
 
@@ -28,7 +33,7 @@ guard = RIMGuard(GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, m
                              kl_probes=2, max_length=64, probe_every=1, mode="escalate", thresholds=TH, hysteresis=0.0,
                              anchor_max_new_tokens=6))
 args = SFTConfig(output_dir=out, max_steps=12, per_device_train_batch_size=4, learning_rate=2e-3, report_to=[], bf16=False,
-                 activation_checkpointing=False, save_strategy="steps", save_steps=4, use_cpu=True, max_length=64, seed=0,
+                 **no_checkpointing(), save_strategy="steps", save_steps=4, use_cpu=True, max_length=64, seed=0,
                  disable_tqdm=True, logging_steps=100)
 trainer = SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(64)),
                      processing_class=tiny_tokenizer(), callbacks=[guard, Kill()])
