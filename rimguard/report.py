@@ -3,23 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rimguard.config import LEVELS
 from rimguard.events import read_events, runs_of
 
-# (key, title, control-set key, drawn as steps, shown only when non-zero somewhere)
+
+
+class Panel(NamedTuple):
+    """One plot panel: a logged metric and how it is drawn."""
+
+    key: str
+    title: str
+    control: str | None = None  # the control-set metric drawn beside it (grey, dotted)
+    steps: bool = False  # a state held between checks (level, lambda, count): drawn as steps
+    only_nonzero: bool = False  # an action's quantity: shown only when it is non-zero somewhere
+    from_zero: bool = False  # a non-negative quantity: the axis starts at 0
+
+
 PANELS = (
-    ("ras_safe", "RAS on safety neurons", "ras_control_mean", False, False),
-    ("entanglement_z", "entanglement z (vs control sets)", None, False, False),
-    ("refusal_margin", "refusal vs compliance log-odds (nats)", None, False, False),
-    ("kl_task", "KL(pi_0 || pi_t) on reasoning", None, False, False),
-    ("level", "risk level (what the signals say)", None, True, False),
-    ("lambda", "regularizer lambda in force", None, True, True),
-    ("anchor_kl", "safety-anchor KL (base responses)", None, False, True),
-    ("penalty", "activation penalty", None, False, True),
-    ("frozen", "frozen neurons", None, True, True),
+    Panel("safety_drop", "safety-neuron activation drop (the alarm)"),
+    Panel("ras_safe", "RAS on safety neurons", "ras_control_mean"),
+    Panel("entanglement_z", "entanglement z (vs control sets)"),
+    Panel("refusal_margin", "refusal vs compliance log-odds (nats)"),
+    Panel("kl_task", "KL(pi_0 || pi_t) on reasoning"),
+    Panel("level", "risk level (what the signals say)", steps=True),
+    Panel("lambda", "regularizer lambda in force", steps=True, only_nonzero=True, from_zero=True),
+    Panel("anchor_kl", "safety-anchor KL (base responses)", only_nonzero=True, from_zero=True),
+    Panel("penalty", "activation penalty", only_nonzero=True, from_zero=True),
+    Panel("frozen", "frozen neurons", steps=True, only_nonzero=True, from_zero=True),
 )
+
+
+def panels_for(metrics: list[dict[str, Any]]) -> list[Panel]:
+    """The panels a run's metric records call for: every logged signal, and each action's quantity
+    only where it is non-zero somewhere."""
+    return [p for p in PANELS if any(m.get(p.key) for m in metrics) or not p.only_nonzero and any(p.key in m for m in metrics)]
 
 
 def _series(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -38,11 +57,11 @@ def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[st
     metrics = [e for e in events if e.get("event") == "metrics"]
     changes = [e for e in events if e.get("event") == "level"]
     freezes = [e for e in events if e.get("event") == "freeze"]
-    panels = [p for p in PANELS if any(m.get(p[0]) for m in metrics) or not p[4] and any(p[0] in m for m in metrics)]
+    panels = panels_for(metrics)
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(13, 3.3 * rows), sharex=True, squeeze=False)
-    for ax, (key, title, control, steps_drawn, _) in zip(axes.flat, panels):
+    for ax, (key, title, control, steps_drawn, _, from_zero) in zip(axes.flat, panels):
         steps, values = _series(metrics, key)
         if steps_drawn:
             ax.step(steps, values, where="post", marker="o", ms=3, label=key)
@@ -61,8 +80,12 @@ def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[st
             ax.axvline(freeze["step"], color="C2", lw=1.2, ls="-.", alpha=0.7)
         if key == "level":
             ax.set_yticks(range(len(LEVELS)), LEVELS)
-        elif steps_drawn:
+        elif key == "frozen":
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)  # margins near 21.5 nats read as values, not offsets
+        if from_zero:
+            ax.set_ylim(bottom=0, top=max(max(values, default=0) * 1.15, 1e-12))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
@@ -98,7 +121,8 @@ def summarize(events: list[dict[str, Any]]) -> str:
         lines.append(f"- risk level (what the signals say): highest `{LEVELS[peak]}`, last `{LEVELS[int(last.get('level') or 0)]}`; "
                      f"action in force at the end (what the guard did): {last.get('action', 'not logged')}")
         lines += ["", "| metric | first | last | max |", "|---|---|---|---|"]
-        for key in ("ras_safe", "ras_control_mean", "entanglement_z", "refusal_drop", "kl_task", "penalty", "frozen"):
+        for key in ("safety_drop", "ras_safe", "ras_control_mean", "entanglement_z", "refusal_drop", "kl_task", "anchor_kl", "penalty",
+                    "frozen"):
             vals = [m[key] for m in metrics if m.get(key) is not None]
             if vals:
                 lines.append(f"| {key} | {vals[0]:.4g} | {vals[-1]:.4g} | {max(vals):.4g} |")

@@ -156,3 +156,16 @@ def test_reduced_precision_identification_warns_once(tok, fast_config, caplog):
     with caplog.at_level(logging.WARNING, logger="rimguard"), contextlib.suppress(AtlasError):  # the warning comes first
         guard._identify(tiny_model("llama").to(torch.bfloat16))
     assert sum("under bfloat16" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_report_panels_lead_with_the_alarm_and_show_actions_only_when_they_acted():
+    from rimguard.report import panels_for, summarize
+
+    monitored = [{"event": "metrics", "step": s, "safety_drop": 0.1 * s, "ras_safe": 0.01, "entanglement_z": 1.0,
+                  "level": 0.0, "lambda": 0.0, "frozen": 0} for s in (1, 2, 4)]
+    keys = [p.key for p in panels_for(monitored)]
+    assert keys[0] == "safety_drop" and "lambda" not in keys and "frozen" not in keys and "level" in keys
+    regularized = [{**m, "lambda": 1.0, "anchor_kl": 0.02} for m in monitored]
+    keys = [p.key for p in panels_for(regularized)]
+    assert "lambda" in keys and "anchor_kl" in keys and "penalty" not in keys
+    assert "| safety_drop | 0.1 | 0.4 | 0.4 |" in summarize(regularized)
