@@ -159,6 +159,9 @@ def plot(history: list[dict], losses: list[tuple[int, float]], config: GuardConf
         ("refusal_drop", "refusal margin drop (nats)", None),
         ("kl_task", "KL(pi_0 || pi_t) on reasoning data", None),
     ]
+    meaning = {"ras_safe": "the safety neurons' RAS (the paper's score)", "ras_control_mean": "mean RAS of random control sets",
+               "safety_drop": "safety neurons' activation loss (delta-minus)", "refusal_drop": "fall of refuse-vs-comply log-odds",
+               "kl_task": "drift on reasoning prompts"}
     for ax, (key, label, other) in zip(axes.flat, panels):
         ax.plot(steps, [h.get(key, math.nan) for h in history], "o-", label=key)
         if other:
@@ -167,7 +170,7 @@ def plot(history: list[dict], losses: list[tuple[int, float]], config: GuardConf
             value = config.thresholds.get(level, {}).get(key)
             if value is not None:
                 ax.axhline(value, color=color, lw=1, ls=":", label=f"{level} threshold")
-        ax.set_title(label)
+        ax.set_title(f"{label}\n{key}: {meaning[key]}" + (f"\n{other}: {meaning[other]}" if other else ""), fontsize=8)
         ax.legend(fontsize=7)
     ax = axes.flat[4]
     if losses:
