@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from rimguard.arch import MLPLayer, find_mlp_layers
 from rimguard.capture import ActivationCapture
 from rimguard.probing import activations, generate, pad_id, tokenize_dialogues
+from rimguard.schema import Reader, file_sha256
 
 FORMAT_VERSION = 1
 METHODS = ("counterfactual", "effect_size")
@@ -43,23 +44,40 @@ class AtlasError(ValueError):
     """The atlas cannot be built, read, or used with this model."""
 
 
-def fingerprint(model: nn.Module, layers: Sequence[MLPLayer] | None = None) -> dict[str, Any]:
-    """Structure of the model plus a digest of a few weights of every down projection.
+def _weight_sample(layers: Sequence[MLPLayer]) -> torch.Tensor:
+    """``[L, 16]`` fp32: the first 16 values of each down projection's base weight (LoRA does not change them)."""
+    return torch.stack([layer.down.base.weight.detach().reshape(-1)[:16].float().cpu() for layer in layers])
 
-    The digest reads 16 values of row 0 of each down projection's base weight, so it tells apart
-    different checkpoints of one architecture; LoRA adapters do not change it.
+
+def fingerprint(model: nn.Module, layers: Sequence[MLPLayer] | None = None) -> dict[str, Any]:
+    """Structure of the model plus a sample of weights of every down projection.
+
+    ``weights_sample`` (16 values of row 0 of each down projection's base weight) tells apart
+    different checkpoints of one architecture; it is compared with a tolerance of half a bf16 ulp
+    relative, so a bf16/fp16 copy of the same model matches and another checkpoint does not.
+    LoRA adapters do not change it. ``weights_sha256`` digests the same values (for display).
     """
     layers = layers if layers is not None else find_mlp_layers(model)
-    digest = hashlib.sha256()
-    for layer in layers:
-        digest.update(layer.down.base.weight.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+    sample = _weight_sample(layers)
     config = getattr(model, "config", None)
     return {
         "model_class": type(getattr(model, "get_base_model", lambda: model)()).__name__,
         "model_type": getattr(config, "model_type", None),
         "layer_sizes": [layer.size for layer in layers],
-        "weights_sha256": digest.hexdigest()[:16],
+        "weights_sha256": hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16],
+        "weights_sample": sample.tolist(),
     }
+
+
+SAMPLE_RTOL = 2.0**-8  # bf16 keeps 8 significant bits: a cast moves a value by at most half that, relative
+
+
+def same_weights(ours: dict[str, Any], model_sample: torch.Tensor) -> bool:
+    """Whether a model's weight sample matches a fingerprint's, up to a reduced-precision cast."""
+    if "weights_sample" not in ours:  # an atlas saved before samples were stored: exact digest only
+        return hashlib.sha256(model_sample.numpy().tobytes()).hexdigest()[:16] == ours.get("weights_sha256")
+    saved = torch.tensor(ours["weights_sample"], dtype=torch.float32)
+    return saved.shape == model_sample.shape and torch.allclose(model_sample, saved, rtol=SAMPLE_RTOL, atol=1e-30)
 
 
 @dataclass
@@ -125,14 +143,21 @@ class NeuronAtlas:
 
     # -- checks ------------------------------------------------------------------------------
     def check_model(self, model: nn.Module, layers: Sequence[MLPLayer] | None = None, check_weights: bool = True) -> None:
-        """Raise :class:`AtlasError` if ``model`` is not the model this atlas was built on."""
-        theirs = fingerprint(model, layers)
-        ours = self.model_fingerprint
-        keys = ["model_class", "layer_sizes"] + (["weights_sha256"] if check_weights else [])
-        diff = [k for k in keys if theirs.get(k) != ours.get(k)]
+        """Raise :class:`AtlasError` if ``model`` is not the model this atlas was built on (a copy of it
+        in another dtype is the same model)."""
+        layers = layers if layers is not None else find_mlp_layers(model)
+        theirs, ours = fingerprint(model, layers), self.model_fingerprint
+        diff = [k for k in ("model_class", "layer_sizes") if theirs.get(k) != ours.get(k)]
         if diff:
             details = "; ".join(f"{k}: atlas has {ours.get(k)!r}, model has {theirs.get(k)!r}" for k in diff)
             raise AtlasError(f"this atlas was built for a different model ({details})")
+        if check_weights and not same_weights(ours, _weight_sample(layers)):
+            raise AtlasError(
+                f"this atlas was built on other weights of the same architecture ({ours.get('model_class')}, "
+                f"{len(self.layer_sizes)} layers): its weights fingerprint is {ours.get('weights_sha256')}, the model's "
+                f"{theirs['weights_sha256']} (beyond a dtype cast). Identify the atlas on the model you train, or pass "
+                "the checkpoint the atlas was identified on"
+            )
 
     # -- io ----------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -144,6 +169,7 @@ class NeuronAtlas:
         save_file(tensors, str(directory / "atlas.safetensors"))
         meta = {
             "format_version": FORMAT_VERSION,
+            "tensors_sha256": file_sha256(directory / "atlas.safetensors"),
             "settings": self.settings,
             "fingerprint": self.model_fingerprint,
             "probe_prompts": self.probe_prompts,
@@ -155,24 +181,42 @@ class NeuronAtlas:
 
     @classmethod
     def load(cls, directory: str | Path) -> "NeuronAtlas":
+        """Read an atlas folder, checking every field (types, shapes, index ranges, the tensor
+        checksum); any defect is an :class:`AtlasError` naming the file and the field."""
         directory = Path(directory)
-        files = [directory / "atlas.safetensors", directory / "atlas.json"]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise AtlasError(f"{directory}: not an atlas folder (missing {', '.join(missing)})")
-        try:
-            meta = json.loads(files[1].read_text(encoding="utf-8"))
-            tensors = load_file(str(files[0]))
-        except (json.JSONDecodeError, OSError, RuntimeError) as err:
-            raise AtlasError(f"{directory}: cannot read atlas ({err})") from None
+        if not (directory / "atlas.json").is_file() and not (directory / "atlas.safetensors").is_file():
+            raise AtlasError(f"{directory}: not an atlas folder (no atlas.json or atlas.safetensors)")
+        r, name, tname = Reader(directory, AtlasError), "atlas.json", "atlas.safetensors"
+        meta = r.json(name)
         if meta.get("format_version") != FORMAT_VERSION:
             raise AtlasError(f"{directory}: atlas format {meta.get('format_version')} (this rimguard reads {FORMAT_VERSION})")
+        fp = r.field(meta, "fingerprint", dict, name)
+        sizes = fp.get("layer_sizes")
+        if not isinstance(sizes, list) or not sizes or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+            r.fail(directory / name, "field 'fingerprint.layer_sizes' must be a non-empty list of positive integers")
+        prompts = r.strings(meta, "probe_prompts", name)
+        responses = r.strings(meta, "probe_responses", name, nonempty=False)
+        if len(responses) != len(prompts):
+            r.fail(directory / name, f"field 'probe_responses' has {len(responses)} entries for {len(prompts)} probe_prompts")
+        settings = r.field(meta, "settings", dict, name)
+        tensors = r.tensors(tname, meta.get("tensors_sha256"))
+        tracked = r.tensor(tensors, "tracked", tname, False, (None, 2))
+        n_tracked = tracked.shape[0]
+        safety = r.tensor(tensors, "safety", tname, False, (None,))
+        if safety.numel() == 0:
+            r.fail(directory / tname, "tensor 'safety' is empty: the atlas selects no neurons")
+        r.indices(tracked[:, 0], "tracked (layer)", tname, len(sizes))
+        r.indices(tracked[:, 1], "tracked (neuron)", tname, torch.tensor(sizes)[tracked[:, 0].clamp(0, len(sizes) - 1)])
+        r.indices(safety, "safety", tname, n_tracked)
+        controls = r.tensor(tensors, "controls", tname, False, (None, safety.numel()))
+        r.indices(controls, "controls", tname, n_tracked)
         return cls(
-            **tensors,
-            probe_prompts=meta["probe_prompts"],
-            probe_responses=meta["probe_responses"],
-            settings=meta["settings"],
-            model_fingerprint=meta["fingerprint"],
+            tracked=tracked, safety=safety, controls=controls,
+            ref_safe=r.tensor(tensors, "ref_safe", tname, True, (n_tracked,)),
+            ref_task=r.tensor(tensors, "ref_task", tname, True, (n_tracked,)),
+            score=r.tensor(tensors, "score", tname, True, (safety.numel(),)),
+            ranking=r.tensor(tensors, "ranking", tname, True, (sum(sizes),), optional=True),
+            probe_prompts=prompts, probe_responses=responses, settings=settings, model_fingerprint=fp,
             extra=meta.get("extra", {}),
         )
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -35,6 +35,7 @@ from rimguard.interventions import EntanglementPenalty, NeuronFreezer, attach_pe
 from rimguard.monitor import EntanglementMonitor
 from rimguard.policy import Decision, RiskPolicy
 from rimguard.probes import bundled, load_prompts
+from rimguard.schema import Reader, file_sha256
 
 logger = logging.getLogger("rimguard")
 
@@ -538,7 +539,7 @@ class RIMGuard(TrainerCallback):
             tensors.update({f"param.{k}": v for k, v in self.param_anchor.state_dict().items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
         meta = {
-            "run_id": self.run_id, "witness": self.witness,
+            "tensors_sha256": file_sha256(folder / "state.safetensors"), "run_id": self.run_id, "witness": self.witness,
             "ref_margin": mon["ref_margin"], "frozen": frz["frozen"], "lambda": self.lambda_,
             "policy": {"level": self.policy.level, "streak": self.policy.streak},
             "history": self.history, "checkpointed": self.checkpointed,
@@ -550,22 +551,7 @@ class RIMGuard(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR
         if not (folder / "state.json").is_file():
             return self._missing_state(Path(args.output_dir), folder, state.global_step)
-        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(folder / "state.safetensors"))
-
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-        anchor = part("anchor")
-        return {
-            "run_id": meta.get("run_id", ""), "witness": meta.get("witness"),
-            "anchor": AnchorRecord.from_tensors(anchor, meta["anchor_prompts"]) if anchor else None,
-            "param": part("param"),
-            "atlas": NeuronAtlas.load(folder / "atlas"),
-            "monitor": {"tensors": part("monitor"), "ref_margin": meta["ref_margin"]},
-            "freezer": {"frozen": meta["frozen"], "merged_base": part("merged")},
-            "policy": meta["policy"], "history": meta["history"], "checkpointed": meta["checkpointed"], "lambda": meta["lambda"],
-        }
+        return read_state(folder)
 
     def _missing_state(self, output_dir: Path, folder: Path, step: int) -> None:
         """A resume whose checkpoint has no guard state: follow ``on_missing_state`` (never silently re-identify)."""
@@ -584,3 +570,45 @@ class RIMGuard(TrainerCallback):
         logger.warning("rimguard: resuming at step %d without guard state (%s); on_missing_state=%r: %s", step, folder, policy,
                        f"reusing {saved}, references re-taken now" if policy == "atlas" else "identifying anew")
         return None
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    """Read a guard checkpoint state folder, checking every field; any defect is a :class:`GuardStateError`
+    (or the atlas' :class:`AtlasError`) naming the file and the field."""
+    r, name = Reader(folder, GuardStateError), "state.json"
+    meta = r.json(name)
+    tensors = r.tensors("state.safetensors", meta.get("tensors_sha256"))
+    atlas = NeuronAtlas.load(r.folder / "atlas")
+    policy = r.field(meta, "policy", dict, name)
+    if policy.get("level") not in LEVELS or not isinstance(policy.get("streak"), int):
+        r.fail(r.folder / name, f"field 'policy' must hold a level in {LEVELS} and an integer streak, found {policy}")
+    frozen = r.field(meta, "frozen", list, name)
+    sizes = atlas.layer_sizes
+    if len(frozen) != len(sizes) or not all(isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < n for i in ids)
+                                            for ids, n in zip(frozen, sizes)):
+        r.fail(r.folder / name, f"field 'frozen' must hold one list of neuron ids per layer ({len(sizes)} layers) within the "
+                                "layer sizes of the atlas")
+    weight = r.field(meta, "lambda", (int, float), name)
+    if weight < 0:
+        r.fail(r.folder / name, f"field 'lambda' must be >= 0, found {weight}")
+    history = r.field(meta, "history", list, name)
+    if not all(isinstance(h, dict) and isinstance(h.get("step"), int) for h in history):
+        r.fail(r.folder / name, "field 'history' must be a list of records with an integer 'step'")
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+    anchor = part("anchor")
+    prompts = r.strings(meta, "anchor_prompts", name, optional=True)
+    if anchor and prompts is None:
+        r.fail(r.folder / name, "field 'anchor_prompts' is missing, but state.safetensors holds an anchor record")
+    return {
+        "run_id": r.field(meta, "run_id", str, name, optional=True) or "",
+        "witness": r.field(meta, "witness", (int, float), name, optional=True),
+        "anchor": AnchorRecord.from_tensors(anchor, prompts) if anchor else None,
+        "param": part("param"),
+        "atlas": atlas,
+        "monitor": {"tensors": part("monitor"), "ref_margin": r.field(meta, "ref_margin", (int, float), name, optional=True)},
+        "freezer": {"frozen": frozen, "merged_base": part("merged")},
+        "policy": policy, "history": history, "checkpointed": r.field(meta, "checkpointed", bool, name), "lambda": float(weight),
+    }
