@@ -33,7 +33,7 @@ from torch import nn
 
 from rimguard.arch import MLPLayer, find_mlp_layers
 from rimguard.capture import ActivationCapture
-from rimguard.probing import activations, generate, pad_id, tokenize_dialogues
+from rimguard.probing import Moments, activation_moments, activations, generate, pad_id, tokenize_dialogues
 from rimguard.schema import Reader, file_sha256
 
 FORMAT_VERSION = 1
@@ -262,8 +262,9 @@ class NeuronAtlas:
             raise AtlasError("no harmful prompts given")
         if method == "counterfactual" and not intents:
             raise AtlasError("method='counterfactual' needs malicious-intent sentences (intents=)")
-        if method == "effect_size" and len(harmless) < 2:
-            raise AtlasError("method='effect_size' needs at least 2 harmless prompts (harmless=)")
+        if method == "effect_size" and (len(harmful) < 2 or len(harmless) < 2):
+            raise AtlasError(f"method='effect_size' needs at least 2 prompts per side for a variance (got {len(harmful)} harmful, "
+                             f"{len(harmless)} harmless)")
         if not 0 < min_share <= 1:
             raise AtlasError(f"min_share must be in (0, 1], got {min_share}")
 
@@ -278,23 +279,19 @@ class NeuronAtlas:
         bar = _Stages(progress, steps)
         try:
             harmful = list(harmful)
-            if method == "counterfactual":
-                contrast = [f"{h} {intents[k % len(intents)]}" for k, h in enumerate(harmful)]
-            else:
-                contrast = list(harmless)
+            contrast = [f"{h} {intents[k % len(intents)]}" for k, h in enumerate(harmful)] if method == "counterfactual" else list(harmless)
             prompts = harmful + contrast
             bar.stage("generating responses")
             responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="responses" if progress else None)
             bar.stage("measuring activations")
-            acts = activations(
-                model, capture, tokenize_dialogues(tokenizer, prompts, responses, max_length), pid, batch_size, full=True,
-                desc="activations" if progress else None,
-            )
-            base, other = acts[: len(harmful)], acts[len(harmful) :]
+            dialogues = tokenize_dialogues(tokenizer, prompts, responses, max_length)
+            base = activations(model, capture, dialogues[: len(harmful)], pid, batch_size, full=True,
+                               desc="activations" if progress else None)
             if method == "counterfactual":
+                other = activations(model, capture, dialogues[len(harmful) :], pid, batch_size, full=True)
                 top = (other - base).topk(m, dim=1).indices
-                share = torch.zeros(total, device=acts.device).index_add_(
-                    0, top.reshape(-1), torch.ones(top.numel(), device=acts.device)
+                share = torch.zeros(total, device=base.device).index_add_(
+                    0, top.reshape(-1), torch.ones(top.numel(), device=base.device)
                 ) / len(harmful)
                 chosen = (share >= min_share - 1e-9).nonzero().squeeze(1)
                 if chosen.numel() == 0:
@@ -303,10 +300,11 @@ class NeuronAtlas:
                         f"(the best reaches {share.max().item():.0%}); lower min_share or raise top_m"
                     )
                 score = share[chosen]
-                contrast = (other - base).mean(0)
-                ranking = share + contrast / (2 * len(harmful) * contrast.abs().max().clamp_min(1e-12))
-            else:
-                ranking = _cohens_d(base, other)
+                contrast_mean = (other - base).mean(0)
+                ranking = share + contrast_mean / (2 * len(harmful) * contrast_mean.abs().max().clamp_min(1e-12))
+            else:  # the harmless side streams: memory O(neurons) however many harmless prompts are given
+                other = activation_moments(model, capture, dialogues[len(harmful) :], pid, batch_size, full=True)
+                ranking = cohens_d(Moments(base.mean(0), base.var(0), len(harmful)), other)
                 chosen = ranking.topk(m).indices
                 score = ranking[chosen]
             order = score.argsort(descending=True)
@@ -317,9 +315,9 @@ class NeuronAtlas:
             if reasoning:
                 bar.stage("reasoning references")
                 answers = generate(model, tokenizer, list(reasoning), max_new_tokens, batch_size)
-                task_ref = activations(
+                task_ref = activation_moments(
                     model, capture, tokenize_dialogues(tokenizer, list(reasoning), answers, max_length), pid, batch_size, full=True
-                ).mean(0)
+                ).mean
         finally:
             capture.remove()
             bar.close()
@@ -361,11 +359,10 @@ def top_share_per_layer(ranking: torch.Tensor, sizes: Sequence[int], share: floa
     return [flat[(flat >= starts[i]) & (flat < starts[i + 1])] - starts[i] for i in range(len(sizes))]
 
 
-def _cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Effect size of ``a`` over ``b`` per column: mean difference over pooled standard deviation."""
-    na, nb = a.shape[0], b.shape[0]
-    pooled = (((na - 1) * a.var(0) + (nb - 1) * b.var(0)) / max(na + nb - 2, 1)).sqrt()
-    return (a.mean(0) - b.mean(0)) / pooled.clamp_min(1e-6)
+def cohens_d(a: Moments, b: Moments) -> torch.Tensor:
+    """Effect size of ``a`` over ``b`` per neuron: mean difference over the pooled standard deviation. ``[N]``."""
+    pooled = (((a.count - 1) * a.var + (b.count - 1) * b.var) / max(a.count + b.count - 2, 1)).sqrt()
+    return (a.mean - b.mean) / pooled.clamp_min(1e-6)
 
 
 def _matched_controls(safety: torch.Tensor, sizes: Sequence[int], k: int, seed: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -147,6 +147,39 @@ def activations(
             batch = pad(group, pad_value).to(device)
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     return result[0]
+
+
+class Moments(NamedTuple):
+    """Per-neuron mean and (unbiased) variance over ``count`` sequences, ``[N]`` float32 each."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: int
+
+
+def activation_moments(
+    model: nn.Module,
+    capture: ActivationCapture,
+    sequences: Sequence[Sequence[int]],
+    pad_value: int,
+    batch_size: int = 8,
+    full: bool = False,
+    desc: str | None = None,
+) -> Moments:
+    """Mean and variance over sequences of the per-sequence max-over-tokens activations, accumulated
+    batch by batch: memory ``O(N)`` (plus one ``[batch_size, N]`` batch), whatever the number of
+    sequences. ``N`` as in :func:`activations`."""
+    total = squares = None
+    for group in tqdm(list(chunks(sequences, batch_size)), desc=desc, disable=desc is None, leave=False):
+        x = activations(model, capture, group, pad_value, batch_size, full=full).double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+    n = len(sequences)
+    if total is None or squares is None:
+        raise ValueError("activation_moments needs at least one sequence")
+    mean = total / n
+    var = (squares - n * mean * mean).clamp_min(0) / max(n - 1, 1)
+    return Moments(mean.float(), var.float(), n)
 
 
 def continuation_logprobs(

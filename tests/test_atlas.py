@@ -40,7 +40,8 @@ def test_counterfactual_selection_matches_manual_topm(tok, monkeypatch):
     acts = torch.randn(8, 256)  # 4 harmful rows, then 4 contrast rows
     acts[4:, 7] += 10.0  # neuron 7 is top in every pair
     monkeypatch.setattr(atlas_mod, "generate", lambda m, t, prompts, *a, **k: [""] * len(prompts))
-    monkeypatch.setattr(atlas_mod, "activations", lambda *a, **k: acts)
+    parts = iter([acts[:4], acts[4:]])  # the harmful side, then the contrast side
+    monkeypatch.setattr(atlas_mod, "activations", lambda *a, **k: next(parts))
     atlas = NeuronAtlas.identify(tiny_model("llama"), tok, ["a", "b", "c", "d"], ["x"], top_m=5, min_share=0.5,
                                  num_controls=3, progress=False)
     diff = acts[4:] - acts[:4]
@@ -59,6 +60,51 @@ def test_effect_size_method(tok):
                                  top_m=5, num_controls=4, max_new_tokens=4, progress=False, reasoning=bundled("reasoning")[:3])
     assert atlas.num_safety == 5 and atlas.settings["method"] == "effect_size"
     assert torch.isfinite(atlas.ref_task).all()
+
+
+def test_effect_size_needs_two_prompts_per_side(tok):
+    with pytest.raises(AtlasError, match="at least 2 prompts per side"):
+        NeuronAtlas.identify(tiny_model("llama"), tok, bundled("harmful")[:1], harmless=bundled("harmless")[:6],
+                             method="effect_size", top_m=5, num_controls=4, max_new_tokens=4, progress=False)
+
+
+def test_activation_moments_equal_the_full_matrix_statistics(tok):
+    from rimguard.arch import find_mlp_layers
+    from rimguard.capture import ActivationCapture
+    from rimguard.probing import activation_moments, activations, pad_id, tokenize_dialogues
+
+    model = tiny_model("llama")
+    layers = find_mlp_layers(model)
+    capture = ActivationCapture(model, layers, [None] * len(layers)).attach()
+    prompts = bundled("harmless")[:11]
+    seqs = tokenize_dialogues(tok, prompts, ["Sure, here it is."] * len(prompts), 64)
+    full = activations(model, capture, seqs, pad_id(tok), batch_size=4, full=True).double()
+    moments = activation_moments(model, capture, seqs, pad_id(tok), batch_size=4, full=True)
+    capture.remove()
+    assert moments.count == 11
+    torch.testing.assert_close(moments.mean.double(), full.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moments.var.double(), full.var(0), rtol=1e-3, atol=1e-6)
+
+
+def test_identification_memory_does_not_grow_with_harmless_or_reasoning_prompts(tok, monkeypatch):
+    """Only the (config-capped) harmful probes are held as a [prompts x neurons] matrix; the harmless
+    and reasoning sets stream batch by batch, so 40 of them never form one 40-row matrix."""
+    import rimguard.atlas as atlas_module
+    import rimguard.probing as probing_module
+
+    rows = []
+    real = probing_module.activations
+
+    def counting(model, capture, sequences, *args, **kwargs):
+        rows.append(len(sequences))
+        return real(model, capture, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(probing_module, "activations", counting)
+    monkeypatch.setattr(atlas_module, "activations", counting)
+    NeuronAtlas.identify(tiny_model("llama"), tok, bundled("harmful")[:4], harmless=bundled("harmless")[:40], method="effect_size",
+                         reasoning=bundled("reasoning")[:40], top_m=5, num_controls=4, max_new_tokens=2, batch_size=4,
+                         max_length=48, progress=False)
+    assert rows and max(rows) <= 4
 
 
 def test_strict_intersection_can_fail_with_clear_error(tok):
