@@ -146,7 +146,7 @@ def record_anchor(
             if i < len(group):
                 prompts.append(group[i])
                 flags.append(flag)
-    responses = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size)
+    responses = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, max_length=max_length)
     rows, heads, kept, keep_flags = [], [], [], []
     for prompt, response, flag in zip(prompts, responses, flags):
         head = encode(tokenizer, format_prompt(tokenizer, prompt))

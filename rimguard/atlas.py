@@ -282,7 +282,8 @@ class NeuronAtlas:
             contrast = [f"{h} {intents[k % len(intents)]}" for k, h in enumerate(harmful)] if method == "counterfactual" else list(harmless)
             prompts = harmful + contrast
             bar.stage("generating responses")
-            responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="responses" if progress else None)
+            responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="responses" if progress else None,
+                                 max_length=max_length)
             bar.stage("measuring activations")
             dialogues = tokenize_dialogues(tokenizer, prompts, responses, max_length)
             base = activations(model, capture, dialogues[: len(harmful)], pid, batch_size, full=True,
@@ -314,7 +315,7 @@ class NeuronAtlas:
             task_ref = None
             if reasoning:
                 bar.stage("reasoning references")
-                answers = generate(model, tokenizer, list(reasoning), max_new_tokens, batch_size)
+                answers = generate(model, tokenizer, list(reasoning), max_new_tokens, batch_size, max_length=max_length)
                 task_ref = activation_moments(
                     model, capture, tokenize_dialogues(tokenizer, list(reasoning), answers, max_length), pid, batch_size, full=True
                 ).mean

@@ -164,7 +164,7 @@ class EntanglementMonitor:
         total = torch.zeros((), device=self.device)
         if mine:
             scores = continuation_logprobs(self.model, self.tokenizer, mine, self.refusal_openings + self.compliance_openings,
-                                           self.config.probe_batch_size)
+                                           self.config.probe_batch_size, self.config.max_length)
             split = len(self.refusal_openings)
             total = metrics.refusal_margin(scores[:, :split].mean(1), scores[:, split:].mean(1)) * len(mine)
         count = torch.tensor(float(len(mine)), device=self.device)

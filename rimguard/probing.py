@@ -55,6 +55,26 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def context_size(model: nn.Module) -> int | None:
+    """The model's context length in tokens (``max_position_embeddings``/``n_positions``), if it states one."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prompt_ids(model: nn.Module, tokenizer, prompts: Sequence[str], reserve: int, max_length: int | None = None) -> list[list[int]]:
+    """Token ids of chat-formatted ``prompts``, each cut to leave ``reserve`` tokens (the response or the
+    scored continuation) within ``max_length`` and the model's context. A long prompt keeps its *end*
+    (the question and the assistant header) and loses its beginning."""
+    limits = [n for n in (max_length, context_size(model)) if n is not None]
+    budget = max(1, min(limits) - reserve) if limits else None
+    ids = [encode(tokenizer, format_prompt(tokenizer, p)) for p in prompts]
+    return [seq[-budget:] if budget is not None else seq for seq in ids]
+
+
 def pad(sequences: Sequence[Sequence[int]], pad_value: int, left: bool = False) -> Batch:
     """Pad token lists into a :class:`Batch` (right padding unless ``left``)."""
     width = max(len(s) for s in sequences)
@@ -93,15 +113,18 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 def generate_ids(
-    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8, desc: str | None = None
+    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8, desc: str | None = None,
+    max_length: int | None = None,
 ) -> list[list[int]]:
-    """Token ids of the greedy responses to chat-formatted ``prompts``, up to and including the first EOS."""
+    """Token ids of the greedy responses to chat-formatted ``prompts``, up to and including the first EOS.
+
+    Prompt plus response stay within ``max_length`` tokens and the model's context (see :func:`prompt_ids`)."""
     device, pid = model_device(model), pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     outputs: list[list[int]] = []
     with probe_mode(model):
         for group in tqdm(list(chunks(prompts, batch_size)), desc=desc, disable=desc is None, leave=False):
-            batch = pad([encode(tokenizer, format_prompt(tokenizer, p)) for p in group], pid, left=True).to(device)
+            batch = pad(prompt_ids(model, tokenizer, group, max_new_tokens, max_length), pid, left=True).to(device)
             out = model.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -115,10 +138,12 @@ def generate_ids(
 
 
 def generate(
-    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8, desc: str | None = None
+    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8, desc: str | None = None,
+    max_length: int | None = None,
 ) -> list[str]:
-    """Greedy completions of chat-formatted ``prompts`` (decoded, special tokens stripped)."""
-    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, desc)
+    """Greedy completions of chat-formatted ``prompts`` (decoded, special tokens stripped); lengths as in
+    :func:`generate_ids`."""
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, desc, max_length)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
@@ -183,10 +208,12 @@ def activation_moments(
 
 
 def continuation_logprobs(
-    model: nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8
+    model: nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8,
+    max_length: int | None = None,
 ) -> torch.Tensor:
     """Teacher-forced ``log p(continuation | chat(prompt))`` summed over its tokens, ``[P, K]`` float32.
 
+    Prompt plus the longest continuation stay within ``max_length`` and the model's context.
     Each prompt runs once: its KV cache is repeated for the ``K`` continuations, which are then
     scored together in one short forward. Prompts are left-padded with explicit position ids, so
     a row's score does not depend on the other rows in its batch.
@@ -200,7 +227,7 @@ def continuation_logprobs(
     rows = []
     with probe_mode(model):
         for group in chunks(prompts, batch_size):
-            head = pad([encode(tokenizer, format_prompt(tokenizer, p)) for p in group], pid, left=True).to(device)
+            head = pad(prompt_ids(model, tokenizer, group, width, max_length), pid, left=True).to(device)
             b = head.input_ids.shape[0]
             out = model(input_ids=head.input_ids, attention_mask=head.attention_mask,
                         position_ids=(head.attention_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)

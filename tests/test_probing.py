@@ -58,3 +58,24 @@ def test_margin_probes_bounds_or_disables_the_margin(tok, fast_config, llama_atl
         assert (monitor.ref_margin is None) == (margin_probes == 0)
     finally:
         monitor.stop()
+
+
+def test_prompts_longer_than_the_context_are_cut_not_crashed():
+    """GPT-2 has absolute position embeddings (512 in the tiny config): a 900-token prompt used to
+    die with an IndexError in generate() and in the margin pass. Prompts now keep their end within
+    max_length and the context, and no forward sees more tokens than allowed."""
+    from rimguard.probing import generate, prompt_ids
+
+    tok, model = tiny_tokenizer(), tiny_model("gpt2")
+    long_prompt = "please explain " * 300 + "how tides work"
+    assert len(encode(tok, format_prompt(tok, long_prompt))) > 512
+    widths = []
+    handle = model.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(kwargs["attention_mask"].shape[-1]), with_kwargs=True)
+    texts = generate(model, tok, [long_prompt, "hi"], max_new_tokens=4)
+    scores = continuation_logprobs(model, tok, [long_prompt], ["I cannot", "Sure"], max_length=64)
+    handle.remove()
+    assert len(texts) == 2 and torch.isfinite(scores).all() and scores.shape == (1, 2)
+    assert max(widths) <= 512
+    cut = prompt_ids(model, tok, [long_prompt], reserve=4, max_length=64)[0]
+    assert len(cut) == 60 and cut == encode(tok, format_prompt(tok, long_prompt))[-60:]
