@@ -9,7 +9,7 @@ from peft import LoraConfig
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from rimguard import RIMGuard
+from rimguard import AtlasError, RIMGuard
 from rimguard.testing import no_checkpointing, reasoning_texts, tiny_model
 
 EXPECTED = {"ras_safe", "ras_control_mean", "entanglement_z", "entanglement_pct", "safety_drop", "task_rise",
@@ -79,5 +79,5 @@ def test_loading_atlas_into_wrong_model_fails(tmp_path, tok, fast_config, llama_
     guard = RIMGuard(fast_config(), atlas=llama_atlas)
     trainer = SFTTrainer(model=tiny_model("llama", seed=3), args=sft_args(tmp_path, max_steps=1),
                          train_dataset=Dataset.from_list(reasoning_texts(8)), processing_class=tok, callbacks=[guard])
-    with pytest.raises(Exception, match="different model"):
+    with pytest.raises(AtlasError, match="other weights of the same architecture"):
         trainer.train()
