@@ -6,7 +6,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 LEVELS = ("ok", "warn", "regularize", "freeze", "stop")
 ACTIONS = ("warn", "regularize", "freeze_top", "freeze", "checkpoint", "stop")
@@ -60,6 +61,31 @@ def _default_thresholds() -> dict[str, dict[str, float]]:
         "freeze": {"safety_drop": 2.0},
         "stop": {},
     }
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type: ``bool`` is not an ``int``; a ``float`` field takes
+    finite ints and floats; containers are checked at the top level (their entries are checked by
+    :meth:`GuardConfig.validate`)."""
+    if get_origin(hint) in (Union, UnionType):
+        return any(_has_type(value, arg) for arg in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, get_origin(hint) or hint)
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(hint))
+    names = {type(None): "None", bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+             dict: "a mapping", list: "a list"}
+    return names.get(get_origin(hint) or hint, str(hint))
 
 
 @dataclass
@@ -171,6 +197,10 @@ class GuardConfig:
             if not ok:
                 raise ConfigError(f"GuardConfig.{name}: {what} (got {getattr(self, name)!r})")
 
+        hints = get_type_hints(GuardConfig)
+        for f in fields(self):  # types first: a string '10' or a truthy "no" never reaches the range checks
+            need(_has_type(getattr(self, f.name), hints[f.name]), f.name, f"must be {_type_name(hints[f.name])}")
+
         need(self.method in ("counterfactual", "effect_size"), "method", "must be 'counterfactual' or 'effect_size'")
         need(self.top_m > 0, "top_m", "must be > 0")
         need(0 < self.min_share <= 1, "min_share", "must be in (0, 1]")
@@ -203,12 +233,14 @@ class GuardConfig:
         need(isinstance(self.thresholds, dict), "thresholds", "must be a dict level -> {metric: value}")
         for level, rules in self.thresholds.items():
             need(level in LEVELS[1:], "thresholds", f"unknown level '{level}' (levels: {LEVELS[1:]})")
+            need(isinstance(rules, dict), "thresholds", f"'{level}' must map metric names to values, e.g. {{'safety_drop': 0.5}}")
             for metric, value in rules.items():
                 need(metric in METRICS, "thresholds", f"unknown metric '{metric}' at level '{level}' (metrics: {METRICS})")
                 need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), "thresholds",
                      f"{level}.{metric} must be a finite number")
         for level, acts in self.actions.items():
             need(level in LEVELS, "actions", f"unknown level '{level}' (levels: {LEVELS})")
+            need(isinstance(acts, list) and all(isinstance(a, str) for a in acts), "actions", f"'{level}' must be a list of action names")
             bad = [a for a in acts if a not in ACTIONS]
             need(not bad, "actions", f"unknown actions {bad} at level '{level}' (actions: {ACTIONS})")
         levels = [lvl for lvl in LEVELS[1:] if self.thresholds.get(lvl)]

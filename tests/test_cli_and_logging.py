@@ -115,6 +115,24 @@ def test_config_roundtrip_and_validation(tmp_path):
         GuardConfig.load(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize("text, field, message", [
+    ("thresholds: {warn: 2.0}", "thresholds", "'warn' must map metric names to values"),
+    ("probe_every: '10'", "probe_every", "must be an integer"),
+    ("num_controls: 2.5", "num_controls", "must be an integer"),
+    ("seed: abc", "seed", "must be an integer"),
+    ("adaptive_penalty: 'no'", "adaptive_penalty", "must be true or false"),
+    ("ema_decay: .nan", "ema_decay", "must be a finite number"),
+    ("mode: 3", "mode", "must be a string"),
+    ("actions: {warn: warn}", "actions", "'warn' must be a list of action names"),
+])
+def test_config_values_of_the_wrong_type_name_the_field(tmp_path, text, field, message):
+    """A YAML file's wrongly typed value is one ConfigError naming the field, never a deep traceback
+    nor a string taken as truthy."""
+    (tmp_path / "c.yaml").write_text(text + "\n")
+    with pytest.raises(ConfigError, match=f"GuardConfig.{field}: {message}"):
+        GuardConfig.load(tmp_path / "c.yaml")
+
+
 def test_demo_keeps_the_config_files_settings_unless_a_flag_is_passed(tmp_path, model_dir):
     out, cfg = tmp_path / "demo", tmp_path / "guard.json"
     GuardConfig(max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=64, kl_probes=2, mode="freeze",
