@@ -81,6 +81,8 @@ class RIMGuard(TrainerCallback):
             training data itself is used.
         anchor_prompts, anchor_harmless_prompts: the safety anchor's harmful prompts and harmless
             look-alikes (bundled sets by default); they must not overlap the monitor's probes.
+        prompt_key: the column/field holding the text in CSV/JSONL/dataset prompt sources (default:
+            the first of ``prompt``, ``goal``, ``text``, ``question``, ``instruction``, ``request``).
         on_alert: called as ``on_alert(decision, metrics, step)`` whenever the level changes.
         trainer: the Trainer, if it cannot be found on the call stack.
         **overrides: GuardConfig fields, e.g. ``probe_every=20``.
@@ -98,6 +100,7 @@ class RIMGuard(TrainerCallback):
         reasoning_prompts: Any = None,
         anchor_prompts: Any = None,
         anchor_harmless_prompts: Any = None,
+        prompt_key: str | None = None,
         on_alert: AlertHandler | None = None,
         trainer: Any = None,
         **overrides: Any,
@@ -117,7 +120,8 @@ class RIMGuard(TrainerCallback):
             "anchor": anchor_prompts if anchor_prompts is not None else "bundled:anchor_harmful",
             "anchor_harmless": anchor_harmless_prompts if anchor_harmless_prompts is not None else "bundled:anchor_harmless",
         }
-        self.reasoning = load_prompts(reasoning_prompts, name="reasoning") if reasoning_prompts is not None else []
+        self.prompt_key = prompt_key
+        self.reasoning = load_prompts(reasoning_prompts, prompt_key, "reasoning") if reasoning_prompts is not None else []
         self.on_alert = on_alert
         self.trainer = trainer
         self.policy = RiskPolicy(self.config.thresholds, self.config.hysteresis, self.config.patience, self.config.fault_level)
@@ -291,8 +295,8 @@ class RIMGuard(TrainerCallback):
                 raise AnchorError("the checkpoint's guard state has no anchor record (it was saved without the safety "
                                   "anchor); resume with the configuration it was trained with")
         else:
-            harmful = load_prompts(self.sources["anchor"], name="anchor")
-            harmless = load_prompts(self.sources["anchor_harmless"], name="anchor_harmless") if cfg.anchor_harmless else []
+            harmful = load_prompts(self.sources["anchor"], self.prompt_key, "anchor")
+            harmless = load_prompts(self.sources["anchor_harmless"], self.prompt_key, "anchor_harmless") if cfg.anchor_harmless else []
             probes = set(monitor.probe_prompts())
             overlap = [p for p in harmful + harmless if p in probes]
             if overlap:
@@ -319,9 +323,10 @@ class RIMGuard(TrainerCallback):
 
     def _identify(self, model: nn.Module) -> NeuronAtlas:
         cfg = self.config
-        harmful = load_prompts(self.sources["harmful"], name="safety")[: cfg.num_safety_probes]
-        intents = load_prompts(self.sources["intent"], name="intent") if cfg.method == "counterfactual" else []
-        harmless = load_prompts(self.sources["harmless"], name="harmless") if cfg.method == "effect_size" else []
+        key = self.prompt_key
+        harmful = load_prompts(self.sources["harmful"], key, "safety")[: cfg.num_safety_probes]
+        intents = load_prompts(self.sources["intent"], key, "intent") if cfg.method == "counterfactual" else []
+        harmless = load_prompts(self.sources["harmless"], key, "harmless") if cfg.method == "effect_size" else []
         logger.info("rimguard: identifying safety-critical neurons on %d prompts", len(harmful))
         dtype = next(model.parameters()).dtype
         if dtype in (torch.bfloat16, torch.float16):

@@ -30,10 +30,10 @@ def _identify(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{args.model}: no such model folder")
     cfg = GuardConfig.load(args.config) if args.config else GuardConfig()
     # every probe file is read before the model is loaded: a typo fails in a second, not after the load
-    harmful = load_prompts(args.safety, name="safety")[: cfg.num_safety_probes]
-    intents = load_prompts(args.intent, name="intent") if cfg.method == "counterfactual" else ()
-    harmless = load_prompts(args.harmless, name="harmless") if args.harmless else ()
-    reasoning = load_prompts(args.reasoning, name="reasoning") if args.reasoning else ()
+    harmful = load_prompts(args.safety, args.key, "safety")[: cfg.num_safety_probes]
+    intents = load_prompts(args.intent, args.key, "intent") if cfg.method == "counterfactual" else ()
+    harmless = load_prompts(args.harmless, args.key, "harmless") if args.harmless else ()
+    reasoning = load_prompts(args.reasoning, args.key, "reasoning") if args.reasoning else ()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     atlas = NeuronAtlas.identify(
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intent", default="bundled:intent", help="malicious-intent sentences")
     p.add_argument("--harmless", default=None, help="harmless prompts (for method effect_size)")
     p.add_argument("--reasoning", default=None, help="reasoning prompts for the task reference")
+    p.add_argument("--key", default=None, help="column/field with the prompt text in CSV/JSONL files "
+                   "(default: the first of prompt, goal, text, question, instruction, request)")
     p.add_argument("--config", default=None, help="GuardConfig YAML/JSON")
     p.add_argument("-o", "--output", required=True, help="atlas folder to write")
     p = sub.add_parser("inspect", help="summarize a saved atlas")

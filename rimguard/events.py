@@ -73,10 +73,21 @@ class EventLog:
             self._file = None
 
 
+def read_text(path: str | Path, error: type[Exception] = ValueError) -> str:
+    """A UTF-8 text file's contents (a leading BOM dropped); bytes that are not UTF-8 raise ``error``
+    naming the file and the offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                    "save it as UTF-8") from None
+
+
 def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> list[Any]:
     """Parse a JSONL file, skipping blank lines; raises ``error`` naming the file and line on bad input."""
     path = Path(path)
-    return read_jsonl_lines(path, path.read_text(encoding="utf-8").splitlines(), error)
+    return read_jsonl_lines(path, read_text(path, error).splitlines(), error)
 
 
 def read_jsonl_lines(path: Path, lines: list[str], error: type[Exception] = ValueError) -> list[Any]:
@@ -94,7 +105,7 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     """Parse a guard JSONL log. A half-written last line (no newline: the writer was killed) is
     skipped with a warning; any other bad line raises ValueError naming the file and line."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     lines = text.split("\n")
     tail = lines.pop() if lines and not text.endswith("\n") else ""
     records = read_jsonl_lines(path, lines)

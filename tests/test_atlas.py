@@ -164,3 +164,38 @@ def test_prompt_loader_errors_name_file_and_problem(tmp_path, name, content, mes
     assert name in str(err.value)
     with pytest.raises(ProbeError, match="no such probe file"):
         load_prompts(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("name", ["bom.csv", "bom.jsonl", "bom.txt"])
+def test_prompt_files_with_a_utf8_bom_load(tmp_path, name):
+    body = {"bom.csv": "goal,target\nhow to x,sure\n", "bom.jsonl": '{"prompt": "how to x"}\n', "bom.txt": "how to x\n"}[name]
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert load_prompts(tmp_path / name) == ["how to x"]
+
+
+@pytest.mark.parametrize("name, blob", [("latin1.txt", "caf\xe9 au lait\n".encode("latin-1")),
+                                        ("binary.jsonl", bytes(range(256)))])
+def test_prompt_files_that_are_not_utf8_name_the_file(tmp_path, name, blob):
+    (tmp_path / name).write_bytes(blob)
+    with pytest.raises(ProbeError, match="not UTF-8 text") as err:
+        load_prompts(tmp_path / name)
+    assert name in str(err.value)
+
+
+def test_prompt_key_reaches_the_guard_and_the_cli(tmp_path, tok, fast_config):
+    import subprocess
+    import sys
+
+    from rimguard import RIMGuard
+
+    rows = "\n".join(json.dumps({"behavior": p, "id": i}) for i, p in enumerate(bundled("harmful")[:12]))
+    (tmp_path / "harm.jsonl").write_text(rows + "\n")
+    with pytest.raises(ProbeError, match="prompt_key"):
+        RIMGuard(fast_config(), safety_prompts=tmp_path / "harm.jsonl")._identify(tiny_model("llama"))
+    guard = RIMGuard(fast_config(), safety_prompts=tmp_path / "harm.jsonl", prompt_key="behavior", tokenizer=tok)
+    atlas = guard._identify(tiny_model("llama"))
+    assert atlas.probe_prompts == bundled("harmful")[:12]
+    proc = subprocess.run([sys.executable, "-m", "rimguard.cli", "identify", str(tmp_path / "nomodel"), "--safety",
+                           str(tmp_path / "harm.jsonl"), "--key", "behavior", "-o", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no such model folder" in proc.stderr  # --key is accepted by the parser

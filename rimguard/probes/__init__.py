@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from rimguard.events import read_jsonl
+from rimguard.events import read_jsonl, read_text
 
 BUNDLED = ("harmful", "intent", "harmless", "refusals", "refusal_openings", "compliance_openings", "anchor_harmful", "anchor_harmless")
 TEXT_KEYS = ("prompt", "goal", "text", "question", "instruction", "request")
@@ -51,7 +51,8 @@ def _pick_key(row: dict, where: str, key: str | None) -> str:
     for candidate in TEXT_KEYS:
         if candidate in row:
             return candidate
-    raise ProbeError(f"{where}: cannot tell which column holds the prompt; columns are {sorted(row)}, pass key=")
+    raise ProbeError(f"{where}: cannot tell which column holds the prompt; columns are {sorted(row)}. Name it: "
+                     "load_prompts(key=...), RIMGuard(prompt_key=...) or rimguard identify --key")
 
 
 def _from_rows(rows: Iterable[dict], where: str, key: str | None) -> list[str]:
@@ -72,7 +73,7 @@ def _from_file(path: Path, key: str | None) -> list[str]:
     if suffix == ".jsonl":
         rows = [row if isinstance(row, dict) else {"text": row} for row in read_jsonl(path, ProbeError)]
         return _from_rows(rows, str(path), key)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, ProbeError)
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames:
