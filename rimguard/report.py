@@ -145,6 +145,32 @@ def summarize(events: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_events(events: list[Any], where: str | Path) -> None:
+    """Raise ``ValueError`` naming the record and field if a log record cannot be reported: not an
+    object, no integer ``step``, a non-numeric metric, or an unknown level."""
+    numeric = {p.key for p in PANELS} | {"ras_control_mean", "refusal_drop", "task_rise"}
+    for n, e in enumerate(events, 1):
+        def bad(what: str) -> None:
+            raise ValueError(f"{where}: record {n} ({e.get('event', '?') if isinstance(e, dict) else '?'}): {what}")
+
+        if not isinstance(e, dict):
+            bad(f"expected a JSON object, found {type(e).__name__}")
+        if not isinstance(e.get("step"), int) or isinstance(e.get("step"), bool):
+            bad(f"'step' must be an integer, found {e.get('step')!r}")
+        if e.get("event") == "metrics":
+            for key in numeric & set(e):
+                value = e[key]
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    bad(f"'{key}' must be a number, found {value!r}")
+            level = e.get("level")
+            if level is not None and level not in range(len(LEVELS)):
+                bad(f"'level' must be a level index 0..{len(LEVELS) - 1}, found {level!r}")
+        if e.get("event") == "level":
+            for key in ("from", "to"):
+                if e.get(key) not in LEVELS:
+                    bad(f"'{key}' must be one of {LEVELS}, found {e.get(key)!r}")
+
+
 def write_report(run_dir: str | Path, log_file: str = "rimguard.jsonl", run: str | None = None) -> tuple[Path, Path]:
     """Read ``run_dir/log_file``; write ``rimguard_report.png`` and ``rimguard_report.md`` beside it.
 
@@ -156,6 +182,7 @@ def write_report(run_dir: str | Path, log_file: str = "rimguard.jsonl", run: str
     if not log.is_file():
         raise FileNotFoundError(f"{log}: no rimguard log here (is this a run's output_dir?)")
     events = read_events(log)
+    check_events(events, log)
     ids = runs_of(events)
     chosen = [r for r in ids if r.startswith(run)] if run is not None else ids[-1:]
     if len(chosen) != 1:

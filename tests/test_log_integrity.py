@@ -85,3 +85,23 @@ def test_resume_without_guard_state_refuses_and_never_overwrites_the_atlas(tmp_p
     fresh._save_atlas(tmp_path)
     assert NeuronAtlas.load(tmp_path / "rimguard_atlas").same_selection(llama_atlas)
     assert NeuronAtlas.load(tmp_path / "rimguard_atlas-2").same_selection(other)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"event": "metrics", "step": 2, "entanglement_z": "high", "level": 0.0}, "'entanglement_z' must be a number"),
+    ({"event": "metrics", "entanglement_z": 1.0, "level": 0.0}, "'step' must be an integer"),
+    ({"event": "metrics", "step": "2", "entanglement_z": 1.0}, "'step' must be an integer"),
+    ({"event": "metrics", "step": 2, "entanglement_z": 1.0, "level": 9.0}, "'level' must be a level index"),
+    ({"event": "level", "step": 2, "from": "ok", "to": "panic"}, "'to' must be one of"),
+    (["not", "a", "record"], "expected a JSON object"),
+])
+def test_report_on_malformed_records_is_one_clear_error(tmp_path, bad, message):
+    import json
+
+    lines = [{"event": "start", "step": 0, "thresholds": {}}, {"event": "metrics", "step": 1, "entanglement_z": 0.5, "level": 0.0}, bad]
+    (tmp_path / "rimguard.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(ValueError, match=message) as err:
+        write_report(tmp_path)
+    assert "record 3" in str(err.value) and "rimguard.jsonl" in str(err.value)
+    proc = subprocess.run([sys.executable, "-m", "rimguard.cli", "report", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr
