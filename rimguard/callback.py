@@ -141,6 +141,7 @@ class RIMGuard(TrainerCallback):
         self.witness: float | None = None  # WITNESS when the current level was raised
         self._rebased = False  # resumed without guard state: references are re-taken on trained weights
         self._loss_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._ended: int | None = None  # the step at which this guard's run ended (a guard guards one run)
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -202,6 +203,12 @@ class RIMGuard(TrainerCallback):
 
         Called by ``on_train_begin``; call it yourself in a custom training loop.
         """
+        if self._ended is not None:
+            raise GuardStateError(
+                f"this RIMGuard already guarded a run (ended at step {self._ended}); it holds that run's references, "
+                "level and log. Give the next train() a new RIMGuard(...): it identifies on the current weights and "
+                "measures drift from them"
+            )
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if self.tokenizer is None:
             raise ValueError("RIMGuard needs a tokenizer: pass tokenizer= or give the Trainer a processing_class")
@@ -511,6 +518,7 @@ class RIMGuard(TrainerCallback):
             self.check(state.global_step)
         self.events.write({"event": "end", "step": state.global_step, "level": self.level})
         self.teardown()
+        self._ended = state.global_step
 
     # -- distributed back-ends ---------------------------------------------------------------
     def _check_backend(self, args: TrainingArguments) -> None:

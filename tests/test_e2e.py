@@ -81,3 +81,15 @@ def test_loading_atlas_into_wrong_model_fails(tmp_path, tok, fast_config, llama_
                          train_dataset=Dataset.from_list(reasoning_texts(8)), processing_class=tok, callbacks=[guard])
     with pytest.raises(AtlasError, match="other weights of the same architecture"):
         trainer.train()
+
+
+def test_a_guard_refuses_a_second_train_with_a_clear_error(tmp_path, tok, fast_config, llama_atlas):
+    from rimguard.callback import GuardStateError
+
+    guard = RIMGuard(fast_config(), atlas=llama_atlas)
+    trainer = SFTTrainer(model=tiny_model("llama"), args=sft_args(tmp_path, max_steps=2), train_dataset=Dataset.from_list(reasoning_texts(8)),
+                         processing_class=tok, callbacks=[guard])
+    trainer.train()
+    with pytest.raises(GuardStateError, match="already guarded a run .ended at step 2.*new RIMGuard"):
+        trainer.train()
+    assert not guard.attached()
