@@ -30,7 +30,7 @@ def _reference_intermediate(model, layers, ids, mask):
 def test_capture_every_family(family, lora):
     model = tiny_model(family)
     if lora:
-        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", fan_in_fan_out=family == "gpt2"))  # GPT-2: Conv1D
     layers = find_mlp_layers(model)
     assert len(layers) == 2 and all(l.size == 128 for l in layers)
     capture = ActivationCapture(model, layers, [None, None]).attach()
