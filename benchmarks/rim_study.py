@@ -106,6 +106,7 @@ def prevention_plan() -> list[RunSpec]:
     plan += [at(v) for v in ("anchor-0.3", "anchor-3", "anchor-1-kl-only", "activation", "escalate", "freeze-2%", "params",
                              "freeze-0.5%", "freeze-5%", "anchor-1-every4")]
     plan += [at(v, 1) for v in ("anchor-0.3", "anchor-3", "activation", "params")]
+    plan += [at("anchor-1-every4", 1), at("anchor-1-every4", 0, "lora")]
     plan += [at(v, 0, "lora") for v in ("anchor-0.3", "anchor-3")]
     return plan
 
