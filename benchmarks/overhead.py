@@ -94,14 +94,33 @@ def peer_callback(model, tokenizer, workdir: Path, pairs: int, every: int):
     return SafetyCompassCallback(monitor, measure_every_n_steps=every, log_file=str(workdir / "peer.csv"))
 
 
+# the configurations that can be timed (--modes): GuardConfig overrides; None = no guard
+CONFIGS: dict[str, dict | None] = {
+    "unguarded": None,
+    "monitor": {"mode": "monitor"},
+    "regularize": {"mode": "regularize"},  # the default regularizer: the safety anchor, every step
+    "anchor-every4": {"mode": "regularize", "anchor_every": 4},
+    "activation": {"mode": "regularize", "regularizer": "activation"},
+    "safety-compass": None,
+}
+
+
+def training_records(args, count: int) -> list[dict]:
+    if args.data is None:
+        return reasoning_texts(count)
+    rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()][:count]
+    return [{"prompt": [{"role": "user", "content": r["question"]}], "completion": [{"role": "assistant", "content": r["answer"]}]}
+            for r in rows]
+
+
 def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> dict[str, float]:
     model, tok = load(args.model)
     timer = StepTimer()
     callbacks: list = []
     guard_cfg = GuardConfig(probe_every=args.probe_every, num_safety_probes=args.probes, max_new_tokens=16,
                             probe_batch_size=8, log_file=None)
-    if mode in ("monitor", "regularize"):
-        callbacks.append(RIMGuard(guard_cfg, atlas=atlas, mode=mode))
+    if CONFIGS[mode] is not None:
+        callbacks.append(RIMGuard(guard_cfg, atlas=atlas, **CONFIGS[mode]))
     elif mode == "safety-compass":
         callbacks.append(peer_callback(model, tok, workdir, args.probes, args.probe_every))
     callbacks.append(timer)
@@ -109,7 +128,7 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
                     learning_rate=1e-5, report_to=[], bf16=False, **no_checkpointing(), save_strategy="no",
                     use_cpu=not torch.cuda.is_available(), max_length=args.max_length, seed=0, disable_tqdm=True,
                     logging_steps=10_000)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(reasoning_texts(args.batch * (args.warmup + args.steps) + 8)),
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(training_records(args, args.batch * (args.warmup + args.steps) + 8)),
                          processing_class=tok, callbacks=callbacks,
                          peft_config=LoraConfig(r=16, target_modules="all-linear") if lora else None)
     trainer.train()
@@ -131,6 +150,9 @@ def main() -> None:
     parser.add_argument("--probe-every", type=int, default=50)
     parser.add_argument("--probes", type=int, default=32)
     parser.add_argument("--peer", action="store_true", help="also time safety-compass")
+    parser.add_argument("--modes", nargs="+", choices=[m for m in CONFIGS if m not in ("unguarded", "safety-compass")],
+                        default=["monitor", "regularize"], help="guard configurations timed against the unguarded run")
+    parser.add_argument("--data", default=None, help="GSM8K-style JSONL (question/answer) to train on; default: generated problems")
     parser.add_argument("--ft", choices=["full", "lora", "both"], default="both")
     parser.add_argument("--json", default=None, help="write the raw results here")
     args = parser.parse_args()
@@ -138,7 +160,7 @@ def main() -> None:
     if args.warmup < early:
         parser.error(f"--warmup must be >= {early}: rimguard's early checks (1, 2, 4, ..., {early}) would fall in the window")
 
-    modes = ["unguarded", "monitor", "regularize"] + (["safety-compass"] if args.peer else [])
+    modes = ["unguarded", *args.modes] + (["safety-compass"] if args.peer else [])
     fts = {"full": [False], "lora": [True], "both": [False, True]}[args.ft]
     model, tok = load(args.model)
     share = 0.2 if args.model == "tiny" else 0.5  # a random tiny model has no consistent safety neurons
