@@ -146,12 +146,8 @@ def make_guard_class():
         """RIMGuard whose checks run exactly at the benchmark's eval points; setup is timed."""
 
         def __init__(self, *a: Any, check_steps: list[int], **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            self.check_steps = set(check_steps)
+            super().__init__(*a, schedule=set(check_steps).__contains__, **kw)
             self.setup_seconds = 0.0
-
-        def due(self, step: int) -> bool:
-            return step in self.check_steps
 
         def setup(self, *a: Any, **kw: Any) -> None:
             start = time.perf_counter()

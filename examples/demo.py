@@ -229,7 +229,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{folder.name} refuses {before['refusal']}/{before['n']} held-out harmful requests before reasoning SFT")
 
     # 3. guarded reasoning SFT
-    guard = RIMGuard(config)
     table = LiveTable()
     # TRL's SFTConfig turns activation checkpointing on by default; a 135M model does not need it.
     sft = SFTConfig(
@@ -238,8 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
         report_to=[], save_strategy="no", save_only_model=True, use_cpu=True, bf16=False, fp16=False, seed=0,
         disable_tqdm=True,  # the guard's 'checkpoint' action (mode=escalate) still saves; save_only_model keeps it small
     )
-    trainer = SFTTrainer(model=model, args=sft, processing_class=tokenizer, callbacks=[guard, table],
+    trainer = SFTTrainer(model=model, args=sft, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(reasoning_texts(args.steps * args.batch_size)))
+    guard = RIMGuard.attach(trainer, config)  # attached: its metrics go through Trainer.log, where the table reads them
+    trainer.add_callback(table)
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
     print(f"guarded reasoning SFT: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, mode={config.mode}"

@@ -39,8 +39,8 @@ sft = SFTConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batc
                 use_cpu=True, bf16=False, activation_checkpointing=False,  # older transformers: gradient_checkpointing=False
                 report_to=[], save_strategy="no", logging_steps=5)
 
-guard = RIMGuard(GuardConfig(mode="regularize", probe_every=10, **overrides))  # the safety anchor, plus the monitor's alarms
-trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok, callbacks=[guard])
+trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok)
+guard = RIMGuard.attach(trainer, GuardConfig(mode="regularize", probe_every=10, **overrides))  # the safety anchor + the alarms
 trainer.train()
 print(f"risk level {guard.level}, action in force: {guard.action}; log: {args.out}/rimguard.jsonl "
       f"(plots: rimguard report {args.out})")

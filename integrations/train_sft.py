@@ -61,7 +61,8 @@ def main() -> None:
                      report_to=[], bf16=False, **no_checkpointing(), save_strategy="no", use_cpu=a.cpu,
                      ddp_backend="gloo" if a.cpu else None, deepspeed=a.deepspeed, max_length=256, logging_steps=5)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records(a.data, a.batch * a.steps * 8)),
-                         processing_class=tok, callbacks=[RIMGuard(guard_cfg)])
+                         processing_class=tok)
+    RIMGuard.attach(trainer, guard_cfg)
     trainer.train()
     if trainer.is_world_process_zero():
         print(f"rimguard integration run done: world_size={trainer.accelerator.num_processes}, output in {a.out}")

@@ -1,13 +1,18 @@
 """rimguard: a training-time guard against reasoning-induced misalignment (RIM).
 
-    from rimguard import RIMGuard, GuardConfig, NeuronAtlas
-    trainer = SFTTrainer(..., callbacks=[RIMGuard(GuardConfig(probe_every=10))])
+    from rimguard import RIMGuard, GuardConfig
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok)
+    guard = RIMGuard.attach(trainer, GuardConfig(mode="regularize", probe_every=10))
+
+Custom training loops use :class:`GuardEngine` (the same guard, without a Trainer).
 """
 
 from rimguard.atlas import AtlasError, NeuronAtlas
 from rimguard.callback import RIMGuard
 from rimguard.config import ConfigError, GuardConfig
+from rimguard.engine import GuardEngine, GuardStateError, Report
 from rimguard.probes import ProbeError, load_prompts
 
-__all__ = ["RIMGuard", "GuardConfig", "NeuronAtlas", "AtlasError", "ConfigError", "ProbeError", "load_prompts"]
+__all__ = ["RIMGuard", "GuardEngine", "GuardConfig", "NeuronAtlas", "Report", "AtlasError", "ConfigError", "GuardStateError",
+           "ProbeError", "load_prompts"]
 __version__ = "0.1.0"

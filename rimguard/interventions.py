@@ -121,22 +121,6 @@ def attach_penalty(hidden: torch.Tensor, penalty: torch.Tensor, coef: torch.Tens
     return _PenaltyGrad.apply(hidden, penalty, coef.detach())
 
 
-def trainer_penalty_scale(trainer: Any) -> tuple[int, torch.Tensor | float]:
-    """``(accumulation steps, loss scale)`` of the trainer's backward pass.
-
-    A penalty's gradient bypasses the Trainer's loss scaling: a per-micro-batch term is divided
-    by the number of gradient-accumulation steps (so it weighs ``lambda * mean over micro-batches``),
-    and every term is multiplied by the fp16 loss scale (a device tensor, no sync) when a
-    ``GradScaler`` is active.
-    """
-    if trainer is None:
-        return 1, 1.0
-    steps = max(int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1), 1)
-    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
-    scale = getattr(scaler, "_scale", None)
-    return steps, scale if isinstance(scale, torch.Tensor) else 1.0
-
-
 # -- freeze ----------------------------------------------------------------------------------
 @dataclass
 class _Slice:

@@ -69,14 +69,17 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, model_dir):
 
 
 def test_guarded_run_tensorboard_and_report(tmp_path):
-    guard = RIMGuard(GuardConfig(num_safety_probes=8, max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4,
-                                 max_length=64, kl_probes=2, probe_every=4, mode="escalate",
-                                 thresholds={"warn": {"task_rise": 0.0}, "regularize": {}, "freeze": {}, "stop": {}}))
+    """A guard attached to its trainer sends rimguard/* scalars through Trainer.log to report_to."""
+    config = GuardConfig(num_safety_probes=8, max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=64,
+                         kl_probes=2, probe_every=4, mode="escalate",
+                         thresholds={"warn": {"task_rise": 0.0}, "regularize": {}, "freeze": {}, "stop": {}})
     args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
                      report_to=["tensorboard"], bf16=False, **no_checkpointing(),
                      save_strategy="no", use_cpu=True, max_length=64, disable_tqdm=True)
-    SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(16)),
-               processing_class=tiny_tokenizer(), callbacks=[guard]).train()
+    trainer = SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(16)),
+                         processing_class=tiny_tokenizer())
+    RIMGuard.attach(trainer, config)
+    trainer.train()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = list(tmp_path.rglob("events.out.tfevents*"))

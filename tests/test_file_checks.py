@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rimguard import AtlasError, NeuronAtlas, RIMGuard
-from rimguard.callback import GuardStateError, read_state
+from rimguard.engine import GuardStateError, read_state
 from rimguard.schema import file_sha256
 from rimguard.testing import tiny_model
 

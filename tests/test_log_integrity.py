@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rimguard import RIMGuard
-from rimguard.callback import GuardStateError
+from rimguard.engine import GuardStateError
 from rimguard.events import EventLog, read_events
 from rimguard.report import write_report
 
@@ -66,18 +66,15 @@ def test_report_shows_the_last_run_and_picks_another(tmp_path):
 
 
 def test_resume_without_guard_state_refuses_and_never_overwrites_the_atlas(tmp_path, tok, fast_config, llama_atlas):
-    from types import SimpleNamespace
-
     from rimguard.atlas import NeuronAtlas
 
     (tmp_path / "checkpoint-4").mkdir()
     llama_atlas.save(tmp_path / "rimguard_atlas")
     guard = RIMGuard(fast_config())
-    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=4)
     with pytest.raises(GuardStateError, match="on_missing_state='atlas'"):
-        guard._load_checkpoint(args, state)
+        guard.restore(tmp_path, 4)
     reuse = RIMGuard(fast_config(on_missing_state="atlas"))
-    assert reuse._load_checkpoint(args, state) is None and reuse.atlas.same_selection(llama_atlas)
+    assert reuse.restore(tmp_path, 4) is None and reuse.atlas.same_selection(llama_atlas)
     # a different atlas goes to a new folder; the saved one stays
     other = NeuronAtlas.load(tmp_path / "rimguard_atlas")
     other.safety = other.safety.flip(0)
