@@ -7,8 +7,6 @@ A neuron is ``(layer, j)``: unit ``j`` of layer ``layer``'s intermediate activat
 * ``safety`` ``[n]``: positions of the safety-critical neurons in ``tracked``;
 * ``controls`` ``[K, n]``: positions of K random control sets, each matched to the safety set
   layer by layer (same count per layer, disjoint from it);
-* ``ref_safe`` ``[N]``: base activations on the safety probes (mean over probes of max over tokens);
-* ``ref_task`` ``[N]``: base activations on reasoning probes (NaN if none were given);
 * ``score`` ``[n]``: the selection score of each safety neuron (share of pairs, or effect size);
 * ``ranking`` ``[total]``: the selection score of *every* MLP neuron, layer-major (share of pairs
   with ties broken by the mean contrast, or effect size); sizes freeze sets by share. Atlases
@@ -16,14 +14,16 @@ A neuron is ``(layer, j)``: unit ``j`` of layer ``layer``'s intermediate activat
 * the safety probes themselves (prompt and the base model's greedy response), the selection
   settings, and a fingerprint of the model.
 
-It is saved as ``atlas.safetensors`` plus ``atlas.json`` in one folder.
+It is saved as ``atlas.safetensors`` plus ``atlas.json`` in one folder. Format 2 dropped the base
+references of format 1 (the monitor takes its own at train start); format-1 atlases still load.
+The selection math is in :mod:`rimguard.selection`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,12 +31,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from rimguard import selection
 from rimguard.arch import MLPLayer, find_mlp_layers
 from rimguard.capture import ActivationCapture
-from rimguard.probing import Moments, activation_moments, activations, generate, pad_id, tokenize_dialogues
+from rimguard.probing import activation_moments, activations, generate, pad_id, tokenize_dialogues
 from rimguard.schema import Reader, file_sha256
+from rimguard.selection import Moments
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 METHODS = ("counterfactual", "effect_size")
 
 
@@ -87,14 +90,11 @@ class NeuronAtlas:
     tracked: torch.Tensor
     safety: torch.Tensor
     controls: torch.Tensor
-    ref_safe: torch.Tensor
-    ref_task: torch.Tensor
     score: torch.Tensor
     probe_prompts: list[str]
     probe_responses: list[str]
     settings: dict[str, Any]
     model_fingerprint: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
     ranking: torch.Tensor | None = None
 
     # -- views -------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ class NeuronAtlas:
         """The ``share`` of all MLP neurons with the highest ``ranking``, as ``[n_l]`` ids per layer."""
         if self.ranking is None:
             raise AtlasError("this atlas has no ranking of all neurons (saved by an older rimguard); identify it again to use freeze_share")
-        return top_share_per_layer(self.ranking, self.layer_sizes, share)
+        return selection.top_share_per_layer(self.ranking, self.layer_sizes, share)
 
     def summary(self) -> str:
         counts = torch.bincount(self.safety_neurons()[:, 0], minlength=len(self.layer_sizes)).tolist()
@@ -137,7 +137,7 @@ class NeuronAtlas:
             f"model: {fp['model_class']} ({fp['model_type']}), {len(fp['layer_sizes'])} layers, weights {fp['weights_sha256']}",
             "settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()),
             "neurons per layer: " + " ".join(f"L{i}:{c}" for i, c in enumerate(counts) if c),
-            f"safety probes: {len(self.probe_prompts)}; reasoning reference: {'yes' if not torch.isnan(self.ref_task).all() else 'no'}",
+            f"safety probes: {len(self.probe_prompts)}",
         ]
         return "\n".join(lines)
 
@@ -164,7 +164,7 @@ class NeuronAtlas:
         """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory``; returns it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        names = ("tracked", "safety", "controls", "ref_safe", "ref_task", "score") + (("ranking",) if self.ranking is not None else ())
+        names = ("tracked", "safety", "controls", "score") + (("ranking",) if self.ranking is not None else ())
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in names}
         save_file(tensors, str(directory / "atlas.safetensors"))
         meta = {
@@ -174,7 +174,6 @@ class NeuronAtlas:
             "fingerprint": self.model_fingerprint,
             "probe_prompts": self.probe_prompts,
             "probe_responses": self.probe_responses,
-            "extra": self.extra,
         }
         (directory / "atlas.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         return directory
@@ -188,8 +187,9 @@ class NeuronAtlas:
             raise AtlasError(f"{directory}: not an atlas folder (no atlas.json or atlas.safetensors)")
         r, name, tname = Reader(directory, AtlasError), "atlas.json", "atlas.safetensors"
         meta = r.json(name)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise AtlasError(f"{directory}: atlas format {meta.get('format_version')} (this rimguard reads {FORMAT_VERSION})")
+        if meta.get("format_version") not in READABLE_FORMATS:
+            raise AtlasError(f"{directory}: atlas format {meta.get('format_version')!r} (this rimguard reads formats "
+                             f"{READABLE_FORMATS}); identify the atlas again with this version")
         fp = r.field(meta, "fingerprint", dict, name)
         sizes = fp.get("layer_sizes")
         if not isinstance(sizes, list) or not sizes or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
@@ -212,12 +212,9 @@ class NeuronAtlas:
         r.indices(controls, "controls", tname, n_tracked)
         return cls(
             tracked=tracked, safety=safety, controls=controls,
-            ref_safe=r.tensor(tensors, "ref_safe", tname, True, (n_tracked,)),
-            ref_task=r.tensor(tensors, "ref_task", tname, True, (n_tracked,)),
             score=r.tensor(tensors, "score", tname, True, (safety.numel(),)),
             ranking=r.tensor(tensors, "ranking", tname, True, (sum(sizes),), optional=True),
             probe_prompts=prompts, probe_responses=responses, settings=settings, model_fingerprint=fp,
-            extra=meta.get("extra", {}),
         )
 
     # -- identification ----------------------------------------------------------------------
@@ -229,7 +226,6 @@ class NeuronAtlas:
         harmful: Sequence[str],
         intents: Sequence[str] = (),
         harmless: Sequence[str] = (),
-        reasoning: Sequence[str] = (),
         method: str = "counterfactual",
         top_m: int | float = 0.01,
         min_share: float = 0.5,
@@ -246,7 +242,6 @@ class NeuronAtlas:
             harmful: harmful requests (the paper's D).
             intents: malicious-intent sentences; pair k appends ``intents[k % len]`` to request k (D~).
             harmless: harmless requests (needed by ``method="effect_size"``).
-            reasoning: reasoning prompts; if given, their base activations become ``ref_task``.
             method: ``"counterfactual"`` (paper: top-m of ``f(D~_k) - f(D_k)`` per pair, kept if in
                 at least a share ``min_share`` of pairs; 1.0 is the paper's intersection) or
                 ``"effect_size"`` (top-m of Cohen's d, harmful vs harmless).
@@ -274,9 +269,9 @@ class NeuronAtlas:
         if not 1 <= m <= total:
             raise AtlasError(f"top_m={top_m} gives {m} neurons; the model has {total}")
         pid = pad_id(tokenizer)
+        sizes = [layer.size for layer in layers]
         capture = ActivationCapture(model, layers, [None] * len(layers)).attach()
-        steps = 2 + bool(reasoning)
-        bar = _Stages(progress, steps)
+        bar = _Stages(progress, 2)
         try:
             harmful = list(harmful)
             contrast = [f"{h} {intents[k % len(intents)]}" for k, h in enumerate(harmful)] if method == "counterfactual" else list(harmless)
@@ -290,53 +285,24 @@ class NeuronAtlas:
                                desc="activations" if progress else None)
             if method == "counterfactual":
                 other = activations(model, capture, dialogues[len(harmful) :], pid, batch_size, full=True)
-                top = (other - base).topk(m, dim=1).indices
-                share = torch.zeros(total, device=base.device).index_add_(
-                    0, top.reshape(-1), torch.ones(top.numel(), device=base.device)
-                ) / len(harmful)
-                chosen = (share >= min_share - 1e-9).nonzero().squeeze(1)
-                if chosen.numel() == 0:
-                    raise AtlasError(
-                        f"no neuron is in the top {m} of at least {min_share:.0%} of the {len(harmful)} pairs "
-                        f"(the best reaches {share.max().item():.0%}); lower min_share or raise top_m"
-                    )
-                score = share[chosen]
-                contrast_mean = (other - base).mean(0)
-                ranking = share + contrast_mean / (2 * len(harmful) * contrast_mean.abs().max().clamp_min(1e-12))
+                found = selection.counterfactual(base, other, m, min_share)
             else:  # the harmless side streams: memory O(neurons) however many harmless prompts are given
                 other = activation_moments(model, capture, dialogues[len(harmful) :], pid, batch_size, full=True)
-                ranking = cohens_d(Moments(base.mean(0), base.var(0), len(harmful)), other)
-                chosen = ranking.topk(m).indices
-                score = ranking[chosen]
-            order = score.argsort(descending=True)
-            chosen, score = chosen[order], score[order]
-            flat_safety = chosen.cpu()
-            flat_controls = _matched_controls(flat_safety, [layer.size for layer in layers], num_controls, seed)
-            task_ref = None
-            if reasoning:
-                bar.stage("reasoning references")
-                answers = generate(model, tokenizer, list(reasoning), max_new_tokens, batch_size, max_length=max_length)
-                task_ref = activation_moments(
-                    model, capture, tokenize_dialogues(tokenizer, list(reasoning), answers, max_length), pid, batch_size, full=True
-                ).mean
+                found = selection.effect_size(Moments.of(base), other, m)
+            flat_safety = found.chosen.cpu()
+            controls = selection.matched_controls(flat_safety, sizes, num_controls, seed)
+        except selection.SelectionError as err:
+            raise AtlasError(str(err)) from None
         finally:
             capture.remove()
             bar.close()
-
-        starts = torch.tensor([0] + [layer.size for layer in layers]).cumsum(0)[:-1]
-        flat_tracked, inverse = torch.unique(torch.cat([flat_safety, flat_controls.reshape(-1)]), return_inverse=True)
-        layer_of = torch.bucketize(flat_tracked, starts, right=True) - 1
-        tracked = torch.stack([layer_of, flat_tracked - starts[layer_of]], dim=1)
-        n = flat_safety.numel()
-        safe_mean = base.mean(0).cpu()
+        tracked, safety_pos, control_pos = selection.tracked_layout(flat_safety, controls, sizes)
         return cls(
             tracked=tracked,
-            safety=inverse[:n].clone(),
-            controls=inverse[n:].reshape(num_controls, n).clone(),
-            ref_safe=safe_mean[flat_tracked],
-            ref_task=task_ref.cpu()[flat_tracked] if task_ref is not None else torch.full((len(flat_tracked),), float("nan")),
-            score=score.float().cpu(),
-            ranking=ranking.float().cpu(),
+            safety=safety_pos,
+            controls=control_pos,
+            score=found.score.float().cpu(),
+            ranking=found.ranking.float().cpu(),
             probe_prompts=harmful,
             probe_responses=responses[: len(harmful)],
             settings={
@@ -350,40 +316,6 @@ class NeuronAtlas:
             },
             model_fingerprint=fingerprint(model, layers),
         )
-
-
-def top_share_per_layer(ranking: torch.Tensor, sizes: Sequence[int], share: float) -> list[torch.Tensor]:
-    """Split the top ``round(share * total)`` (at least 1) of a flat ``[total]`` ranking into per-layer ids."""
-    keep = max(1, int(round(share * ranking.numel())))
-    flat = ranking.topk(keep).indices.sort().values
-    starts = torch.tensor([0] + list(sizes)).cumsum(0)
-    return [flat[(flat >= starts[i]) & (flat < starts[i + 1])] - starts[i] for i in range(len(sizes))]
-
-
-def cohens_d(a: Moments, b: Moments) -> torch.Tensor:
-    """Effect size of ``a`` over ``b`` per neuron: mean difference over the pooled standard deviation. ``[N]``."""
-    pooled = (((a.count - 1) * a.var + (b.count - 1) * b.var) / max(a.count + b.count - 2, 1)).sqrt()
-    return (a.mean - b.mean) / pooled.clamp_min(1e-6)
-
-
-def _matched_controls(safety: torch.Tensor, sizes: Sequence[int], k: int, seed: int) -> torch.Tensor:
-    """``[k, n]`` flat neuron ids: per set, as many random non-safety neurons per layer as the safety set has."""
-    starts = torch.tensor([0] + list(sizes)).cumsum(0)
-    layer_of = torch.bucketize(safety, starts[1:], right=True)
-    gen = torch.Generator().manual_seed(seed)
-    taken = torch.zeros(int(starts[-1]), dtype=torch.bool)
-    taken[safety] = True
-    sets = torch.empty((k, safety.numel()), dtype=torch.long)
-    for layer in layer_of.unique().tolist():
-        slots = (layer_of == layer).nonzero().squeeze(1)
-        pool = (~taken[starts[layer] : starts[layer + 1]]).nonzero().squeeze(1) + starts[layer]
-        if pool.numel() < slots.numel():
-            raise AtlasError(
-                f"layer {layer} has {slots.numel()} safety neurons but only {pool.numel()} others to draw controls from"
-            )
-        for row in range(k):
-            sets[row, slots] = pool[torch.randperm(pool.numel(), generator=gen)[: slots.numel()]]
-    return sets
 
 
 class _Stages:

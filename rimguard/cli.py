@@ -33,11 +33,10 @@ def _identify(args: argparse.Namespace) -> None:
     harmful = load_prompts(args.safety, args.key, "safety")[: cfg.num_safety_probes]
     intents = load_prompts(args.intent, args.key, "intent") if cfg.method == "counterfactual" else ()
     harmless = load_prompts(args.harmless, args.key, "harmless") if args.harmless else ()
-    reasoning = load_prompts(args.reasoning, args.key, "reasoning") if args.reasoning else ()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     atlas = NeuronAtlas.identify(
-        model, tokenizer, harmful, intents=intents, harmless=harmless, reasoning=reasoning, method=cfg.method, top_m=cfg.top_m, min_share=cfg.min_share, num_controls=cfg.num_controls,
+        model, tokenizer, harmful, intents=intents, harmless=harmless, method=cfg.method, top_m=cfg.top_m, min_share=cfg.min_share, num_controls=cfg.num_controls,
         max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length, batch_size=cfg.probe_batch_size, seed=cfg.seed,
     )
     atlas.save(args.output)
@@ -80,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety", default="bundled:harmful", help="harmful prompts (.txt/.csv/.jsonl or bundled:NAME)")
     p.add_argument("--intent", default="bundled:intent", help="malicious-intent sentences")
     p.add_argument("--harmless", default=None, help="harmless prompts (for method effect_size)")
-    p.add_argument("--reasoning", default=None, help="reasoning prompts for the task reference")
     p.add_argument("--key", default=None, help="column/field with the prompt text in CSV/JSONL files "
                    "(default: the first of prompt, goal, text, question, instruction, request)")
     p.add_argument("--config", default=None, help="GuardConfig YAML/JSON")

@@ -41,6 +41,7 @@ from rimguard.monitor import EntanglementMonitor
 from rimguard.policy import Decision, RiskPolicy
 from rimguard.probes import bundled, load_prompts
 from rimguard.schema import Reader, file_sha256
+from rimguard.selection import top_fraction
 
 logger = logging.getLogger("rimguard")
 
@@ -381,7 +382,7 @@ class GuardEngine:
                            "Identify once in fp32 (rimguard identify MODEL_DIR -o atlas/) and pass atlas='atlas/' to reuse it.",
                            str(dtype).replace("torch.", ""))
         return NeuronAtlas.identify(
-            model, self.tokenizer, harmful, intents, harmless, self.reasoning, method=cfg.method, top_m=cfg.top_m,
+            model, self.tokenizer, harmful, intents, harmless, method=cfg.method, top_m=cfg.top_m,
             min_share=cfg.min_share, num_controls=cfg.num_controls, max_new_tokens=cfg.max_new_tokens,
             max_length=cfg.max_length, batch_size=cfg.probe_batch_size, seed=cfg.seed,
         )
@@ -561,10 +562,7 @@ def _freeze_top(engine: GuardEngine, plan: Plan, step: int, report: Report | Non
     """Freeze the most shifted ``freeze_top_fraction`` of the safety neurons (unless 'freeze' takes them all)."""
     if "freeze" in plan.actions or not engine.monitor.ready():
         return
-    shift = engine.monitor.shift_per_neuron().cpu()
-    keep = max(1, int(round(engine.config.freeze_top_fraction * shift.numel())))
-    chosen = torch.zeros(shift.numel(), dtype=torch.bool)
-    chosen[shift.topk(keep).indices] = True
+    chosen = top_fraction(engine.monitor.shift_per_neuron().cpu(), engine.config.freeze_top_fraction)
     neurons = engine.atlas.safety_neurons()
     engine._freeze([neurons[chosen & (neurons[:, 0] == layer), 1] for layer in range(len(engine.atlas.layer_sizes))], step, "top")
 

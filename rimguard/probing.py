@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from rimguard.capture import ActivationCapture
+from rimguard.selection import Moments
 
 
 @dataclass
@@ -172,14 +173,6 @@ def activations(
             batch = pad(group, pad_value).to(device)
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     return result[0]
-
-
-class Moments(NamedTuple):
-    """Per-neuron mean and (unbiased) variance over ``count`` sequences, ``[N]`` float32 each."""
-
-    mean: torch.Tensor
-    var: torch.Tensor
-    count: int
 
 
 def activation_moments(

@@ -10,7 +10,6 @@ from trl import SFTConfig, SFTTrainer
 
 from rimguard import RIMGuard, metrics
 from rimguard.anchor import AnchorError
-from rimguard.atlas import top_share_per_layer
 from rimguard.probes import bundled
 from rimguard.testing import (
     assert_grad_difference,
@@ -207,13 +206,6 @@ def test_shrink_penalty_hand_computed():
     # scale: max(|ref|, 0.05 * mean|ref|) = [2, 1, 0.0750125, 3]; shrink only where ref > now
     expected = ((1.0 / 2.0) ** 2 + 0 + (1.001 / 0.0750125) ** 2 + 0) / 4
     torch.testing.assert_close(metrics.shrink_penalty(ref, now, 0.05), torch.tensor(expected))
-
-
-def test_top_share_per_layer_hand_computed():
-    ranking = torch.tensor([0.1, 0.9, 0.5, 0.8, 0.2, 0.7])  # layers of sizes 2 and 4
-    got = top_share_per_layer(ranking, [2, 4], 0.5)
-    assert [g.tolist() for g in got] == [[1], [1, 3]]  # flat 1, 3, 5 -> layer 0 id 1; layer 1 ids 1, 3
-    assert sum(g.numel() for g in top_share_per_layer(ranking, [2, 4], 0.01)) == 1  # at least one
 
 
 def test_freeze_share_freezes_that_share_of_all_neurons(tok, fast_config, llama_atlas):

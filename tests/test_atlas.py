@@ -30,7 +30,6 @@ def test_identify_structure(llama_atlas):
         assert not safe_set & {tuple(r) for r in ctrl.tolist()}
     assert (atlas.score >= 0.25).all() and (atlas.score[:-1] >= atlas.score[1:]).all()
     assert len(atlas.probe_prompts) == len(atlas.probe_responses) == 12
-    assert torch.isfinite(atlas.ref_safe).all() and torch.isnan(atlas.ref_task).all()
 
 
 def test_counterfactual_selection_matches_manual_topm(tok, monkeypatch):
@@ -57,9 +56,8 @@ def test_counterfactual_selection_matches_manual_topm(tok, monkeypatch):
 def test_effect_size_method(tok):
     model = tiny_model("llama")
     atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:6], harmless=bundled("harmless")[:6], method="effect_size",
-                                 top_m=5, num_controls=4, max_new_tokens=4, progress=False, reasoning=bundled("reasoning")[:3])
+                                 top_m=5, num_controls=4, max_new_tokens=4, progress=False)
     assert atlas.num_safety == 5 and atlas.settings["method"] == "effect_size"
-    assert torch.isfinite(atlas.ref_task).all()
 
 
 def test_effect_size_needs_two_prompts_per_side(tok):
@@ -86,9 +84,9 @@ def test_activation_moments_equal_the_full_matrix_statistics(tok):
     torch.testing.assert_close(moments.var.double(), full.var(0), rtol=1e-3, atol=1e-6)
 
 
-def test_identification_memory_does_not_grow_with_harmless_or_reasoning_prompts(tok, monkeypatch):
+def test_identification_memory_does_not_grow_with_harmless_prompts(tok, monkeypatch):
     """Only the (config-capped) harmful probes are held as a [prompts x neurons] matrix; the harmless
-    and reasoning sets stream batch by batch, so 40 of them never form one 40-row matrix."""
+    set streams batch by batch, so 40 of them never form one 40-row matrix."""
     import rimguard.atlas as atlas_module
     import rimguard.probing as probing_module
 
@@ -102,7 +100,7 @@ def test_identification_memory_does_not_grow_with_harmless_or_reasoning_prompts(
     monkeypatch.setattr(probing_module, "activations", counting)
     monkeypatch.setattr(atlas_module, "activations", counting)
     NeuronAtlas.identify(tiny_model("llama"), tok, bundled("harmful")[:4], harmless=bundled("harmless")[:40], method="effect_size",
-                         reasoning=bundled("reasoning")[:40], top_m=5, num_controls=4, max_new_tokens=2, batch_size=4,
+                         top_m=5, num_controls=4, max_new_tokens=2, batch_size=4,
                          max_length=48, progress=False)
     assert rows and max(rows) <= 4
 
@@ -116,9 +114,8 @@ def test_strict_intersection_can_fail_with_clear_error(tok):
 def test_save_load_roundtrip_and_wrong_model(tmp_path, llama_atlas):
     llama_atlas.save(tmp_path / "a")
     loaded = NeuronAtlas.load(tmp_path / "a")
-    for name in ("tracked", "safety", "controls", "ref_safe", "score"):
+    for name in ("tracked", "safety", "controls", "score", "ranking"):
         assert torch.equal(getattr(loaded, name), getattr(llama_atlas, name))
-    assert torch.equal(loaded.ref_task.isnan(), llama_atlas.ref_task.isnan())
     assert loaded.probe_responses == llama_atlas.probe_responses and loaded.settings == llama_atlas.settings
     loaded.check_model(tiny_model("llama"))  # same seed, same weights
     with pytest.raises(AtlasError, match="other weights of the same architecture"):
@@ -133,6 +130,26 @@ def test_save_load_roundtrip_and_wrong_model(tmp_path, llama_atlas):
 def test_load_errors(tmp_path):
     with pytest.raises(AtlasError, match="not an atlas folder"):
         NeuronAtlas.load(tmp_path)
+
+
+def test_a_format_1_atlas_still_loads_and_an_unknown_format_is_named(tmp_path, llama_atlas):
+    """Format 1 also held base references (ref_safe, ref_task) that nothing read; format 2 dropped them."""
+    from safetensors.torch import load_file, save_file
+
+    from rimguard.schema import file_sha256
+
+    folder = llama_atlas.save(tmp_path / "v1")
+    tensors = load_file(str(folder / "atlas.safetensors"))
+    n = tensors["tracked"].shape[0]
+    save_file({**tensors, "ref_safe": torch.ones(n), "ref_task": torch.full((n,), float("nan"))}, str(folder / "atlas.safetensors"))
+    meta = json.loads((folder / "atlas.json").read_text())
+    meta.update(format_version=1, extra={}, tensors_sha256=file_sha256(folder / "atlas.safetensors"))
+    (folder / "atlas.json").write_text(json.dumps(meta))
+    assert NeuronAtlas.load(folder).same_selection(llama_atlas)
+    meta["format_version"] = 7
+    (folder / "atlas.json").write_text(json.dumps(meta))
+    with pytest.raises(AtlasError, match="atlas format 7"):
+        NeuronAtlas.load(folder)
 
 
 def test_prompt_loaders(tmp_path):

@@ -41,7 +41,7 @@ ATLAS_DEFECTS = {
     "safety out of range": (None, lambda t: t["safety"].__setitem__(0, 10_000), "'safety' holds index 10000"),
     "neuron beyond its layer": (None, lambda t: t["tracked"].__setitem__((0, 1), 128), "'tracked (neuron)' holds index 128"),
     "negative control": (None, lambda t: t["controls"].__setitem__((0, 0), -1), "'controls' holds index -1"),
-    "integer references": (None, lambda t: t.update(ref_safe=t["ref_safe"].long()), "'ref_safe' must be floating point"),
+    "integer scores": (None, lambda t: t.update(score=t["score"].long()), "'score' must be floating point"),
     "short scores": (None, lambda t: t.update(score=t["score"][:-1]), "'score' must have shape"),
     "no tracked": (None, lambda t: t.pop("tracked"), "'tracked' is missing"),
 }

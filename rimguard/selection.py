@@ -1,0 +1,124 @@
+"""Which neurons are safety-critical: the selection math, pure (no model, no hooks).
+
+Neurons are flat ids over all MLP layers (layer-major: layer ``l``'s unit ``j`` is
+``sum(sizes[:l]) + j``). Activations are per-prompt maxima over tokens, ``[P, N]``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+class SelectionError(ValueError):
+    """No neuron meets the selection rule; the message says which setting to relax."""
+
+
+class Moments(NamedTuple):
+    """Per-neuron mean and (unbiased) variance over ``count`` prompts, ``[N]`` float32 each."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: int
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Moments":
+        """Of a ``[P, N]`` matrix."""
+        return cls(x.mean(0), x.var(0), x.shape[0])
+
+
+class Selection(NamedTuple):
+    """Chosen flat ids ``[n]`` (best first), their scores ``[n]``, and a score for every neuron ``[N]``."""
+
+    chosen: torch.Tensor
+    score: torch.Tensor
+    ranking: torch.Tensor
+
+
+def counterfactual(base: torch.Tensor, other: torch.Tensor, m: int, min_share: float) -> Selection:
+    """The paper's rule: for each pair k (``base[k]`` a harmful request, ``other[k]`` it plus a
+    malicious-intent sentence), the top-``m`` neurons of ``other[k] - base[k]``; keep the neurons in
+    that top-``m`` for at least a share ``min_share`` of the pairs (1.0 = the intersection).
+
+    Score: the share of pairs. Ranking of every neuron: the share, ties broken by the mean contrast
+    (scaled below half a pair, so it never reorders different shares).
+    """
+    diff = other - base
+    top = diff.topk(m, dim=1).indices
+    share = torch.zeros(base.shape[1], device=base.device).index_add_(
+        0, top.reshape(-1), torch.ones(top.numel(), device=base.device)) / base.shape[0]
+    chosen = (share >= min_share - 1e-9).nonzero().squeeze(1)
+    if chosen.numel() == 0:
+        raise SelectionError(f"no neuron is in the top {m} of at least {min_share:.0%} of the {base.shape[0]} pairs "
+                             f"(the best reaches {share.max().item():.0%}); lower min_share or raise top_m")
+    contrast = diff.mean(0)
+    ranking = share + contrast / (2 * base.shape[0] * contrast.abs().max().clamp_min(1e-12))
+    return _best_first(chosen, share[chosen], ranking)
+
+
+def cohens_d(a: Moments, b: Moments) -> torch.Tensor:
+    """Effect size of ``a`` over ``b`` per neuron: mean difference over the pooled standard deviation. ``[N]``."""
+    pooled = (((a.count - 1) * a.var + (b.count - 1) * b.var) / max(a.count + b.count - 2, 1)).sqrt()
+    return (a.mean - b.mean) / pooled.clamp_min(1e-6)
+
+
+def effect_size(harmful: Moments, harmless: Moments, m: int) -> Selection:
+    """The ``m`` neurons with the largest Cohen's d of harmful over harmless activations."""
+    d = cohens_d(harmful, harmless)
+    chosen = d.topk(m).indices
+    return _best_first(chosen, d[chosen], d)
+
+
+def _best_first(chosen: torch.Tensor, score: torch.Tensor, ranking: torch.Tensor) -> Selection:
+    order = score.argsort(descending=True)
+    return Selection(chosen[order], score[order], ranking)
+
+
+def layer_starts(sizes: Sequence[int]) -> torch.Tensor:
+    """``[L + 1]`` flat id where each layer starts (and the total at the end)."""
+    return torch.tensor([0, *sizes]).cumsum(0)
+
+
+def matched_controls(safety: torch.Tensor, sizes: Sequence[int], k: int, seed: int) -> torch.Tensor:
+    """``[k, n]`` flat ids: per set, as many random non-safety neurons of each layer as the safety set has there."""
+    starts = layer_starts(sizes)
+    layer_of = torch.bucketize(safety, starts[1:], right=True)
+    gen = torch.Generator().manual_seed(seed)
+    taken = torch.zeros(int(starts[-1]), dtype=torch.bool)
+    taken[safety] = True
+    sets = torch.empty((k, safety.numel()), dtype=torch.long)
+    for layer in layer_of.unique().tolist():
+        slots = (layer_of == layer).nonzero().squeeze(1)
+        pool = (~taken[starts[layer] : starts[layer + 1]]).nonzero().squeeze(1) + starts[layer]
+        if pool.numel() < slots.numel():
+            raise SelectionError(f"layer {layer} has {slots.numel()} safety neurons but only {pool.numel()} others to draw controls from")
+        for row in range(k):
+            sets[row, slots] = pool[torch.randperm(pool.numel(), generator=gen)[: slots.numel()]]
+    return sets
+
+
+def tracked_layout(safety: torch.Tensor, controls: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The union of safety and control ids as ``tracked`` ``[N, 2]`` (layer, unit), layer-major, and the
+    positions in it of the safety set ``[n]`` and of each control set ``[k, n]``."""
+    starts = layer_starts(sizes)
+    flat, inverse = torch.unique(torch.cat([safety, controls.reshape(-1)]), return_inverse=True)
+    layer_of = torch.bucketize(flat, starts, right=True) - 1
+    n = safety.numel()
+    return torch.stack([layer_of, flat - starts[layer_of]], dim=1), inverse[:n].clone(), inverse[n:].reshape(controls.shape).clone()
+
+
+def top_share_per_layer(ranking: torch.Tensor, sizes: Sequence[int], share: float) -> list[torch.Tensor]:
+    """The top ``round(share * total)`` (at least 1) of a flat ``[total]`` ranking, as unit ids per layer."""
+    keep = max(1, int(round(share * ranking.numel())))
+    flat = ranking.topk(keep).indices.sort().values
+    starts = layer_starts(sizes)
+    return [flat[(flat >= starts[i]) & (flat < starts[i + 1])] - starts[i] for i in range(len(sizes))]
+
+
+def top_fraction(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``[n]`` bool: the ``round(fraction * n)`` (at least 1) largest ``values``."""
+    keep = max(1, int(round(fraction * values.numel())))
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    mask[values.topk(keep).indices] = True
+    return mask
