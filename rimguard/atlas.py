@@ -235,6 +235,7 @@ class NeuronAtlas:
         batch_size: int = 8,
         seed: int = 0,
         progress: bool = True,
+        capture: ActivationCapture | None = None,
     ) -> "NeuronAtlas":
         """Find the safety-critical neurons of ``model``.
 
@@ -248,6 +249,7 @@ class NeuronAtlas:
             top_m: neurons kept per pair: a count, or a fraction of all neurons if < 1.
             num_controls: number K of random control sets.
             max_new_tokens: length of the model's own greedy response appended to each prompt.
+            capture: the guard's hook layer on ``model`` (attached); by default one is made and removed here.
 
         Activations are taken over the chat-formatted request plus that response, padding excluded.
         """
@@ -263,14 +265,17 @@ class NeuronAtlas:
         if not 0 < min_share <= 1:
             raise AtlasError(f"min_share must be in (0, 1], got {min_share}")
 
-        layers = find_mlp_layers(model)
+        own = capture is None
+        capture = ActivationCapture(model, find_mlp_layers(model)) if own else capture
+        layers = capture.layers
         total = sum(layer.size for layer in layers)
         m = max(1, int(round(top_m * total))) if top_m < 1 else int(top_m)
         if not 1 <= m <= total:
             raise AtlasError(f"top_m={top_m} gives {m} neurons; the model has {total}")
         pid = pad_id(tokenizer)
         sizes = [layer.size for layer in layers]
-        capture = ActivationCapture(model, layers, [None] * len(layers)).attach()
+        if own:
+            capture.attach()
         bar = _Stages(progress, 2)
         try:
             harmful = list(harmful)
@@ -294,7 +299,8 @@ class NeuronAtlas:
         except selection.SelectionError as err:
             raise AtlasError(str(err)) from None
         finally:
-            capture.remove()
+            if own:
+                capture.remove()
             bar.close()
         tracked, safety_pos, control_pos = selection.tracked_layout(flat_safety, controls, sizes)
         return cls(

@@ -1,11 +1,21 @@
-"""Forward hooks that reduce MLP activations where they are produced.
+"""The hook layer: every hook rimguard puts on a model is registered here, on one walk of it.
 
 :class:`ActivationCapture` puts one forward pre-hook on every down projection (its input is the
-``[B, T, I]`` intermediate activation) and a pre-hook on the model itself, which reads the
-``attention_mask`` of each call. Each layer hook reduces the activation at once, so no activation
-tensor outlives its forward pass.
+``[B, T, I]`` intermediate activation), a pre-hook on the model itself, which reads the
+``attention_mask`` of each call, and a forward hook on the last decoder block. Each layer hook
+reduces the activation at once, so no activation tensor outlives its forward pass. Gradient hooks
+on parameters (the freeze) are registered through :meth:`ActivationCapture.grad_hook`, so that
+:meth:`ActivationCapture.remove` takes every hook off.
 
-Three sinks, chosen per call:
+Hook points and their sinks (each sink returns what the hook point needs):
+
+* **batch taps** - ``tap(module, args, kwargs) -> keep``, at the start of a training forward,
+  before anything else is recorded for it (the monitor keeps its first batch for KL); a tap that
+  returns False is dropped.
+* **output taps** - ``tap(block, output) -> output``, on the last decoder block's output of every
+  forward: the regularizer ties its loss into the backward pass there.
+
+Three activation sinks, chosen per call:
 
 * **stream** - a training forward (model in train mode, grad enabled): masked-max sums of the
   tracked neurons accumulate on the device, with no host sync.
@@ -23,7 +33,7 @@ checks that the recomputation saves the same tensors) without double counting.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -36,13 +46,17 @@ class Tap(Protocol):
     def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None, recompute: bool) -> None: ...
 
 
+BatchTap = Callable[[nn.Module, tuple, dict], bool]
+OutputTap = Callable[[nn.Module, Any], Any]
+
+
 class ActivationCapture:
     """Hooks a model's MLPs and reduces their activations.
 
     Args:
         model: the module the training loop calls (bare or PEFT-wrapped).
         layers: from :func:`rimguard.arch.find_mlp_layers`.
-        tracked: per layer, the ``[n_l]`` long tensor of neurons to stream (None = all).
+        tracked: per layer, the ``[n_l]`` long tensor of neurons to stream (None = all); default all.
         reducer: the stream reduction, see :func:`rimguard.reduce.get_reducer`.
     """
 
@@ -50,16 +64,16 @@ class ActivationCapture:
         self,
         model: nn.Module,
         layers: Sequence[MLPLayer],
-        tracked: Sequence[torch.Tensor | None],
+        tracked: Sequence[torch.Tensor | None] | None = None,
         reducer: Reducer = masked_max_sum,
     ) -> None:
-        if len(tracked) != len(layers):
-            raise ValueError(f"tracked has {len(tracked)} entries for {len(layers)} layers")
         self.model = model
         self.layers = list(layers)
-        self.tracked = list(tracked)
+        self.track(tracked if tracked is not None else [None] * len(self.layers))
         self.reducer = reducer
         self.taps: list[Tap] = []
+        self.batch_taps: list[BatchTap] = []
+        self.output_taps: list[OutputTap] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._forward_id = 0
         self._seen = [-1] * len(self.layers)
@@ -82,7 +96,20 @@ class ActivationCapture:
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         for pos, layer in enumerate(self.layers):
             self._handles.append(layer.down.module.register_forward_pre_hook(self._layer_hook(pos)))
+        self._handles.append(self.layers[-1].block.register_forward_hook(self._on_last_block))
         return self
+
+    def grad_hook(self, param: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.utils.hooks.RemovableHandle:
+        """Register ``fn(grad) -> grad`` on ``param``; :meth:`remove` takes it off with the rest."""
+        handle = param.register_hook(fn)
+        self._handles.append(handle)
+        return handle
+
+    def track(self, tracked: Sequence[torch.Tensor | None]) -> None:
+        """Set the neurons each layer streams and probes (``[n_l]`` ids, or None for all)."""
+        if len(tracked) != len(self.layers):
+            raise ValueError(f"tracked has {len(tracked)} entries for {len(self.layers)} layers")
+        self.tracked = list(tracked)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -92,12 +119,20 @@ class ActivationCapture:
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        training = self._probe_rows is None and self._route is None and module.training and torch.is_grad_enabled()
+        if training and self.batch_taps:  # first: a tap may run its own forwards, which must not clobber this one's state
+            self.batch_taps = [tap for tap in self.batch_taps if tap(module, args, kwargs)]
         # the mask is kept after the forward: a checkpointed layer recomputed during backward
         # belongs to the latest forward and must replay with its mask (same ops, same saved tensors)
         self._forward_id += 1
         mask = kwargs.get("attention_mask")
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self._streaming = self._probe_rows is None and self._route is None and module.training and torch.is_grad_enabled()
+        self._streaming = training
+
+    def _on_last_block(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        for tap in self.output_taps:
+            output = tap(module, output)
+        return output
 
     def _layer_hook(self, pos: int) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:

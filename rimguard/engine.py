@@ -33,7 +33,9 @@ from torch import nn
 
 from rimguard import dist
 from rimguard.anchor import AnchorError, AnchorRecord, ParamAnchor, SafetyAnchor, record_anchor
+from rimguard.arch import find_mlp_layers
 from rimguard.atlas import AtlasError, NeuronAtlas
+from rimguard.capture import ActivationCapture
 from rimguard.config import LEVELS, OPTIMISED_SIGNALS, GuardConfig
 from rimguard.events import EventLog, new_run_id
 from rimguard.interventions import EntanglementPenalty, NeuronFreezer, attach_penalty
@@ -165,7 +167,6 @@ class GuardEngine:
         self.run_id = ""
         self.witness: float | None = None  # WITNESS when the current level was raised
         self._rebased = False  # resumed without guard state: references are re-taken on trained weights
-        self._loss_handle: torch.utils.hooks.RemovableHandle | None = None
         self._ended: int | None = None  # the step at which this guard's run ended (a guard guards one run)
 
     # -- public ------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ class GuardEngine:
         return self.check(step) if self.due(step) else None
 
     def attached(self) -> bool:
-        return self._loss_handle is not None or (self.monitor is not None and self.monitor.attached)
+        return self.monitor is not None and self.monitor.attached
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(
@@ -255,25 +256,29 @@ class GuardEngine:
                 self.events.drop_after(restored["step"])
         if restored is not None:
             self.atlas = restored["atlas"]
-        if self.atlas is None:
-            self.atlas = dist.broadcast(self._identify(model) if dist.is_main() else None)
-            if dist.is_main() and output_dir is not None:
-                self._save_atlas(Path(output_dir))
-        else:
-            self.atlas.check_model(model, check_weights=restored is None and not self._rebased)
-        monitor = EntanglementMonitor(
-            model, self.tokenizer, self.atlas, cfg, self.reasoning,
-            bundled("refusal_openings"), bundled("compliance_openings"),
-        )
-        self.monitor = monitor
-        monitor.start(restored["monitor"] if restored else None)
+        layers = find_mlp_layers(model)  # the one walk of the model
+        if self.atlas is not None:
+            self.atlas.check_model(model, layers, check_weights=restored is None and not self._rebased)
+        capture = ActivationCapture(model, layers).attach()  # the one hook layer, shared by every part
+        try:
+            if self.atlas is None:
+                self.atlas = dist.broadcast(self._identify(model, capture) if dist.is_main() else None)
+                if dist.is_main() and output_dir is not None:
+                    self._save_atlas(Path(output_dir))
+            self.monitor = monitor = EntanglementMonitor(
+                capture, self.tokenizer, self.atlas, cfg, self.reasoning, bundled("refusal_openings"), bundled("compliance_openings"),
+            )
+            monitor.start(restored["monitor"] if restored else None)
+        except BaseException:
+            capture.remove()
+            raise
         self.penalty_term = EntanglementPenalty([i.to(monitor.device) for i in self.atlas.safety_per_layer()])
-        monitor.capture.taps.append(self.penalty_term)
+        capture.taps.append(self.penalty_term)
         self._set_penalty_reference()
-        self.freezer = NeuronFreezer(monitor.layers)
+        self.freezer = NeuronFreezer(capture)
         self._build_regularizer(model, restored)
         if inject_loss:
-            self._loss_handle = monitor.layers[-1].block.register_forward_hook(self._add_penalty)
+            capture.output_taps.append(self._add_penalty)
         if restored is not None:
             self.freezer.load_state(restored["freezer"], model)
             self.policy.level, self.policy.streak = restored["policy"]["level"], restored["policy"]["streak"]
@@ -356,9 +361,6 @@ class GuardEngine:
             self.monitor.stop()
         if self.freezer is not None:
             self.freezer.remove()
-        if self._loss_handle is not None:
-            self._loss_handle.remove()
-            self._loss_handle = None
         self.events.close()
 
     def finish(self, step: int) -> None:
@@ -370,7 +372,7 @@ class GuardEngine:
         self.teardown()
         self._ended = step
 
-    def _identify(self, model: nn.Module) -> NeuronAtlas:
+    def _identify(self, model: nn.Module, capture: ActivationCapture | None = None) -> NeuronAtlas:
         cfg, key = self.config, self.prompt_key
         harmful = load_prompts(self.sources["harmful"], key, "safety")[: cfg.num_safety_probes]
         intents = load_prompts(self.sources["intent"], key, "intent") if cfg.method == "counterfactual" else []
@@ -384,7 +386,7 @@ class GuardEngine:
         return NeuronAtlas.identify(
             model, self.tokenizer, harmful, intents, harmless, method=cfg.method, top_m=cfg.top_m,
             min_share=cfg.min_share, num_controls=cfg.num_controls, max_new_tokens=cfg.max_new_tokens,
-            max_length=cfg.max_length, batch_size=cfg.probe_batch_size, seed=cfg.seed,
+            max_length=cfg.max_length, batch_size=cfg.probe_batch_size, seed=cfg.seed, capture=capture,
         )
 
     def _set_penalty_reference(self) -> None:
@@ -396,8 +398,8 @@ class GuardEngine:
         values = monitor.ref_task[self.atlas.safety.to(tracked.device)]
         term.set_reference([values[safety[:, 0] == layer] for layer in range(len(monitor.layers))])
 
-    def _add_penalty(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        """Forward hook on the last decoder block: tie the penalty to its output hidden states."""
+    def _add_penalty(self, module: nn.Module, output: Any) -> Any:
+        """Output tap on the last decoder block: tie the penalty to its output hidden states."""
         term, monitor = self.penalty_term, self.monitor
         if not module.training or not torch.is_grad_enabled() or (monitor is not None and monitor.capture.routing):
             return output

@@ -30,6 +30,7 @@ from torch import nn
 
 from rimguard import dist
 from rimguard.arch import MLPLayer, Projection
+from rimguard.capture import ActivationCapture
 from rimguard.reduce import masked_max
 
 
@@ -144,11 +145,12 @@ class NeuronFreezer:
     """Holds chosen MLP neurons fixed through optimizer steps (full fine-tuning and LoRA).
 
     Args:
-        layers: from :func:`rimguard.arch.find_mlp_layers`.
+        capture: the hook layer (its layers are the MLPs; the gradient masks are registered through it).
     """
 
-    def __init__(self, layers: Sequence[MLPLayer]) -> None:
-        self.layers = list(layers)
+    def __init__(self, capture: ActivationCapture) -> None:
+        self.capture = capture
+        self.layers = list(capture.layers)
         self.frozen: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in self.layers]
         self._slices: list[_Slice] = []
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
@@ -223,7 +225,7 @@ class NeuronFreezer:
                 grad = grad.index_fill(d, i, 0.0)
             return grad
 
-        self._hooks[key] = param.register_hook(hook)
+        self._hooks[key] = self.capture.grad_hook(param, hook)
 
     @torch.no_grad()
     def restore(self) -> None:

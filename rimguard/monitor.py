@@ -1,6 +1,7 @@
 """Online entanglement measurement: base references, the reasoning stream and probe checks.
 
-The monitor owns an :class:`~rimguard.capture.ActivationCapture` on the atlas' tracked neurons.
+The monitor reads the guard's :class:`~rimguard.capture.ActivationCapture` (the hook layer),
+set to stream the atlas' tracked neurons.
 
 * **Reasoning side** - streamed from the training forwards themselves (no extra forward): each
   optimizer step's masked-max means are folded into an EMA on the device. Unless reasoning
@@ -24,7 +25,6 @@ import torch
 from torch import nn
 
 from rimguard import dist, metrics
-from rimguard.arch import find_mlp_layers
 from rimguard.atlas import NeuronAtlas
 from rimguard.capture import ActivationCapture
 from rimguard.config import GuardConfig
@@ -52,7 +52,7 @@ class EntanglementMonitor:
     """Measures RAS, its null score, KL and the refusal margin against train-start references.
 
     Args:
-        model: the model the training loop calls.
+        capture: the hook layer on the model the training loop calls (attached or not).
         tokenizer: its tokenizer.
         atlas: the neuron atlas (checked against ``model``).
         config: guard configuration.
@@ -62,7 +62,7 @@ class EntanglementMonitor:
 
     def __init__(
         self,
-        model: nn.Module,
+        capture: ActivationCapture,
         tokenizer,
         atlas: NeuronAtlas,
         config: GuardConfig,
@@ -70,12 +70,11 @@ class EntanglementMonitor:
         refusal_openings: Sequence[str] = (),
         compliance_openings: Sequence[str] = (),
     ) -> None:
-        self.model, self.tokenizer, self.atlas, self.config = model, tokenizer, atlas, config
-        self.layers = find_mlp_layers(model)
-        self.device = model_device(model)
-        self.capture = ActivationCapture(
-            model, self.layers, [t.to(self.device) for t in atlas.per_layer()], get_reducer(self.device)
-        )
+        self.capture, self.tokenizer, self.atlas, self.config = capture, tokenizer, atlas, config
+        self.model, self.layers = capture.model, capture.layers
+        self.device = model_device(self.model)
+        capture.track([t.to(self.device) for t in atlas.per_layer()])
+        capture.reducer = get_reducer(self.device)
         self.safety_index = atlas.safety.to(self.device)
         self.sets = torch.cat([atlas.safety[None], atlas.controls]).to(self.device)  # [1 + K, n]
         n = config.num_safety_probes
@@ -96,7 +95,7 @@ class EntanglementMonitor:
         self.kl_mask: torch.Tensor | None = None
         self.kl_base_logp: torch.Tensor | None = None
         self.kl_base_index: torch.Tensor | None = None
-        self._grab_handle = None
+        self._grabbing = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, restored: dict[str, Any] | None = None) -> None:
@@ -114,17 +113,16 @@ class EntanglementMonitor:
                 if self.config.kl_probes:
                     self._set_kl_reference(pad(seqs[: self.config.kl_probes], self._pad))
         if self.config.kl_probes and self.kl_base_logp is None:
-            self._grab_handle = self.model.register_forward_pre_hook(self._grab_first_batch, with_kwargs=True, prepend=True)
+            self._grabbing = True
+            self.capture.batch_taps.append(self._grab_first_batch)
 
     def stop(self) -> None:
         self.capture.remove()
-        if self._grab_handle is not None:
-            self._grab_handle.remove()
-            self._grab_handle = None
+        self._grabbing = False
 
     @property
     def attached(self) -> bool:
-        return self.capture.attached or self._grab_handle is not None
+        return self.capture.attached
 
     def probe_prompts(self) -> list[str]:
         """Every prompt the monitor measures (safety probes; the margin's prompts are among them)."""
@@ -170,17 +168,18 @@ class EntanglementMonitor:
         count = torch.tensor(float(len(mine)), device=self.device)
         return float(dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1))
 
-    def _grab_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """On the first training forward, keep a few of its sequences and their base log-probs."""
+    def _grab_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
+        """Batch tap: on the first training forward, keep a few of its sequences and their base
+        log-probs. Returns whether it still waits for one."""
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if not (module.training and torch.is_grad_enabled() and isinstance(ids, torch.Tensor)) or self.capture.routing:
-            return
-        self._grab_handle.remove()
-        self._grab_handle = None
+        if not self._grabbing or not isinstance(ids, torch.Tensor):
+            return self._grabbing
+        self._grabbing = False
         keep = self.config.kl_probes
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(ids)
         self._set_kl_reference(Batch(ids[:keep].detach().clone(), mask[:keep].detach().clone()))
+        return False
 
     def _set_kl_reference(self, batch: Batch) -> None:
         batch = batch.to(self.device)

@@ -135,3 +135,41 @@ def test_hooks_fully_removed_and_no_activation_references():
     capture.remove()
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert all(not l.down.module._forward_pre_hooks for l in layers)
+
+
+def test_the_engine_walks_the_model_once_and_only_the_hook_layer_registers_hooks(tok, fast_config, monkeypatch):
+    """Identification, monitor, regularizer and freeze share one capture: one find_mlp_layers walk,
+    and every module or gradient hook is registered from rimguard/capture.py."""
+    import inspect
+
+    import rimguard.atlas
+    import rimguard.engine
+    from rimguard import GuardEngine
+    from rimguard.arch import find_mlp_layers
+
+    walks, callers = [], []
+
+    def walk(model):
+        walks.append(model)
+        return find_mlp_layers(model)
+
+    for module in (rimguard.engine, rimguard.atlas):
+        monkeypatch.setattr(module, "find_mlp_layers", walk)
+
+    def recording(real):
+        def register(self, *args, **kwargs):
+            callers.append(inspect.stack()[1].filename)
+            return real(self, *args, **kwargs)
+        return register
+
+    for name in ("register_forward_pre_hook", "register_forward_hook"):
+        monkeypatch.setattr(torch.nn.Module, name, recording(getattr(torch.nn.Module, name)))
+    monkeypatch.setattr(torch.Tensor, "register_hook", recording(torch.Tensor.register_hook))
+    engine = GuardEngine(fast_config(mode="freeze", regularizer="activation", actions={"ok": ["freeze", "regularize"]}))
+    engine.setup(tiny_model("llama"), tok)
+    assert engine.freezer.count > 0 and engine.weight > 0
+    ours = [c for c in callers if "/rimguard/" in c]
+    assert len(walks) == 1
+    assert ours and all(c.endswith("rimguard/capture.py") for c in ours), set(ours)
+    engine.teardown()
+    assert not engine.attached()

@@ -47,10 +47,13 @@ def test_empty_continuation_is_an_error():
 
 @pytest.mark.parametrize("margin_probes", [0, 2])
 def test_margin_probes_bounds_or_disables_the_margin(tok, fast_config, llama_atlas, margin_probes):
+    from rimguard.arch import find_mlp_layers
+    from rimguard.capture import ActivationCapture
     from rimguard.monitor import EntanglementMonitor
 
     model = tiny_model("llama")
-    monitor = EntanglementMonitor(model, tok, llama_atlas, fast_config(margin_probes=margin_probes),
+    capture = ActivationCapture(model, find_mlp_layers(model))
+    monitor = EntanglementMonitor(capture, tok, llama_atlas, fast_config(margin_probes=margin_probes),
                                   refusal_openings=bundled("refusal_openings"), compliance_openings=bundled("compliance_openings"))
     monitor.start()
     try:
