@@ -119,11 +119,8 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
     callbacks: list = []
     guard_cfg = GuardConfig(probe_every=args.probe_every, num_safety_probes=args.probes, max_new_tokens=16,
                             probe_batch_size=8, log_file=None)
-    if CONFIGS[mode] is not None:
-        callbacks.append(RIMGuard(guard_cfg, atlas=atlas, **CONFIGS[mode]))
-    elif mode == "safety-compass":
+    if mode == "safety-compass":
         callbacks.append(peer_callback(model, tok, workdir, args.probes, args.probe_every))
-    callbacks.append(timer)
     cfg = SFTConfig(output_dir=str(workdir / mode), max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
                     learning_rate=1e-5, report_to=[], bf16=False, **no_checkpointing(), save_strategy="no",
                     use_cpu=not torch.cuda.is_available(), max_length=args.max_length, seed=0, disable_tqdm=True,
@@ -131,6 +128,9 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(training_records(args, args.batch * (args.warmup + args.steps) + 8)),
                          processing_class=tok, callbacks=callbacks,
                          peft_config=LoraConfig(r=16, target_modules="all-linear") if lora else None)
+    if CONFIGS[mode] is not None:  # the guard knows its trainer (it logs through it), as RIMGuard.attach sets up
+        trainer.add_callback(RIMGuard(guard_cfg, atlas=atlas, trainer=trainer, **CONFIGS[mode]))
+    trainer.add_callback(timer)  # after the guard: a step's time includes its check
     trainer.train()
     times = timer.times[args.warmup :]
     median = statistics.median(times)
