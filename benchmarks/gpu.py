@@ -42,7 +42,7 @@ from reduction import reference, timeit  # noqa: E402
 
 from rimguard import AtlasError, GuardConfig, NeuronAtlas, RIMGuard  # noqa: E402
 from rimguard.probes import bundled  # noqa: E402
-from rimguard.reduce import get_reducer  # noqa: E402
+from rimguard.hooks.reduce import get_reducer  # noqa: E402
 from rimguard.testing import tiny_tokenizer  # noqa: E402
 
 # Llama-style shapes: (hidden, intermediate, layers, heads, kv heads, vocab)

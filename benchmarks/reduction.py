@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from rimguard.reduce import get_reducer
+from rimguard.hooks.reduce import get_reducer
 
 
 def reference(x, mask, index):

@@ -12,7 +12,7 @@ threads on two cores slow each other down several-fold. ``safety-compass`` is op
 
 Pipeline:
 
-1. Subject: ``rimguard.zoo.aligned_smollm2()`` (cached safety-aligned SmolLM2-135M-Instruct).
+1. Subject: ``rimguard.demo.zoo.aligned_smollm2()`` (cached safety-aligned SmolLM2-135M-Instruct).
 2. Reasoning SFT on GSM8K step-by-step solutions with TRL's ``SFTTrainer`` (conversational
    prompt/completion, loss on the completion, CPU fp32). Variants: unguarded full fine-tune,
    unguarded LoRA, full fine-tune with rimguard ``mode="regularize"`` and ``mode="freeze"``.
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from rimguard import NeuronAtlas
     from rimguard.probes import bundled
-    from rimguard.zoo import aligned_smollm2
+    from rimguard.demo.zoo import aligned_smollm2
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

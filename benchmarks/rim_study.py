@@ -6,7 +6,7 @@ forgetting at what cost (``--preset prevention``)?
     python benchmarks/rim_study.py --preset prevention --threads 2    # actions at the same seeds, data, steps
     python benchmarks/rim_study.py --preset validity --report-only    # re-run the analysis from the run records
 
-Both presets share the runner, the subject (``rimguard.zoo.aligned_smollm2``), the atlas (identified
+Both presets share the runner, the subject (``rimguard.demo.zoo.aligned_smollm2``), the atlas (identified
 once on the aligned model, 100 layer-matched control sets) and the unguarded runs (a prevention
 variant ``none`` is the validity condition ``cot`` / ``lora`` at the same seed). Finished runs are
 kept in ``--out/runs/<run>.json`` and skipped on the next call (the study resumes run by run).
@@ -144,7 +144,7 @@ class Study:
 
         from rimguard import NeuronAtlas
         from rimguard.probes import bundled
-        from rimguard.zoo import aligned_smollm2
+        from rimguard.demo.zoo import aligned_smollm2
 
         self.args = args
         self.folder = aligned_smollm2()
@@ -196,7 +196,7 @@ class Study:
 
     # -- evaluation (held-out sets) --------------------------------------------------------------
     def refusal(self, model, full: bool = False) -> dict[str, Any]:
-        from rimguard.judge import judge
+        from rimguard.demo.judge import judge
         from rimguard.probing import generate
 
         texts = generate(model, self.tok, self.harmful, 24, batch_size=48)
@@ -209,7 +209,7 @@ class Study:
 
     def final_eval(self, model, accuracy: bool = True) -> dict[str, Any]:
         """XSTest over-refusal on the safe prompts and (if ``accuracy``) GSM8K exact-match accuracy (greedy, 200 tokens)."""
-        from rimguard.judge import judge
+        from rimguard.demo.judge import judge
         from rimguard.probing import generate
 
         prompts = self.xstest if accuracy else self.xstest_small
@@ -308,8 +308,8 @@ class Baselines(TrainerCallback):
             self.rows.append(row)
             return
         t0 = time.perf_counter()
-        from rimguard import metrics
-        from rimguard.judge import judge
+        from rimguard.signals import metrics
+        from rimguard.demo.judge import judge
         from rimguard.probing import generate
 
         g = self.guard
@@ -352,7 +352,7 @@ def _topk(model, batch, k: int = 64):
 
 
 def _kl_now(model, batch, ref) -> float:
-    from rimguard import metrics
+    from rimguard.signals import metrics
     from rimguard.probing import next_token_logprobs, probe_mode
 
     with probe_mode(model):

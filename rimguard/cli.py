@@ -62,13 +62,9 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace, extra: Sequence[str]) -> None:
-    import runpy
+    from rimguard.demo.app import main as demo
 
-    demo = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
-    if not demo.is_file():
-        raise FileNotFoundError(f"{demo}: the demo ships with the source checkout (examples/demo.py)")
-    sys.argv = [str(demo), *extra]
-    runpy.run_path(str(demo), run_name="__main__")
+    demo(list(extra))
 
 
 def build_parser() -> argparse.ArgumentParser:

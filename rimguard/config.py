@@ -131,11 +131,13 @@ class GuardConfig:
         regularizer: what the ``regularize`` action adds to the loss: ``"anchor"`` (default: the
             self-distilled safety anchor, KL to the base model's own responses to anchor prompts
             plus a one-sided hold on the safety neurons' activations there, see
-            :mod:`rimguard.anchor`), ``"activation"`` (anchor the safety neurons' activations on
+            :mod:`rimguard.actions.anchor`), ``"activation"`` (anchor the safety neurons' activations on
             the training batch to their base values) or ``"params"`` (L2-SP pull to the base weights).
         penalty_weight: lambda of the regularizer; None takes its default (``DEFAULT_WEIGHTS``).
         adaptive_penalty: scale lambda by the level (x1 at regularize, x2 at freeze, x4 at stop).
-        anchor_every: optimizer steps between anchor batches (the anchor's cost falls with it).
+        anchor_every: optimizer steps between anchor batches (the anchor's cost falls with it). 4 met
+            every prevention target on the benchmark's three runs where every step over-refused
+            (benchmarks/RESULTS.md section 1).
         anchor_batch_size: anchor rows per anchor batch (harmful and harmless look-alikes mixed).
         anchor_act_weight: weight of the anchor's neuron term (the paper's delta-minus-safe side)
             relative to its KL term. Default 0: on SmolLM2 it added no retention (100% kept with and
@@ -177,7 +179,7 @@ class GuardConfig:
     regularizer: str = "anchor"
     penalty_weight: float | None = None
     adaptive_penalty: bool = False
-    anchor_every: int = 1
+    anchor_every: int = 4
     anchor_batch_size: int = 8
     anchor_act_weight: float = 0.0
     anchor_harmless: bool = True

@@ -32,18 +32,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rimguard import dist
-from rimguard.anchor import AnchorError, AnchorRecord, ParamAnchor, SafetyAnchor, record_anchor
-from rimguard.arch import find_mlp_layers
+from rimguard.actions.anchor import AnchorError, AnchorRecord, ParamAnchor, SafetyAnchor, record_anchor
+from rimguard.actions.freeze import NeuronFreezer
+from rimguard.actions.penalty import EntanglementPenalty, attach_penalty
 from rimguard.atlas import AtlasError, NeuronAtlas
-from rimguard.capture import ActivationCapture
+from rimguard.atlas.selection import top_fraction
 from rimguard.config import LEVELS, OPTIMISED_SIGNALS, GuardConfig
 from rimguard.events import EventLog, new_run_id
-from rimguard.interventions import EntanglementPenalty, NeuronFreezer, attach_penalty
-from rimguard.monitor import EntanglementMonitor
+from rimguard.hooks.arch import find_mlp_layers
+from rimguard.hooks.capture import ActivationCapture
 from rimguard.policy import Decision, RiskPolicy
 from rimguard.probes import bundled, load_prompts
 from rimguard.schema import Reader, file_sha256
-from rimguard.selection import top_fraction
+from rimguard.signals.monitor import EntanglementMonitor
 
 logger = logging.getLogger("rimguard")
 

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rimguard.capture import ActivationCapture
-from rimguard.selection import Moments
+from rimguard.hooks.capture import ActivationCapture, ProbeComplete
 
 
 @dataclass
@@ -168,36 +167,14 @@ def activations(
     ``N`` is the capture's tracked neurons, or all neurons of all layers if ``full``.
     """
     device = model_device(model)
-    with probe_mode(model), capture.probing(full=full) as result:
+    with probe_mode(model), capture.probing(full=full, stop_early=True) as result:
         for group in tqdm(list(chunks(sequences, batch_size)), desc=desc, disable=desc is None, leave=False):
             batch = pad(group, pad_value).to(device)
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            try:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            except ProbeComplete:  # every layer the probe needs has been read: the rest is not computed
+                pass
     return result[0]
-
-
-def activation_moments(
-    model: nn.Module,
-    capture: ActivationCapture,
-    sequences: Sequence[Sequence[int]],
-    pad_value: int,
-    batch_size: int = 8,
-    full: bool = False,
-    desc: str | None = None,
-) -> Moments:
-    """Mean and variance over sequences of the per-sequence max-over-tokens activations, accumulated
-    batch by batch: memory ``O(N)`` (plus one ``[batch_size, N]`` batch), whatever the number of
-    sequences. ``N`` as in :func:`activations`."""
-    total = squares = None
-    for group in tqdm(list(chunks(sequences, batch_size)), desc=desc, disable=desc is None, leave=False):
-        x = activations(model, capture, group, pad_value, batch_size, full=full).double()
-        total = x.sum(0) if total is None else total + x.sum(0)
-        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
-    n = len(sequences)
-    if total is None or squares is None:
-        raise ValueError("activation_moments needs at least one sequence")
-    mean = total / n
-    var = (squares - n * mean * mean).clamp_min(0) / max(n - 1, 1)
-    return Moments(mean.float(), var.float(), n)
 
 
 def continuation_logprobs(

@@ -9,7 +9,6 @@ from rimguard.config import LEVELS
 from rimguard.events import read_events, runs_of
 
 
-
 class Panel(NamedTuple):
     """One plot panel: a logged metric and how it is drawn."""
 
@@ -19,17 +18,19 @@ class Panel(NamedTuple):
     steps: bool = False  # a state held between checks (level, lambda, count): drawn as steps
     only_nonzero: bool = False  # an action's quantity: shown only when it is non-zero somewhere
     from_zero: bool = False  # a non-negative quantity: the axis starts at 0
+    meaning: str = ""  # one line under the title, in words
 
 
 PANELS = (
-    Panel("safety_drop", "safety-neuron activation drop (the alarm)"),
-    Panel("ras_safe", "RAS on safety neurons", "ras_control_mean"),
-    Panel("entanglement_z", "entanglement z (vs control sets)"),
-    Panel("refusal_margin", "refusal vs compliance log-odds (nats)"),
-    Panel("kl_task", "KL(pi_0 || pi_t) on reasoning"),
+    Panel("safety_drop", "safety-neuron activation drop (the alarm)", meaning="the safety neurons' activation loss on harmful probes"),
+    Panel("ras_safe", "RAS on safety neurons", "ras_control_mean", meaning="the paper's score; grey: random control sets"),
+    Panel("entanglement_z", "entanglement z (vs control sets)", meaning="RAS of the safety neurons in control-set SDs"),
+    Panel("refusal_margin", "refusal vs compliance log-odds (nats)", meaning="how much more likely a refusal opening is"),
+    Panel("kl_task", "KL(pi_0 || pi_t) on reasoning", meaning="how far the model moved on reasoning prompts"),
     Panel("level", "risk level (what the signals say)", steps=True),
     Panel("lambda", "regularizer lambda in force", steps=True, only_nonzero=True, from_zero=True),
-    Panel("anchor_kl", "safety-anchor KL (base responses)", only_nonzero=True, from_zero=True),
+    Panel("anchor_kl", "safety-anchor KL (base responses)", only_nonzero=True, from_zero=True,
+          meaning="drift from the base model's own replies"),
     Panel("penalty", "activation penalty", only_nonzero=True, from_zero=True),
     Panel("frozen", "frozen neurons", steps=True, only_nonzero=True, from_zero=True),
 )
@@ -46,8 +47,12 @@ def _series(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[str, dict[str, float]] | None = None) -> Path:
-    """Write a PNG with one panel per metric: thresholds dashed, level changes and freezes marked."""
+def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[str, dict[str, float]] | None = None,
+             losses: list[tuple[int, float]] | None = None, title: str | None = None) -> Path:
+    """Write a PNG with one panel per metric: thresholds dashed, level changes and freezes marked.
+
+    ``losses``: ``(step, training loss)`` pairs for an extra panel (the log does not hold them);
+    ``title``: a line above the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,9 +64,9 @@ def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[st
     freezes = [e for e in events if e.get("event") == "freeze"]
     panels = panels_for(metrics)
     cols = 3
-    rows = (len(panels) + cols - 1) // cols
+    rows = (len(panels) + bool(losses) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(13, 3.3 * rows), sharex=True, squeeze=False)
-    for ax, (key, title, control, steps_drawn, _, from_zero) in zip(axes.flat, panels):
+    for ax, (key, name, control, steps_drawn, _, from_zero, meaning) in zip(axes.flat, panels):
         steps, values = _series(metrics, key)
         if steps_drawn:
             ax.step(steps, values, where="post", marker="o", ms=3, label=key)
@@ -87,17 +92,26 @@ def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[st
         if from_zero:
             ax.set_ylim(bottom=0, top=max(max(values, default=0) * 1.15, 1e-12))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title, fontsize=9)
+        ax.set_title(name + (f"\n{meaning}" if meaning else ""), fontsize=9)
         ax.grid(alpha=0.3)
         if control:
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    used = len(panels)
+    if losses:
+        ax = axes.flat[used]
+        ax.plot(*zip(*losses), ".-", color="tab:green")
+        ax.set_yscale("log")
+        ax.set_title("training loss", fontsize=9)
+        ax.grid(alpha=0.3)
+        used += 1
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
-    for ax in list(axes.flat)[: len(panels)]:
+    for ax in list(axes.flat)[:used]:
         ax.xaxis.set_tick_params(labelbottom=True)
-    for ax in list(axes.flat)[max(0, len(panels) - cols): len(panels)]:
+    for ax in list(axes.flat)[max(0, used - cols): used]:
         ax.set_xlabel("optimizer step")
-    fig.suptitle("rimguard: orange lines = level changes, green dash-dot = freezes, red dashed = thresholds", fontsize=9)
+    legend = "orange lines = level changes, green dash-dot = freezes, red dashed = thresholds"
+    fig.suptitle(f"{title}\n{legend}" if title else f"rimguard: {legend}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -154,7 +154,7 @@ def test_freeze_mode_in_trainer_and_escalation(tmp_path, tok, fast_config, llama
     per_layer = llama_atlas.safety_per_layer()
     guard = RIMGuard(fast_config(mode="freeze"), atlas=llama_atlas)
     model = _train("llama", tmp_path, tok, guard, steps=4)
-    from rimguard.arch import find_mlp_layers
+    from rimguard.hooks.arch import find_mlp_layers
 
     get = lambda p: p.base.weight.detach()
     for a, b in zip(_slices(find_mlp_layers(before), per_layer, get), _slices(find_mlp_layers(model), per_layer, get)):

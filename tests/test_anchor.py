@@ -8,8 +8,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from rimguard import RIMGuard, metrics
-from rimguard.anchor import AnchorError
+from rimguard import RIMGuard
+from rimguard.signals import metrics
+from rimguard.actions.anchor import AnchorError
 from rimguard.probes import bundled
 from rimguard.testing import (
     assert_grad_difference,

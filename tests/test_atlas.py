@@ -34,7 +34,7 @@ def test_identify_structure(llama_atlas):
 
 def test_counterfactual_selection_matches_manual_topm(tok, monkeypatch):
     """The selected set is exactly the neurons in the top-m of >= q of the pairs, computed by hand."""
-    import rimguard.atlas as atlas_mod
+    import rimguard.atlas.core as atlas_mod
 
     acts = torch.randn(8, 256)  # 4 harmful rows, then 4 contrast rows
     acts[4:, 7] += 10.0  # neuron 7 is top in every pair
@@ -67,9 +67,10 @@ def test_effect_size_needs_two_prompts_per_side(tok):
 
 
 def test_activation_moments_equal_the_full_matrix_statistics(tok):
-    from rimguard.arch import find_mlp_layers
-    from rimguard.capture import ActivationCapture
-    from rimguard.probing import activation_moments, activations, pad_id, tokenize_dialogues
+    from rimguard.hooks.arch import find_mlp_layers
+    from rimguard.hooks.capture import ActivationCapture
+    from rimguard.atlas.core import activation_moments
+    from rimguard.probing import activations, pad_id, tokenize_dialogues
 
     model = tiny_model("llama")
     layers = find_mlp_layers(model)
@@ -87,7 +88,7 @@ def test_activation_moments_equal_the_full_matrix_statistics(tok):
 def test_identification_memory_does_not_grow_with_harmless_prompts(tok, monkeypatch):
     """Only the (config-capped) harmful probes are held as a [prompts x neurons] matrix; the harmless
     set streams batch by batch, so 40 of them never form one 40-row matrix."""
-    import rimguard.atlas as atlas_module
+    import rimguard.atlas.core as atlas_module
     import rimguard.probing as probing_module
 
     rows = []

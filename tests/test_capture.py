@@ -4,9 +4,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from rimguard.arch import UnsupportedModelError, find_mlp_layers
-from rimguard.capture import ActivationCapture
-from rimguard.reduce import get_reducer, masked_max, masked_max_sum
+from rimguard.hooks.arch import UnsupportedModelError, find_mlp_layers
+from rimguard.hooks.capture import ActivationCapture
+from rimguard.hooks.reduce import get_reducer, masked_max, masked_max_sum
 from rimguard.testing import FAMILIES, tiny_model
 
 
@@ -139,13 +139,13 @@ def test_hooks_fully_removed_and_no_activation_references():
 
 def test_the_engine_walks_the_model_once_and_only_the_hook_layer_registers_hooks(tok, fast_config, monkeypatch):
     """Identification, monitor, regularizer and freeze share one capture: one find_mlp_layers walk,
-    and every module or gradient hook is registered from rimguard/capture.py."""
+    and every module or gradient hook is registered from rimguard/hooks/capture.py."""
     import inspect
 
-    import rimguard.atlas
+    import rimguard.atlas.core
     import rimguard.engine
     from rimguard import GuardEngine
-    from rimguard.arch import find_mlp_layers
+    from rimguard.hooks.arch import find_mlp_layers
 
     walks, callers = [], []
 
@@ -153,7 +153,7 @@ def test_the_engine_walks_the_model_once_and_only_the_hook_layer_registers_hooks
         walks.append(model)
         return find_mlp_layers(model)
 
-    for module in (rimguard.engine, rimguard.atlas):
+    for module in (rimguard.engine, rimguard.atlas.core):
         monkeypatch.setattr(module, "find_mlp_layers", walk)
 
     def recording(real):
@@ -170,6 +170,37 @@ def test_the_engine_walks_the_model_once_and_only_the_hook_layer_registers_hooks
     assert engine.freezer.count > 0 and engine.weight > 0
     ours = [c for c in callers if "/rimguard/" in c]
     assert len(walks) == 1
-    assert ours and all(c.endswith("rimguard/capture.py") for c in ours), set(ours)
+    assert ours and all(c.endswith("rimguard/hooks/capture.py") for c in ours), set(ours)
     engine.teardown()
     assert not engine.attached()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("lora", [False, True])
+def test_probe_pass_stops_after_the_last_needed_layer_with_the_same_values(tok, family, lora):
+    """A probe pass reads the tracked layers and stops: the later layers and the LM head never run,
+    and the rows equal a float64 masked max over a plain, complete forward (every family, +/- LoRA)."""
+    from rimguard.probing import activations, pad, pad_id, tokenize_dialogues
+
+    model = tiny_model(family)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", fan_in_fan_out=family == "gpt2"))
+    layers = find_mlp_layers(model)
+    seqs = tokenize_dialogues(tok, ["how are tides made?", "name three birds", "why is the sky blue?"], ["Sure.", "", "Light."], 64)
+    ran, seen = [], []
+    handles = [model.get_output_embeddings().register_forward_hook(lambda *a: ran.append("lm_head")),
+               layers[1].down.module.register_forward_hook(lambda *a: ran.append("layer 1"))]
+    capture = ActivationCapture(model, layers, [torch.tensor([3, 7]), torch.zeros(0, dtype=torch.long)]).attach()
+    got = activations(model, capture, seqs, pad_id(tok), batch_size=2)
+    capture.remove()
+    assert ran == [] and got.shape == (3, 2)
+    handles.append(layers[0].down.module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double())))
+    batch = pad(seqs, pad_id(tok))
+    with torch.no_grad():
+        model.eval()
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for h in handles:
+        h.remove()
+    x = seen[0][..., [3, 7]].masked_fill(~batch.attention_mask.bool()[..., None], float("-inf")).amax(1)
+    torch.testing.assert_close(got.double(), x, rtol=1e-5, atol=1e-6)
+    assert ran == ["layer 1", "lm_head"]  # the plain forward ran everything

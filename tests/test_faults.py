@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from rimguard import GuardConfig, RIMGuard, metrics
+from rimguard import GuardConfig, RIMGuard
+from rimguard.signals import metrics
 from rimguard.config import LEVELS, ConfigError
 from rimguard.policy import RiskPolicy
 from rimguard.testing import no_checkpointing, reasoning_texts, tiny_model

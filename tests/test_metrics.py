@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rimguard import metrics
+from rimguard.signals import metrics
 
 
 def test_ras_matches_hand_computation():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rimguard import RIMGuard
-from rimguard.reduce import get_reducer, masked_max_sum
+from rimguard.hooks.reduce import get_reducer, masked_max_sum
 from rimguard.testing import tiny_model
 
 from .test_actions import REASONING

@@ -47,9 +47,9 @@ def test_empty_continuation_is_an_error():
 
 @pytest.mark.parametrize("margin_probes", [0, 2])
 def test_margin_probes_bounds_or_disables_the_margin(tok, fast_config, llama_atlas, margin_probes):
-    from rimguard.arch import find_mlp_layers
-    from rimguard.capture import ActivationCapture
-    from rimguard.monitor import EntanglementMonitor
+    from rimguard.hooks.arch import find_mlp_layers
+    from rimguard.hooks.capture import ActivationCapture
+    from rimguard.signals.monitor import EntanglementMonitor
 
     model = tiny_model("llama")
     capture = ActivationCapture(model, find_mlp_layers(model))

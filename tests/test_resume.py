@@ -15,7 +15,7 @@ TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.002}, "freeze": 
 
 
 def run(out, tok, fast_config, max_steps, resume=None):
-    guard = RIMGuard(fast_config(mode="escalate", thresholds=TH, probe_every=2, penalty_weight=0.5, hysteresis=0.0))
+    guard = RIMGuard(fast_config(mode="escalate", thresholds=TH, probe_every=2, penalty_weight=0.5, hysteresis=0.0, anchor_every=1))
     args = SFTConfig(output_dir=str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-3, report_to=[],
                      bf16=False, **no_checkpointing(), save_strategy="steps", save_steps=4, use_cpu=True,
                      max_length=64, seed=0, disable_tqdm=True, logging_steps=100)

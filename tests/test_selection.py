@@ -1,9 +1,9 @@
-"""The selection math (rimguard.selection) against values computed by hand."""
+"""The selection math (rimguard.atlas.selection) against values computed by hand."""
 
 import pytest
 import torch
 
-from rimguard import selection as S
+from rimguard.atlas import selection as S
 
 
 def test_counterfactual_share_and_ranking_by_hand():

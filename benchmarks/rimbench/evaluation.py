@@ -126,7 +126,7 @@ class Evaluator:
         self._examples = completion_examples(self.tokenizer, self.gsm8k, self.max_length)
 
     def __call__(self, model: torch.nn.Module, full_xstest: bool = True) -> dict[str, Any]:
-        from rimguard.judge import refusal_rate
+        from rimguard.demo.judge import refusal_rate
         from rimguard.probing import generate, pad_id
 
         start = time.perf_counter()
@@ -195,23 +195,28 @@ class EvalPoints(TrainerCallback):
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, from ``on_step_begin`` to this callback's ``on_step_end``.
+    """Wall time of each optimizer step, end to end: from the previous step's end (the first step: its
+    ``on_step_begin``) to this callback's ``on_step_end``. Everything a training step costs is in:
+    data loading, every callback's ``on_step_begin`` (the safety anchor's forward runs there), the
+    step itself and the callbacks before this one at ``on_step_end`` (the guard's checks).
 
     Place it after the guard and before :class:`EvalPoints` in the callback list: the guard's own
-    work at that step (hooks, probe checks) is then counted and evaluation is not.
+    work at that step is then counted and evaluation is not. ``times`` maps step -> seconds.
     """
 
     def __init__(self) -> None:
         self.times: dict[int, float] = {}
-        self._start: float | None = None
+        self._last: float | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        if self._last is None:
+            self._last = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._start is not None:
-            self.times[state.global_step] = time.perf_counter() - self._start
-            self._start = None
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times[state.global_step] = now - self._last
+        self._last = now
 
 
 def median(values: Sequence[float]) -> float:

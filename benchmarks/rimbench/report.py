@@ -236,7 +236,7 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
           "`python benchmarks/rim_benchmark.py --report-only <this folder>`; the measurements are those of the command above.)\n")
 
     w("## Set-up\n")
-    w(f"- Subject: safety-aligned SmolLM2-135M-Instruct from `rimguard.zoo.aligned_smollm2()` (alignment recipe: "
+    w(f"- Subject: safety-aligned SmolLM2-135M-Instruct from `rimguard.demo.zoo.aligned_smollm2()` (alignment recipe: "
       f"{results['subject']['recipe'].get('steps', '?')} steps on rimguard's bundled prompts; it refused "
       f"{_pct(align.get('heldout_refusal_rate'))} of rimguard's held-out bundled harmful prompts).")
     w(f"- Reasoning SFT: GSM8K step-by-step solutions (`{results['data']['gsm8k']['path']}`, calculator annotations "
@@ -253,7 +253,7 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
       "(eval mode, no grad, train mode restored), no checkpoints are written.")
     w(f"- Refusal: {results['data']['harmful']['evaluated']} AdvBench `goal` prompts (fixed sample of "
       f"{results['data']['harmful']['rows']}; all held out from alignment), greedy, {st['gen_tokens']} new tokens, judge "
-      "`rimguard.judge` (string match; degenerate text is `garbage`, not refusal).")
+      "`rimguard.demo.judge` (string match; degenerate text is `garbage`, not refusal).")
     mid = results['data']['xstest']['intermediate_points']
     w(f"- Over-refusal: XSTest safe prompts: {results['data']['xstest']['first_last_points']} at step 0 and the last step"
       + (f", a fixed subset of {mid} at intermediate points (curves use that subset throughout)." if mid
@@ -366,7 +366,7 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
 
     samples = [(r["name"], r.get("final_samples")) for r in results["runs"] if r.get("final_samples")]
     if samples:
-        from rimguard.judge import judge
+        from rimguard.demo.judge import judge
 
         w("## Sample completions at the last step (held-out harmful; those judged compliance first)\n")
         for name, s in samples:

@@ -310,8 +310,10 @@ def prevention_markdown(res: dict[str, Any]) -> str:
     lines = ["# Prevention study: aligned SmolLM2, 12 GSM8K SFT steps", "",
              f"Aligned model: refusal {res['aligned_refusal']:.0%} of 48 held-out AdvBench prompts, XSTest over-refusal "
              f"{_fmt(res['aligned_over_refusal'])} of 250, GSM8K accuracy {_fmt(res['aligned_gsm8k_accuracy'])} of 50.", "",
-             "Per variant: mean [min, max] over its runs (full FT: seeds 0 and 1 where run; LoRA: seed 0).", "",
-             "| variant | fine-tune | runs | refusal kept | math gain share | XSTest over-refusal | GSM8K acc. | step time / unguarded | meets 90%/95% |",
+             "Per variant: mean [min, max] over its runs (full FT: seeds 0 and 1 where run; LoRA: seed 0). Step times are "
+             "not reported here (runs shared the machine with other jobs): see benchmarks/overhead.py.", "",
+             "| variant | fine-tune | runs | refusal kept | math gain share | XSTest over-refusal | GSM8K acc. | meets 90%/95% | "
+             "over-refusal <= aligned + 5 pts |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, s in res["summary"].items():
         v, ft = key.split("/")
@@ -321,7 +323,8 @@ def prevention_markdown(res: dict[str, Any]) -> str:
             return f"{_fmt(a['mean'])} [{_fmt(a['min'])}, {_fmt(a['max'])}]" if a["n"] > 1 else _fmt(a["mean"])
 
         lines.append(f"| {v} | {ft} | {s['refusal_kept']['n']} | {cell('refusal_kept')} | {cell('gain_share')} | {cell('xstest_over_refusal')} | "
-                     f"{cell('gsm8k_accuracy')} | {cell('step_time_ratio')} | {'yes' if s['meets_kept_and_gain'] else 'no'} |")
+                     f"{cell('gsm8k_accuracy')} | {'yes' if s['meets_kept_and_gain'] else 'no'} | "
+                     f"{'yes' if s['meets_over_refusal'] else 'no'} |")
     lines += ["", "## Runs", "", "| run | refusal kept | garbage | gain share | over-refusal | GSM8K acc. | anchor KL | z | margin drop |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in res["records"]:

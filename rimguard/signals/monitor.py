@@ -1,6 +1,6 @@
 """Online entanglement measurement: base references, the reasoning stream and probe checks.
 
-The monitor reads the guard's :class:`~rimguard.capture.ActivationCapture` (the hook layer),
+The monitor reads the guard's :class:`~rimguard.hooks.capture.ActivationCapture` (the hook layer),
 set to stream the atlas' tracked neurons.
 
 * **Reasoning side** - streamed from the training forwards themselves (no extra forward): each
@@ -24,10 +24,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from rimguard import dist, metrics
+from rimguard import dist
 from rimguard.atlas import NeuronAtlas
-from rimguard.capture import ActivationCapture
 from rimguard.config import GuardConfig
+from rimguard.hooks.capture import ActivationCapture
+from rimguard.hooks.reduce import get_reducer
 from rimguard.probing import (
     Batch,
     activations,
@@ -39,7 +40,7 @@ from rimguard.probing import (
     probe_mode,
     tokenize_dialogues,
 )
-from rimguard.reduce import get_reducer
+from rimguard.signals import metrics
 
 STATE_TENSORS = ("ref_safe", "ref_task", "ema_task", "kl_base_logp", "kl_base_index", "kl_ids", "kl_mask")
 

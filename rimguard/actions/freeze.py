@@ -1,20 +1,10 @@
-"""Actions on the safety-critical neurons: the entanglement penalty and freezing.
+"""Freezing: holding chosen MLP neurons fixed through optimizer steps.
 
-**Penalty.** On every training forward, for the safety neurons of each layer, the masked max
-over tokens (averaged over the batch's sequences) is anchored to its base reasoning reference:
-
-    P = (1/n) * sum_j ((m_j - r_j) / max(|r_j|, floor))^2
-
-so reasoning training cannot recruit (or silence) those neurons without paying for it. The
-penalty's gradient joins the trainer's own backward pass through the last decoder block's
-output (see :func:`attach_penalty`), whatever loss the trainer computes, so no trainer subclass
-is needed. Custom loops take ``lambda * P`` from :meth:`EntanglementPenalty.pop` instead.
-
-**Freeze.** A neuron ``j`` of layer ``l`` owns rows ``j + c*I`` of the input-side projections
-(and their bias) and column ``j`` of the down projection (transposed for GPT-2's Conv1D). At
-freeze time those slices are snapshotted; their gradients are zeroed by tensor hooks, and after
-every optimizer step the snapshot is written back, which holds against AdamW momentum and
-decoupled weight decay bit for bit. Under PEFT LoRA the frozen neurons' current delta
+A neuron ``j`` of layer ``l`` owns rows ``j + c*I`` of the input-side projections (and their bias)
+and column ``j`` of the down projection (transposed for GPT-2's Conv1D). At freeze time those
+slices are snapshotted; their gradients are zeroed by tensor hooks (registered through the hook
+layer), and after every optimizer step the snapshot is written back, which holds against AdamW
+momentum and decoupled weight decay bit for bit. Under PEFT LoRA the frozen neurons' current delta
 ``s * B @ A`` is first merged into the (untrained) base weight, then the matching rows of
 ``lora_B`` (input side) and columns of ``lora_A`` (down side) are set to zero and held there, so
 the merged weight of a frozen neuron never changes again.
@@ -28,101 +18,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from rimguard import dist
-from rimguard.arch import MLPLayer, Projection
-from rimguard.capture import ActivationCapture
-from rimguard.reduce import masked_max
+from rimguard.hooks.arch import MLPLayer, Projection
+from rimguard.hooks.capture import ActivationCapture
 
 
-# -- penalty ---------------------------------------------------------------------------------
-class EntanglementPenalty:
-    """Activation-anchoring penalty on the safety neurons; a :class:`~rimguard.capture.Tap`.
-
-    Args:
-        safety_per_layer: per layer, ``[n_l]`` safety neuron ids (empty where none), on the model's device.
-        reference: per layer, ``[n_l]`` base reasoning activations (set by :meth:`set_reference`).
-        floor: lower bound of the scale ``|r_j|``.
-    """
-
-    def __init__(self, safety_per_layer: Sequence[torch.Tensor], floor: float = 1e-3) -> None:
-        self.index = list(safety_per_layer)
-        self.total = sum(int(i.numel()) for i in self.index)
-        self.reference: list[torch.Tensor] | None = None
-        self.floor = floor
-        self.weight = 0.0
-        self._terms: list[torch.Tensor] = []
-        self.logged_sum: torch.Tensor | None = None
-        self.logged_count = 0
-
-    def set_reference(self, per_layer: Sequence[torch.Tensor]) -> None:
-        self.reference = [r.detach().float() for r in per_layer]
-
-    @property
-    def active(self) -> bool:
-        return self.weight > 0 and self.reference is not None and self.total > 0
-
-    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None, recompute: bool) -> None:
-        if not self.active or self.index[layer].numel() == 0:
-            return
-        assert self.reference is not None
-        peak = masked_max(x, mask, self.index[layer]).float().mean(0)
-        ref = self.reference[layer]
-        term = (((peak - ref) / ref.abs().clamp_min(self.floor)) ** 2).sum()
-        if not recompute:  # a checkpoint recomputation replays the ops but must not count twice
-            self._terms.append(term)
-
-    def pop(self) -> torch.Tensor | None:
-        """The weighted penalty ``lambda * P`` of the forwards since the last pop (differentiable)."""
-        if not self._terms:
-            return None
-        value = torch.stack(self._terms).sum() / self.total
-        self._terms.clear()
-        detached = value.detach()
-        self.logged_sum = detached if self.logged_sum is None else self.logged_sum + detached
-        self.logged_count += 1
-        return self.weight * value
-
-    def drain_logged(self) -> float | None:
-        """Mean unweighted penalty since the last call, over all ranks (a collective: call on every rank)."""
-        stats = torch.zeros(2)
-        if self.logged_sum is not None:
-            stats = torch.stack([self.logged_sum.float().cpu(), torch.tensor(float(self.logged_count))])
-        total, count = dist.all_reduce_sum(stats).tolist()
-        self.logged_sum, self.logged_count = None, 0
-        return total / count if count else None
-
-
-class _PenaltyGrad(torch.autograd.Function):
-    """Identity on ``hidden``; in backward, also sends gradient ``coef`` into the scalar ``penalty``."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, penalty: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # kept as an attribute, not saved: under activation checkpointing the recomputed block
-        # does not re-tie, and a saved tensor would make the two passes save different counts
-        ctx.coef = coef
-        return hidden.view_as(hidden)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, ctx.coef.to(grad.dtype if grad.is_floating_point() else torch.float32), None
-
-
-def attach_penalty(hidden: torch.Tensor, penalty: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """Return ``hidden`` unchanged, tied so that backward through it adds ``coef * grad(penalty)``.
-
-    Hooked onto the last decoder block's output, this puts the penalty into *the* backward pass
-    of whatever loss the trainer computes from the model (the Trainer's, TRL's fused loss, a
-    custom ``compute_loss``), without touching the loss value or subclassing the trainer.
-    """
-    if not penalty.requires_grad:
-        raise RuntimeError(
-            "rimguard: the entanglement penalty has no gradient. With activation checkpointing, use the non-reentrant "
-            "form (gradient_checkpointing_kwargs={'use_reentrant': False})."
-        )
-    return _PenaltyGrad.apply(hidden, penalty, coef.detach())
-
-
-# -- freeze ----------------------------------------------------------------------------------
 @dataclass
 class _Slice:
     param: nn.Parameter

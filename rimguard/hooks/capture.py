@@ -38,8 +38,12 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from rimguard.arch import MLPLayer
-from rimguard.reduce import Reducer, masked_max, masked_max_sum
+from rimguard.hooks.arch import MLPLayer
+from rimguard.hooks.reduce import Reducer, masked_max, masked_max_sum
+
+
+class ProbeComplete(Exception):
+    """Raised by a layer hook inside :meth:`ActivationCapture.probing` once every needed layer has been read."""
 
 
 class Tap(Protocol):
@@ -55,9 +59,9 @@ class ActivationCapture:
 
     Args:
         model: the module the training loop calls (bare or PEFT-wrapped).
-        layers: from :func:`rimguard.arch.find_mlp_layers`.
+        layers: from :func:`rimguard.hooks.arch.find_mlp_layers`.
         tracked: per layer, the ``[n_l]`` long tensor of neurons to stream (None = all); default all.
-        reducer: the stream reduction, see :func:`rimguard.reduce.get_reducer`.
+        reducer: the stream reduction, see :func:`rimguard.hooks.reduce.get_reducer`.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class ActivationCapture:
         self._streaming = False
         self._probe_rows: list[list[torch.Tensor]] | None = None
         self._probe_full = False
+        self._probe_last: int | None = None
         self._sums: list[torch.Tensor | None] | None = None
         self._count: torch.Tensor | None = None
         self._route: Tap | None = None
@@ -150,6 +155,8 @@ class ActivationCapture:
             if self._probe_rows is not None:
                 index = None if self._probe_full else self.tracked[pos]
                 self._probe_rows[pos].append(masked_max(x.detach(), self._mask, index).float())
+                if pos == self._probe_last:
+                    raise ProbeComplete
             elif self._streaming:
                 self._accumulate(pos, x)
 
@@ -200,20 +207,32 @@ class ActivationCapture:
 
     # -- probe -------------------------------------------------------------------------------
     @contextmanager
-    def probing(self, full: bool = False) -> Iterator[list[torch.Tensor]]:
+    def probing(self, full: bool = False, stop_early: bool = False) -> Iterator[list[torch.Tensor]]:
         """Collect per-sequence maxima while the block runs forwards.
 
         Yields a list that, when the block exits, holds one ``[P, N]`` float32 tensor (``P``
         sequences; ``N`` tracked neurons, or every neuron of every layer if ``full``).
+
+        With ``stop_early``, once the last layer that holds a neuron to collect has been read, the
+        hook raises :class:`ProbeComplete`: the rest of the forward (later layers, the final norm,
+        the LM head) is not computed; the caller catches it around each forward
+        (:func:`rimguard.probing.activations` does).
         """
         if self._probe_rows is not None:
             raise RuntimeError("probing() is not re-entrant")
         self._probe_rows = [[] for _ in self.layers]
         self._probe_full = full
+        needed = [pos for pos, ids in enumerate(self.tracked) if full or ids is None or ids.numel()]
+        self._probe_last = max(needed, default=len(self.layers) - 1) if stop_early else None
         result: list[torch.Tensor] = []
         try:
             yield result
-            per_layer = [torch.cat(rows) for rows in self._probe_rows]
+            count = len(torch.cat(self._probe_rows[0])) if self._probe_rows[0] else 0
+            per_layer = [torch.cat(rows) if rows else torch.zeros(count, 0, device=self._device_of(pos))
+                         for pos, rows in enumerate(self._probe_rows)]
             result.append(torch.cat(per_layer, dim=1))
         finally:
             self._probe_rows = None
+
+    def _device_of(self, pos: int) -> torch.device:
+        return self.layers[pos].down.base.weight.device

@@ -1,7 +1,7 @@
 """The neuron atlas: which MLP neurons are safety-critical, their controls and base references.
 
 A neuron is ``(layer, j)``: unit ``j`` of layer ``layer``'s intermediate activation (see
-:mod:`rimguard.arch`). The atlas stores
+:mod:`rimguard.hooks.arch`). The atlas stores
 
 * ``tracked`` ``[N, 2]``: every neuron rimguard follows (safety set and controls), layer-major;
 * ``safety`` ``[n]``: positions of the safety-critical neurons in ``tracked``;
@@ -16,7 +16,7 @@ A neuron is ``(layer, j)``: unit ``j`` of layer ``layer``'s intermediate activat
 
 It is saved as ``atlas.safetensors`` plus ``atlas.json`` in one folder. Format 2 dropped the base
 references of format 1 (the monitor takes its own at train start); format-1 atlases still load.
-The selection math is in :mod:`rimguard.selection`.
+The selection math is in :mod:`rimguard.atlas.selection`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
-from rimguard import selection
-from rimguard.arch import MLPLayer, find_mlp_layers
-from rimguard.capture import ActivationCapture
-from rimguard.probing import activation_moments, activations, generate, pad_id, tokenize_dialogues
+from rimguard.atlas import selection
+from rimguard.atlas.selection import Moments
+from rimguard.hooks.arch import MLPLayer, find_mlp_layers
+from rimguard.hooks.capture import ActivationCapture
+from rimguard.probing import activations, chunks, generate, pad_id, tokenize_dialogues
 from rimguard.schema import Reader, file_sha256
-from rimguard.selection import Moments
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -322,6 +323,31 @@ class NeuronAtlas:
             },
             model_fingerprint=fingerprint(model, layers),
         )
+
+
+def activation_moments(
+    model: nn.Module,
+    capture: ActivationCapture,
+    sequences: Sequence[Sequence[int]],
+    pad_value: int,
+    batch_size: int = 8,
+    full: bool = False,
+    desc: str | None = None,
+) -> Moments:
+    """Mean and variance over sequences of the per-sequence max-over-tokens activations, accumulated
+    batch by batch: memory ``O(N)`` (plus one ``[batch_size, N]`` batch), whatever the number of
+    sequences. ``N`` as in :func:`activations`."""
+    total = squares = None
+    for group in tqdm(list(chunks(sequences, batch_size)), desc=desc, disable=desc is None, leave=False):
+        x = activations(model, capture, group, pad_value, batch_size, full=full).double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+    n = len(sequences)
+    if total is None or squares is None:
+        raise ValueError("activation_moments needs at least one sequence")
+    mean = total / n
+    var = (squares - n * mean * mean).clamp_min(0) / max(n - 1, 1)
+    return Moments(mean.float(), var.float(), n)
 
 
 class _Stages:

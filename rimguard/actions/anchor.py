@@ -10,7 +10,7 @@ gradient, and
 
     A = KL(pi_0 || pi_t) on the response tokens  +  mu * shrink(safety neurons on the harmful rows)
 
-is added to the step's loss with weight lambda (``shrink`` is :func:`rimguard.metrics.shrink_penalty`:
+is added to the step's loss with weight lambda (``shrink`` is :func:`rimguard.signals.metrics.shrink_penalty`:
 the delta-minus-safe half of RAS, one-sided). The anchor prompts are disjoint from the monitor's
 probe prompts, so the monitor's behavioural signals stay a witness that the action never trained on.
 
@@ -34,10 +34,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from rimguard import dist, metrics
-from rimguard.capture import ActivationCapture
-from rimguard.probing import encode, format_prompt, forked_rng, generate_ids, model_device, pad, pad_id, probe_mode
-from rimguard.reduce import masked_max
+from rimguard import dist
+from rimguard.hooks.capture import ActivationCapture
+from rimguard.hooks.reduce import masked_max
+from rimguard.probing import encode, forked_rng, format_prompt, generate_ids, model_device, pad, pad_id, probe_mode
+from rimguard.signals import metrics
 
 RECORD_TENSORS = ("ids", "attn", "pos", "resp_mask", "base_logp", "base_index", "act_ref", "harmful")
 
