@@ -101,13 +101,13 @@ class RIMGuard(GuardEngine, TrainerCallback):
                                    "knows the trainer: add it with RIMGuard.attach(trainer, config) (or use bf16)")
             steps = max(int(args.gradient_accumulation_steps), 1)
             return lambda: (steps, 1.0)
-        one = torch.ones(())
+        one = torch.ones((), device=trainer.args.device)  # made once: no host-to-device copy per forward
 
         def scale() -> tuple[int, torch.Tensor | float]:
             steps = max(int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1), 1)
             scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
             # GradScaler.scale multiplies on the device: no host sync
-            return steps, scaler.scale(one.to(trainer.args.device)) if scaler is not None and scaler.is_enabled() else 1.0
+            return steps, scaler.scale(one) if scaler is not None and scaler.is_enabled() else 1.0
 
         return scale
 

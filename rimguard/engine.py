@@ -404,14 +404,13 @@ class GuardEngine:
         term, monitor = self.penalty_term, self.monitor
         if not module.training or not torch.is_grad_enabled() or (monitor is not None and monitor.capture.routing):
             return output
+        penalty = term.pop() if term is not None and term.active else None
+        if penalty is None and self._pending is None:  # most forwards: nothing to tie, no work
+            return output
         accum, scale = self.backward_scale()
         # the activation penalty is per micro-batch (mean over them); the anchor loss once per optimizer step
-        parts = [t / accum for t in (term.pop() if term is not None and term.active else None,) if t is not None]
-        if self._pending is not None:
-            parts.append(self._pending)
-            self._pending = None
-        if not parts:
-            return output
+        parts = [t for t in (penalty / accum if penalty is not None else None, self._pending) if t is not None]
+        self._pending = None
         hidden = output[0] if isinstance(output, tuple) else output
         tied = attach_penalty(hidden, torch.stack(parts).sum(), torch.as_tensor(scale, device=hidden.device))
         return (tied, *output[1:]) if isinstance(output, tuple) else tied
