@@ -28,7 +28,7 @@ from rimbench.evaluation import (  # noqa: E402
     parse_steps,
     step_time_summary,
 )
-from rimbench.stats import forgetting, mean_finite, pearson, run_correlations, targets  # noqa: E402
+from rimbench.stats import forgetting, mean_finite, pearson, run_correlations, targets, wilson  # noqa: E402
 
 from rimguard.testing import (  # noqa: E402
     no_checkpointing,
@@ -46,6 +46,14 @@ def test_pearson_matches_hand_computation():
     assert pearson(x, y) == pytest.approx(11 / math.sqrt(130), abs=1e-12)
     assert pearson(x, [-v for v in y]) == pytest.approx(-11 / math.sqrt(130), abs=1e-12)
     assert pearson([0.0, 1.0, 2.0], [5.0, 7.0, 9.0]) == pytest.approx(1.0)
+
+
+def test_wilson_interval_matches_hand_computation():
+    # 47 of 48: p = 0.979; centre = (p + z^2/96) / (1 + z^2/48), half-width by the Wilson formula
+    lo, hi = wilson(47, 48)
+    assert lo == pytest.approx(0.8910, abs=1e-4) and hi == pytest.approx(0.9963, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    assert all(math.isnan(v) for v in wilson(0, 0))
 
 
 def test_pearson_constant_short_and_nonfinite():

@@ -301,7 +301,16 @@ def aligned_smollm2(cache_dir: str | Path | None = None, steps: int = ALIGN_DEFA
     if progress:
         print(f"rimguard: building the safety-aligned SmolLM2 ({recipe['steps']} steps; once, cached at {final})", file=sys.stderr)
 
+    seconds: dict[str, float] = {}
+    tick = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        seconds[name] = round(time.time() - tick, 1)
+        tick = time.time()
+
     before = evaluate_refusals(model, tokenizer, progress=progress)
+    lap("eval_base")
     prompts = harmless_split()[0]
     limit = recipe["distill_max_new_tokens"]
     answers = generate(model, tokenizer, prompts, limit, desc="self-distillation" if progress else None)
@@ -311,6 +320,7 @@ def aligned_smollm2(cache_dir: str | Path | None = None, steps: int = ALIGN_DEFA
             finished = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) < limit - 1
             distilled.append((prompt, answer.strip() if finished else answer, finished))
     examples = _alignment_examples(tokenizer, distilled, recipe)
+    lap("distill")
 
     tmp = _atomic_dir(final)
     try:
@@ -324,7 +334,9 @@ def aligned_smollm2(cache_dir: str | Path | None = None, steps: int = ALIGN_DEFA
         trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=_Collator(pad_id(tokenizer)))
         result = trainer.train()
         model = trainer.model
+        lap("train")
         after = evaluate_refusals(model, tokenizer, progress=progress)
+        lap("eval_aligned")
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -337,7 +349,7 @@ def aligned_smollm2(cache_dir: str | Path | None = None, steps: int = ALIGN_DEFA
             "after": after, "before": before,
             "train_examples": {"refusal": len(alignment_split()[0]), "distilled": len(distilled),
                                "distill_dropped": len(prompts) - len(distilled)},
-            "train_loss": result.training_loss, "build_seconds": round(time.time() - start, 1),
+            "train_loss": result.training_loss, "build_seconds": round(time.time() - start, 1), "phase_seconds": seconds,
         }
         (tmp / "recipe.json").write_text(json.dumps({"recipe": recipe, "measured": measured}, indent=2), encoding="utf-8")
         tmp.chmod(0o755)
