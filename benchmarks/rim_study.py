@@ -321,7 +321,7 @@ class Baselines(TrainerCallback):
         if mon is not None and mon.safe_now is not None:  # RAS of every control set: the permutation null
             task_now = mon.ema_task
             per_set = metrics.ras(mon.ref_safe[mon.sets], mon.safe_now[mon.sets], mon.ref_task[mon.sets], task_now[mon.sets],
-                                  g.config.rel_floor)
+                                  g.config.monitor.rel_floor)
             row["ras_controls"] = per_set["ras"][1:].tolist()
         with torch.no_grad():
             row["param_dist"] = float(torch.sqrt(sum(((p - s) ** 2).sum() for p, s in zip(self.params, self.start))))

@@ -9,10 +9,10 @@ Custom training loops use :class:`GuardEngine` (the same guard, without a Traine
 
 from rimguard.atlas import AtlasError, NeuronAtlas
 from rimguard.callback import RIMGuard
-from rimguard.config import ConfigError, GuardConfig
+from rimguard.config import ActionsConfig, AtlasConfig, ConfigError, GuardConfig, MonitorConfig, PolicyConfig
 from rimguard.engine import GuardEngine, GuardStateError, Report
 from rimguard.probes import ProbeError, load_prompts
 
-__all__ = ["RIMGuard", "GuardEngine", "GuardConfig", "NeuronAtlas", "Report", "AtlasError", "ConfigError", "GuardStateError",
+__all__ = ["RIMGuard", "GuardEngine", "GuardConfig", "AtlasConfig", "MonitorConfig", "PolicyConfig", "ActionsConfig", "NeuronAtlas", "Report", "AtlasError", "ConfigError", "GuardStateError",
            "ProbeError", "load_prompts"]
 __version__ = "0.1.0"

@@ -53,7 +53,7 @@ class RIMGuard(GuardEngine, TrainerCallback):
         self.setup(kwargs["model"], self.tokenizer or getattr(processing, "tokenizer", processing), args.output_dir, restored=restored)
         if self.trainer is None and dist.is_main() and any(r != "none" for r in (args.report_to or [])):
             logger.info("rimguard: metrics go to %s/%s; to send rimguard/* scalars to report_to too, add the guard with "
-                        "RIMGuard.attach(trainer, config)", args.output_dir, self.config.log_file)
+                        "RIMGuard.attach(trainer, config)", args.output_dir, self.config.monitor.log_file)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.begin_step(state.global_step)
@@ -96,7 +96,7 @@ class RIMGuard(GuardEngine, TrainerCallback):
         """(micro-batches in this optimizer step, loss scale) of the Trainer's backward, for the penalty hook."""
         trainer = self.trainer
         if trainer is None:
-            if getattr(args, "fp16", False) and self.config.regularizes():
+            if getattr(args, "fp16", False) and self.config.policy.regularizes():
                 raise RuntimeError("rimguard: fp16 training scales the loss with a GradScaler the guard can only follow when it "
                                    "knows the trainer: add it with RIMGuard.attach(trainer, config) (or use bf16)")
             steps = max(int(args.gradient_accumulation_steps), 1)
@@ -113,15 +113,15 @@ class RIMGuard(GuardEngine, TrainerCallback):
 
     def _check_backend(self, args: TrainingArguments) -> None:
         sharded = "deepspeed" if getattr(args, "deepspeed", None) else "fsdp" if getattr(args, "fsdp", None) else None
-        freezes = any(a.startswith("freeze") for lvl in LEVELS for a in self.config.actions_for(lvl))
+        freezes = any(a.startswith("freeze") for lvl in LEVELS for a in self.config.policy.actions_for(lvl))
         if sharded and freezes:
             raise RuntimeError(
                 f"rimguard: freezing is not supported under {sharded} (parameters are sharded); "
                 "use mode='monitor' or 'regularize', or actions without freeze/freeze_top"
             )
-        if sharded and self.config.regularizes() and self.config.regularizer != "activation":
+        if sharded and self.config.policy.regularizes() and self.config.actions.regularizer != "activation":
             raise RuntimeError(
-                f"rimguard: regularizer='{self.config.regularizer}' is not supported under {sharded}: it runs its own "
+                f"rimguard: regularizer='{self.config.actions.regularizer}' is not supported under {sharded}: it runs its own "
                 "forward on the unwrapped model (anchor) or needs whole parameters (params); use regularizer='activation' "
                 "there, or train without sharding"
             )

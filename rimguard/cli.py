@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rimguard.atlas import AtlasError
-from rimguard.config import ConfigError
+from rimguard.config import ConfigError, add_arguments
 from rimguard.probes import ProbeError
 
 USER_ERRORS = (AtlasError, ConfigError, ProbeError, FileNotFoundError, ValueError, ImportError)
@@ -23,22 +23,19 @@ def _identify(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rimguard.atlas import NeuronAtlas
-    from rimguard.config import GuardConfig
+    from rimguard.config import GuardConfig, from_arguments
     from rimguard.probes import load_prompts
 
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"{args.model}: no such model folder")
-    cfg = GuardConfig.load(args.config) if args.config else GuardConfig()
+    cfg = from_arguments(args, GuardConfig.load(args.config) if args.config else None)
     # every probe file is read before the model is loaded: a typo fails in a second, not after the load
-    harmful = load_prompts(args.safety, args.key, "safety")[: cfg.num_safety_probes]
-    intents = load_prompts(args.intent, args.key, "intent") if cfg.method == "counterfactual" else ()
+    harmful = load_prompts(args.safety, args.key, "safety")[: cfg.atlas.num_safety_probes]
+    intents = load_prompts(args.intent, args.key, "intent") if cfg.atlas.method == "counterfactual" else ()
     harmless = load_prompts(args.harmless, args.key, "harmless") if args.harmless else ()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    atlas = NeuronAtlas.identify(
-        model, tokenizer, harmful, intents=intents, harmless=harmless, method=cfg.method, top_m=cfg.top_m, min_share=cfg.min_share, num_controls=cfg.num_controls,
-        max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length, batch_size=cfg.probe_batch_size, seed=cfg.seed,
-    )
+    atlas = NeuronAtlas.identify(model, tokenizer, harmful, intents, harmless, **cfg.identify_options())
     atlas.save(args.output)
     print(atlas.summary())
     print(f"saved to {args.output}")
@@ -77,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmless", default=None, help="harmless prompts (for method effect_size)")
     p.add_argument("--key", default=None, help="column/field with the prompt text in CSV/JSONL files "
                    "(default: the first of prompt, goal, text, question, instruction, request)")
-    p.add_argument("--config", default=None, help="GuardConfig YAML/JSON")
+    p.add_argument("--config", default=None, help="GuardConfig YAML/JSON; the atlas flags below override it")
     p.add_argument("-o", "--output", required=True, help="atlas folder to write")
+    add_arguments(p, sections=("atlas",))
     p = sub.add_parser("inspect", help="summarize a saved atlas")
     p.add_argument("atlas")
     p = sub.add_parser("report", help="plots and a Markdown summary of a guarded run")

@@ -1,19 +1,40 @@
-"""Guard configuration: one validated dataclass, loadable from and savable to YAML or JSON."""
+"""Guard configuration: four typed sections (atlas, monitor, policy, actions) in one ``GuardConfig``.
+
+Every option is defined once: a dataclass field with its type (``Literal`` for a choice), its
+bounds and its help text in the field's metadata. The same fields are read
+
+* from Python keywords, flat (``GuardConfig(probe_every=5, mode="regularize")``) or by section
+  (``GuardConfig(monitor=MonitorConfig(probe_every=5))``);
+* from YAML/JSON files (:meth:`GuardConfig.load`; nested as :meth:`GuardConfig.save` writes them,
+  or flat);
+* from the command line (:func:`add_arguments`: one ``--probe-every``-style flag per field, its
+  help and choices from the field).
+
+Field names are unique across sections, so a flat name always means one field.
+"""
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Iterable, Literal, Union, get_args, get_origin, get_type_hints
 
-LEVELS = ("ok", "warn", "regularize", "freeze", "stop")
-ACTIONS = ("warn", "regularize", "freeze_top", "freeze", "checkpoint", "stop")
-METRICS = ("entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop")
-MODES = ("monitor", "regularize", "freeze", "escalate")
-REGULARIZERS = ("anchor", "activation", "params")
+Level = Literal["ok", "warn", "regularize", "freeze", "stop"]
+Action = Literal["warn", "regularize", "freeze_top", "freeze", "checkpoint", "stop"]
+Metric = Literal["entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop"]
+Mode = Literal["monitor", "regularize", "freeze", "escalate"]
+Regularizer = Literal["anchor", "activation", "params"]
+LEVELS: tuple[str, ...] = get_args(Level)
+ACTIONS: tuple[str, ...] = get_args(Action)
+METRICS: tuple[str, ...] = get_args(Metric)
+MODES: tuple[str, ...] = get_args(Mode)
+REGULARIZERS: tuple[str, ...] = get_args(Regularizer)
+
 # lambda when penalty_weight is None, per regularizer (see benchmarks/RESULTS.md for how they were chosen)
 DEFAULT_WEIGHTS = {"anchor": 1.0, "activation": 1.0, "params": 10.0}
 # Which logged signals an action optimises directly (so they cannot witness its success). The
@@ -55,20 +76,31 @@ def _default_thresholds() -> dict[str, dict[str, float]]:
     # that kept their refusals. entanglement_z, the former default, fired in both runs that kept their
     # refusals (rho 0.14). Only the warn value is measured; regularize and freeze are 2x and 4x it, and
     # the scale of safety_drop depends on the model: calibrate on yours with one monitor run (docs/guide.md).
-    return {
-        "warn": {"safety_drop": 0.5},
-        "regularize": {"safety_drop": 1.0},
-        "freeze": {"safety_drop": 2.0},
-        "stop": {},
-    }
+    return {"warn": {"safety_drop": 0.5}, "regularize": {"safety_drop": 1.0}, "freeze": {"safety_drop": 2.0}, "stop": {}}
+
+
+def option(default: Any, help: str, **bounds: float) -> Any:
+    """A config field: its default (a zero-argument callable for a mutable one), its help text and
+    its bounds (``ge``, ``gt``, ``le``, ``lt``; checked for numbers, ``None`` passes)."""
+    meta = {"help": help, **bounds}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_BOUNDS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"), "le": (lambda v, b: v <= b, "<="),
+           "lt": (lambda v, b: v < b, "<")}
 
 
 def _has_type(value: Any, hint: Any) -> bool:
     """Whether ``value`` is of the annotated type: ``bool`` is not an ``int``; a ``float`` field takes
-    finite ints and floats; containers are checked at the top level (their entries are checked by
-    :meth:`GuardConfig.validate`)."""
-    if get_origin(hint) in (Union, UnionType):
+    finite ints and floats; a ``Literal`` takes its values; containers are checked at the top level
+    (their entries are checked by the section)."""
+    origin = get_origin(hint)
+    if origin in (Union, UnionType):
         return any(_has_type(value, arg) for arg in get_args(hint))
+    if origin is Literal:
+        return isinstance(value, str) and value in get_args(hint)
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -77,209 +109,235 @@ def _has_type(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, get_origin(hint) or hint)
+    return isinstance(value, origin or hint)
 
 
 def _type_name(hint: Any) -> str:
-    if get_origin(hint) in (Union, UnionType):
+    origin = get_origin(hint)
+    if origin in (Union, UnionType):
         return " or ".join(_type_name(arg) for arg in get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
     names = {type(None): "None", bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
              dict: "a mapping", list: "a list"}
-    return names.get(get_origin(hint) or hint, str(hint))
+    return names.get(origin or hint, str(hint))
 
 
 @dataclass
-class GuardConfig:
-    """How rimguard finds neurons, measures entanglement and acts.
+class _Section:
+    """Shared validation: every field's type, then its bounds, then the section's own rules."""
 
-    Atlas (used when no atlas is loaded):
-        method: ``"counterfactual"`` (paper) or ``"effect_size"`` (harmful vs harmless).
-        top_m: neurons kept per pair: a count, or a fraction of all neurons if < 1.
-        min_share: keep neurons in the top-m of at least this share of pairs (1.0 = intersection).
-        num_controls: random control sets for the null distribution of RAS.
-        num_safety_probes: harmful prompts used (from the start of the given list).
-        max_new_tokens: length of the model's own greedy response appended to each probe.
-        max_length: probe sequence cap, tokens.
-
-    Monitoring:
-        probe_every: optimizer steps between safety probe passes (and metric logs).
-        probe_batch_size: sequences per probe forward.
-        ema_decay: smoothing of the streamed reasoning activations, per optimizer step.
-        kl_probes: reasoning sequences kept for KL(pi_0 || pi_t); 0 disables KL.
-        margin_probes: harmful probes (of the safety probes) scored for the refusal margin; each
-            runs once plus one short forward per opening, so this bounds most of a check's cost
-            beyond the safety pass. 0 disables the margin.
-        kl_top_k: base log-probs stored per position (the rest is one tail bucket).
-        rel_floor: activation floor for RAS, relative to the mean base activation.
-        log_file: JSONL file name in ``output_dir`` (None: no file).
-        on_missing_state: a resume whose checkpoint lacks the guard's state: ``"error"`` (default:
-            refuse, naming the remedies), ``"atlas"`` (reuse ``output_dir/rimguard_atlas`` and re-take
-            references now) or ``"fresh"`` (identify anew on the current weights).
-
-    Policy and actions:
-        mode: preset of actions per level: ``monitor`` (warn only), ``regularize`` (penalty from
-            step 0), ``freeze`` (freeze from step 0) or ``escalate`` (warn, then regularize, then
-            freeze the most-shifted neurons, then all and stop).
-        thresholds: per level, metric -> value; a level is reached when any of its metrics is
-            at or above its value (all metrics are "higher is riskier").
-        actions: per level, the actions to run; overrides the mode's preset where given.
-        hysteresis: a reached level is left only when every metric is below
-            ``value - hysteresis * |value|``.
-        patience: consecutive probe checks a higher level must hold before escalating.
-        fault_level: the level a check rises to (at least) when a metric is NaN or infinite, a
-            fault rather than a reading; the level never falls at such a check (``"ok"``: only keep it).
-        regularizer: what the ``regularize`` action adds to the loss: ``"anchor"`` (default: the
-            self-distilled safety anchor, KL to the base model's own responses to anchor prompts
-            plus a one-sided hold on the safety neurons' activations there, see
-            :mod:`rimguard.actions.anchor`), ``"activation"`` (anchor the safety neurons' activations on
-            the training batch to their base values) or ``"params"`` (L2-SP pull to the base weights).
-        penalty_weight: lambda of the regularizer; None takes its default (``DEFAULT_WEIGHTS``).
-        adaptive_penalty: scale lambda by the level (x1 at regularize, x2 at freeze, x4 at stop).
-        anchor_every: optimizer steps between anchor batches (the anchor's cost falls with it). 4 met
-            every prevention target on the benchmark's three runs where every step over-refused
-            (benchmarks/RESULTS.md section 1).
-        anchor_batch_size: anchor rows per anchor batch (harmful and harmless look-alikes mixed).
-        anchor_act_weight: weight of the anchor's neuron term (the paper's delta-minus-safe side)
-            relative to its KL term. Default 0: on SmolLM2 it added no retention (100% kept with and
-            without) but drove the monitor's RAS and z below zero, blinding them (benchmarks/RESULTS.md).
-        anchor_harmless: also anchor harmless look-alike prompts to the base model's own answers,
-            so the anchor does not teach blanket refusal (over-refusal).
-        anchor_max_new_tokens: length of the recorded base responses, tokens.
-        anchor_top_k: base log-probs recorded per response token (the rest is one tail bucket).
-        param_scope: ``"all"`` trainable parameters or only the safety neurons' slices (``params``).
-        freeze_top_fraction: share of the safety neurons (the most shifted) that ``freeze_top`` freezes.
-        freeze_share: if set, ``freeze`` holds this share of *all* MLP neurons, the highest by the
-            atlas' selection score, instead of the atlas' safety set.
-    """
-
-    method: str = "counterfactual"
-    top_m: float = 0.01
-    min_share: float = 0.5
-    num_controls: int = 32
-    num_safety_probes: int = 64
-    max_new_tokens: int = 24
-    max_length: int = 256
-
-    probe_every: int = 10
-    probe_batch_size: int = 8
-    ema_decay: float = 0.9
-    kl_probes: int = 8
-    margin_probes: int = 16
-    kl_top_k: int = 64
-    rel_floor: float = 0.05
-    log_file: str | None = "rimguard.jsonl"
-    on_missing_state: str = "error"
-
-    mode: str = "monitor"
-    thresholds: dict[str, dict[str, float]] = field(default_factory=_default_thresholds)
-    actions: dict[str, list[str]] = field(default_factory=dict)
-    hysteresis: float = 0.1
-    patience: int = 1
-    fault_level: str = "warn"
-    regularizer: str = "anchor"
-    penalty_weight: float | None = None
-    adaptive_penalty: bool = False
-    anchor_every: int = 4
-    anchor_batch_size: int = 8
-    anchor_act_weight: float = 0.0
-    anchor_harmless: bool = True
-    anchor_max_new_tokens: int = 32
-    anchor_top_k: int = 32
-    param_scope: str = "all"
-    freeze_top_fraction: float = 0.25
-    freeze_share: float | None = None
-    seed: int = 0
+    NAME: ClassVar[str]
 
     def __post_init__(self) -> None:
         self.validate()
 
-    # -- validation --------------------------------------------------------------------------
+    def fail(self, name: str, what: str) -> None:
+        raise ConfigError(f"GuardConfig.{self.NAME}.{name}: {what} (got {getattr(self, name)!r})")
+
     def validate(self) -> None:
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"GuardConfig.{name}: {what} (got {getattr(self, name)!r})")
-
-        hints = get_type_hints(GuardConfig)
+        hints = get_type_hints(type(self))
         for f in fields(self):  # types first: a string '10' or a truthy "no" never reaches the range checks
-            need(_has_type(getattr(self, f.name), hints[f.name]), f.name, f"must be {_type_name(hints[f.name])}")
+            value = getattr(self, f.name)
+            if not _has_type(value, hints[f.name]):
+                self.fail(f.name, f"must be {_type_name(hints[f.name])}")
+            for key, (test, sign) in _BOUNDS.items():
+                if key in f.metadata and isinstance(value, (int, float)) and not test(value, f.metadata[key]):
+                    self.fail(f.name, f"must be {sign} {f.metadata[key]}")
+        self.check()
 
-        need(self.method in ("counterfactual", "effect_size"), "method", "must be 'counterfactual' or 'effect_size'")
-        need(self.top_m > 0, "top_m", "must be > 0")
-        need(0 < self.min_share <= 1, "min_share", "must be in (0, 1]")
-        need(self.num_controls >= 2, "num_controls", "must be >= 2 for a null distribution")
-        need(self.num_safety_probes >= 2, "num_safety_probes", "must be >= 2")
-        need(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
-        need(self.max_length >= 8, "max_length", "must be >= 8")
-        need(self.probe_every >= 1, "probe_every", "must be >= 1")
-        need(self.probe_batch_size >= 1, "probe_batch_size", "must be >= 1")
-        need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
-        need(self.kl_probes >= 0, "kl_probes", "must be >= 0")
-        need(self.margin_probes >= 0, "margin_probes", "must be >= 0")
-        need(self.kl_top_k >= 1, "kl_top_k", "must be >= 1")
-        need(self.rel_floor > 0, "rel_floor", "must be > 0")
-        need(self.mode in MODES, "mode", f"must be one of {MODES}")
-        need(0 <= self.hysteresis < 1, "hysteresis", "must be in [0, 1)")
-        need(self.patience >= 1, "patience", "must be >= 1")
-        need(self.fault_level in LEVELS, "fault_level", f"must be one of {LEVELS}")
-        need(self.on_missing_state in ("error", "atlas", "fresh"), "on_missing_state", "must be 'error', 'atlas' or 'fresh'")
-        need(self.regularizer in REGULARIZERS, "regularizer", f"must be one of {REGULARIZERS}")
-        need(self.penalty_weight is None or 0 <= self.penalty_weight < float("inf"), "penalty_weight", "must be finite and >= 0")
-        need(self.anchor_every >= 1, "anchor_every", "must be >= 1")
-        need(self.anchor_batch_size >= 1, "anchor_batch_size", "must be >= 1")
-        need(0 <= self.anchor_act_weight < float("inf"), "anchor_act_weight", "must be finite and >= 0")
-        need(self.anchor_max_new_tokens >= 1, "anchor_max_new_tokens", "must be >= 1")
-        need(self.anchor_top_k >= 1, "anchor_top_k", "must be >= 1")
-        need(self.param_scope in ("all", "safety"), "param_scope", "must be 'all' or 'safety'")
-        need(self.freeze_share is None or 0 < self.freeze_share <= 1, "freeze_share", "must be in (0, 1]")
-        need(0 < self.freeze_top_fraction <= 1, "freeze_top_fraction", "must be in (0, 1]")
-        need(isinstance(self.thresholds, dict), "thresholds", "must be a dict level -> {metric: value}")
+    def check(self) -> None:
+        """Rules beyond one field's type and bounds."""
+
+
+@dataclass
+class AtlasConfig(_Section):
+    """How the safety-critical neurons are found (used when no atlas is loaded)."""
+
+    NAME: ClassVar[str] = "atlas"
+    method: Literal["counterfactual", "effect_size"] = option(
+        "counterfactual", "'counterfactual' (the paper: harmful prompt vs its malicious-intent sentence) or 'effect_size' "
+        "(harmful vs harmless prompts)")
+    top_m: float = option(0.01, "neurons kept per pair: a count, or a fraction of all MLP neurons if < 1", gt=0)
+    min_share: float = option(0.5, "keep neurons in the top-m of at least this share of pairs (1.0: the intersection)", gt=0, le=1)
+    num_controls: int = option(32, "random control neuron sets for the null distribution of RAS", ge=2)
+    num_safety_probes: int = option(64, "harmful prompts used, from the start of the given list", ge=2)
+    max_new_tokens: int = option(24, "tokens of the model's own greedy response appended to each probe", ge=0)
+    max_length: int = option(256, "probe sequence cap (prompt + response), tokens", ge=8)
+
+
+@dataclass
+class MonitorConfig(_Section):
+    """When and how much the guard measures."""
+
+    NAME: ClassVar[str] = "monitor"
+    probe_every: int = option(10, "optimizer steps between checks (safety probe passes and metric logs)", ge=1)
+    probe_batch_size: int = option(8, "sequences per probe forward", ge=1)
+    ema_decay: float = option(0.9, "smoothing of the streamed reasoning activations, per optimizer step", ge=0, lt=1)
+    kl_probes: int = option(8, "reasoning sequences kept for KL(pi_0 || pi_t); 0 disables KL", ge=0)
+    margin_probes: int = option(16, "harmful probes scored for the refusal margin (one prompt pass plus one short "
+                                "forward per opening each); 0 disables the margin", ge=0)
+    kl_top_k: int = option(64, "base log-probs stored per position for KL (the rest is one tail bucket)", ge=1)
+    rel_floor: float = option(0.05, "activation floor for RAS, relative to the mean base activation", gt=0)
+    log_file: str | None = option("rimguard.jsonl", "JSONL log file name in output_dir (none: no file)")
+    on_missing_state: Literal["error", "atlas", "fresh"] = option(
+        "error", "a resume whose checkpoint lacks the guard's state: 'error' (refuse, naming the remedies), 'atlas' "
+        "(reuse output_dir/rimguard_atlas and re-take references now) or 'fresh' (identify anew on the current weights)")
+
+
+@dataclass
+class PolicyConfig(_Section):
+    """Risk levels from the metrics, and what each level does."""
+
+    NAME: ClassVar[str] = "policy"
+    mode: Mode = option("monitor", "preset of actions per level: 'monitor' (warn only), 'regularize' (regularizer from "
+                        "step 0), 'freeze' (freeze from step 0) or 'escalate' (warn, regularize, freeze the most-shifted "
+                        "neurons, then freeze all and stop)")
+    thresholds: dict[str, dict[str, float]] = option(
+        _default_thresholds, "per level, metric -> value; a level is reached when any of its metrics is at or above "
+        "its value (every metric is 'higher is riskier')")
+    level_actions: dict[str, list[str]] = option(dict, "per level, the actions to run; overrides the mode's preset where given")
+    hysteresis: float = option(0.1, "a reached level is left only when every metric is below value - hysteresis * |value|",
+                               ge=0, lt=1)
+    patience: int = option(1, "consecutive checks a higher level must hold before escalating", ge=1)
+    fault_level: Level = option("warn", "the level a check rises to (at least) when a metric is NaN or infinite; the "
+                                "level never falls at such a check ('ok': only keep it)")
+
+    def check(self) -> None:
         for level, rules in self.thresholds.items():
-            need(level in LEVELS[1:], "thresholds", f"unknown level '{level}' (levels: {LEVELS[1:]})")
-            need(isinstance(rules, dict), "thresholds", f"'{level}' must map metric names to values, e.g. {{'safety_drop': 0.5}}")
+            if level not in LEVELS[1:]:
+                self.fail("thresholds", f"unknown level '{level}' (levels: {LEVELS[1:]})")
+            if not isinstance(rules, dict):
+                self.fail("thresholds", f"'{level}' must map metric names to values, e.g. {{'safety_drop': 0.5}}")
             for metric, value in rules.items():
-                need(metric in METRICS, "thresholds", f"unknown metric '{metric}' at level '{level}' (metrics: {METRICS})")
-                need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), "thresholds",
-                     f"{level}.{metric} must be a finite number")
-        for level, acts in self.actions.items():
-            need(level in LEVELS, "actions", f"unknown level '{level}' (levels: {LEVELS})")
-            need(isinstance(acts, list) and all(isinstance(a, str) for a in acts), "actions", f"'{level}' must be a list of action names")
-            bad = [a for a in acts if a not in ACTIONS]
-            need(not bad, "actions", f"unknown actions {bad} at level '{level}' (actions: {ACTIONS})")
+                if metric not in METRICS:
+                    self.fail("thresholds", f"unknown metric '{metric}' at level '{level}' (metrics: {METRICS})")
+                if not _has_type(value, float):
+                    self.fail("thresholds", f"{level}.{metric} must be a finite number")
         levels = [lvl for lvl in LEVELS[1:] if self.thresholds.get(lvl)]
         for lower, higher in zip(levels, levels[1:]):
             for metric, value in self.thresholds[higher].items():
                 below = self.thresholds[lower].get(metric)
-                need(below is None or value >= below, "thresholds",
-                     f"'{higher}.{metric}'={value} is below '{lower}.{metric}'={below}; levels must rise")
+                if below is not None and value < below:
+                    self.fail("thresholds", f"'{higher}.{metric}'={value} is below '{lower}.{metric}'={below}; levels must rise")
+        for level, acts in self.level_actions.items():
+            if level not in LEVELS:
+                self.fail("level_actions", f"unknown level '{level}' (levels: {LEVELS})")
+            if not (isinstance(acts, list) and all(isinstance(a, str) for a in acts)):
+                self.fail("level_actions", f"'{level}' must be a list of action names")
+            bad = [a for a in acts if a not in ACTIONS]
+            if bad:
+                self.fail("level_actions", f"unknown actions {bad} at level '{level}' (actions: {ACTIONS})")
 
-    # -- derived -----------------------------------------------------------------------------
-    @property
-    def weight(self) -> float:
-        """lambda of the chosen regularizer (``penalty_weight``, else its default)."""
-        return DEFAULT_WEIGHTS[self.regularizer] if self.penalty_weight is None else float(self.penalty_weight)
+    def actions_for(self, level: str) -> list[str]:
+        """The actions of ``level``: its ``level_actions`` entry, else the mode's preset."""
+        return list(self.level_actions.get(level, MODE_ACTIONS[self.mode][level]))
 
     def regularizes(self) -> bool:
         """Whether any level's actions include ``regularize``."""
         return any("regularize" in self.actions_for(level) for level in LEVELS)
 
-    def actions_for(self, level: str) -> list[str]:
-        """The actions of ``level``: the explicit ``actions`` entry, else the mode's preset."""
-        return list(self.actions.get(level, MODE_ACTIONS[self.mode][level]))
+
+@dataclass
+class ActionsConfig(_Section):
+    """What the actions do: the regularizer (safety anchor, activation or parameter penalty) and the freeze."""
+
+    NAME: ClassVar[str] = "actions"
+    regularizer: Regularizer = option(
+        "anchor", "what 'regularize' adds to the loss: 'anchor' (KL to the base model's own responses on anchor prompts, "
+        "rimguard.actions.anchor), 'activation' (hold the safety neurons' activations on the training batch at their base "
+        "values) or 'params' (L2-SP pull to the base weights)")
+    penalty_weight: float | None = option(None, "lambda of the regularizer; none: its default (anchor 1, activation 1, params 10)", ge=0)
+    adaptive_penalty: bool = option(False, "scale lambda by the level (x1 at regularize, x2 at freeze, x4 at stop)")
+    anchor_every: int = option(4, "optimizer steps between anchor batches; 4 met every prevention target on the benchmark's "
+                               "three runs where every step over-refused (benchmarks/RESULTS.md section 1)", ge=1)
+    anchor_batch_size: int = option(8, "anchor rows per anchor batch (harmful and harmless look-alikes mixed)", ge=1)
+    anchor_act_weight: float = option(0.0, "weight of the anchor's neuron term relative to its KL; 0 by default: on SmolLM2 "
+                                      "it added no retention and drove the monitor's RAS and z below zero", ge=0)
+    anchor_harmless: bool = option(True, "also anchor harmless look-alike prompts to the base model's own answers, so the "
+                                   "anchor does not teach blanket refusal")
+    anchor_max_new_tokens: int = option(32, "length of the recorded base responses, tokens", ge=1)
+    anchor_top_k: int = option(32, "base log-probs recorded per response token (the rest is one tail bucket)", ge=1)
+    param_scope: Literal["all", "safety"] = option("all", "'params' regularizer: all trainable parameters or only the "
+                                                   "safety neurons' slices")
+    freeze_top_fraction: float = option(0.25, "share of the safety neurons (the most shifted) that freeze_top freezes", gt=0, le=1)
+    freeze_share: float | None = option(None, "if set, freeze holds this share of all MLP neurons (highest selection score) "
+                                        "instead of the atlas' safety set", gt=0, le=1)
+
+    @property
+    def weight(self) -> float:
+        """lambda of the chosen regularizer (``penalty_weight``, else its default)."""
+        return DEFAULT_WEIGHTS[self.regularizer] if self.penalty_weight is None else float(self.penalty_weight)
+
+
+SECTIONS: dict[str, type[_Section]] = {c.NAME: c for c in (AtlasConfig, MonitorConfig, PolicyConfig, ActionsConfig)}
+# flat field name -> its section
+OWNER: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in fields(cls)}
+assert len(OWNER) == sum(len(fields(c)) for c in SECTIONS.values()), "config field names must be unique across sections"
+
+
+@dataclass(init=False)
+class GuardConfig:
+    """How rimguard finds neurons (``atlas``), measures (``monitor``), decides (``policy``) and acts
+    (``actions``), plus the ``seed`` of its random draws (control sets, probe subsets).
+
+    Build it from flat keywords, sections, or both (flat keywords win)::
+
+        GuardConfig(mode="regularize", probe_every=10)
+        GuardConfig(monitor=MonitorConfig(probe_every=10), policy={"mode": "regularize"})
+
+    Each field's help: :func:`describe`, or ``rimguard demo --help``.
+    """
+
+    atlas: AtlasConfig
+    monitor: MonitorConfig
+    policy: PolicyConfig
+    actions: ActionsConfig
+    seed: int = 0
+
+    def __init__(self, atlas: AtlasConfig | dict | None = None, monitor: MonitorConfig | dict | None = None,
+                 policy: PolicyConfig | dict | None = None, actions: ActionsConfig | dict | None = None, seed: int = 0,
+                 **flat: Any) -> None:
+        if isinstance(actions, dict) and actions and set(actions) <= set(LEVELS):
+            # a flat per-level action map (the field's name before the config had sections)
+            flat = {"level_actions": actions, **flat}
+            actions = None
+        unknown = sorted(set(flat) - set(OWNER))
+        if unknown:
+            hints = {n: difflib.get_close_matches(n, OWNER, n=1) for n in unknown}
+            said = ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items())
+            raise ConfigError(f"GuardConfig: unknown field(s) {said}")
+        given = {"atlas": atlas, "monitor": monitor, "policy": policy, "actions": actions}
+        for name, cls in SECTIONS.items():
+            mine = {k: v for k, v in flat.items() if OWNER[k] == name}
+            setattr(self, name, _section(cls, given[name], mine))
+        if not _has_type(seed, int):
+            raise ConfigError(f"GuardConfig.seed: must be an integer (got {seed!r})")
+        self.seed = seed
+
+    def replace(self, **changes: Any) -> "GuardConfig":
+        """A copy with ``changes`` (flat field names or whole sections) applied and validated."""
+        sections = {name: getattr(self, name) for name in SECTIONS}
+        return GuardConfig(**{**sections, "seed": self.seed, **changes})
+
+    def identify_options(self) -> dict[str, Any]:
+        """Keywords of :meth:`rimguard.NeuronAtlas.identify` from the atlas section (its probe count
+        aside: the caller slices the prompts), the probe batch size and the seed."""
+        options = {f.name: getattr(self.atlas, f.name) for f in fields(self.atlas) if f.name != "num_safety_probes"}
+        return {**options, "batch_size": self.monitor.probe_batch_size, "seed": self.seed}
 
     # -- conversion --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Nested plain data: ``{"atlas": {...}, "monitor": {...}, "policy": {...}, "actions": {...}, "seed": 0}``."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GuardConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"GuardConfig: unknown field(s) {unknown}")
+        """From nested (as :meth:`to_dict` writes) or flat field names, or a mix."""
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        """Write as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+        """Write as YAML (``.yaml``/``.yml``) or JSON (anything else), nested by section."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -304,5 +362,86 @@ class GuardConfig:
         except Exception as err:  # noqa: BLE001 - yaml and json raise different types
             raise ConfigError(f"{path}: cannot parse ({err})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of GuardConfig fields")
+            raise ConfigError(f"{path}: top level must be a mapping of GuardConfig sections or fields")
         return cls.from_dict(data)
+
+
+def _section(cls: type[_Section], given: Any, flat: dict[str, Any]) -> _Section:
+    if given is None:
+        given = {}
+    if isinstance(given, cls):
+        return replace(given, **flat) if flat else given
+    if not isinstance(given, dict):
+        raise ConfigError(f"GuardConfig.{cls.NAME}: must be a {cls.__name__} or a mapping of its fields (got {given!r})")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ConfigError(f"GuardConfig.{cls.NAME}: unknown field(s) {unknown} (fields: {sorted(names)})")
+    return cls(**{**given, **flat})
+
+
+# -- the command line ---------------------------------------------------------------------------
+def describe(sections: Iterable[str] = tuple(SECTIONS)) -> list[tuple[str, str, Any, str]]:
+    """``(section, field, default, help)`` of every field of ``sections``, in definition order."""
+    out = []
+    for name in sections:
+        defaults = SECTIONS[name]()
+        out += [(name, f.name, getattr(defaults, f.name), f.metadata["help"]) for f in fields(SECTIONS[name])]
+    return out
+
+
+def _cli_parser(hint: Any):
+    """Text -> value for a field of type ``hint`` (``none``/``null`` is None where allowed; mappings
+    and lists are YAML/JSON)."""
+    args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
+    optional = len(args) < len(get_args(hint))
+    inner = args[0]
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if inner is bool:
+            low = text.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return low in ("true", "1", "yes")
+        if inner in (int, float, str):
+            return inner(text)
+        if get_origin(inner) is Literal:
+            return text
+        import yaml
+
+        return yaml.safe_load(text)
+
+    parse.__name__ = _type_name(hint)  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser, sections: Iterable[str] = tuple(SECTIONS), seed: bool = True,
+                  defaults: GuardConfig | None = None) -> None:
+    """One flag per field of ``sections`` (``--probe-every``), help and choices from the field; the
+    help shows the value in ``defaults`` (default: ``GuardConfig()``).
+
+    A flag the user does not pass leaves no attribute on the parsed namespace, so
+    :func:`from_arguments` changes only what was passed.
+    """
+    defaults = defaults or GuardConfig()
+    for name in sections:
+        group = parser.add_argument_group(f"guard settings: {name}")
+        hints = get_type_hints(SECTIONS[name])
+        section = getattr(defaults, name)
+        for f in fields(SECTIONS[name]):
+            hint = hints[f.name]
+            choices = get_args(hint) if get_origin(hint) is Literal else None
+            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_cli_parser(hint), choices=choices,
+                               default=argparse.SUPPRESS, help=f"{f.metadata['help']} [{getattr(section, f.name)}]"
+                               .replace("%", "%%"))
+    if seed:
+        parser.add_argument("--seed", type=int, default=argparse.SUPPRESS, help=f"seed of the guard's random draws [{defaults.seed}]")
+
+
+def from_arguments(args: argparse.Namespace, base: GuardConfig | None = None) -> GuardConfig:
+    """``base`` (default: the defaults) with the config flags that were passed on the command line."""
+    base = base or GuardConfig()
+    passed = {k: v for k, v in vars(args).items() if k in OWNER or k == "seed"}
+    return base.replace(**passed)

@@ -89,8 +89,8 @@ class Plan:
     def of(cls, config: GuardConfig, level: str, previous: str | None = None) -> "Plan":
         previous = level if previous is None else previous
         jumped = LEVELS[LEVELS.index(previous) + 1 : LEVELS.index(level)]
-        one_off = [a for lvl in jumped for a in config.actions_for(lvl) if a in ONE_OFF_ACTIONS]
-        return cls(level, list(dict.fromkeys(one_off + config.actions_for(level))))
+        one_off = [a for lvl in jumped for a in config.policy.actions_for(lvl) if a in ONE_OFF_ACTIONS]
+        return cls(level, list(dict.fromkeys(one_off + config.policy.actions_for(level))))
 
 
 class GuardEngine:
@@ -136,7 +136,7 @@ class GuardEngine:
         elif isinstance(config, dict):
             config = GuardConfig.from_dict(config)
         config = config or GuardConfig()
-        self.config = GuardConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config
+        self.config = config.replace(**overrides) if overrides else config
         self.atlas = NeuronAtlas.load(atlas) if isinstance(atlas, (str, Path)) else atlas
         self.tokenizer = tokenizer
         self.sources = {
@@ -149,10 +149,10 @@ class GuardEngine:
         self.prompt_key = prompt_key
         self.reasoning = load_prompts(reasoning_prompts, prompt_key, "reasoning") if reasoning_prompts is not None else []
         self.on_alert = on_alert
-        self.due = schedule or default_schedule(self.config.probe_every)
+        self.due = schedule or default_schedule(self.config.monitor.probe_every)
         # (micro-batches per optimizer step, loss scale) of the backward the penalty joins; an integration sets it
         self.backward_scale: BackwardScale = lambda: (1, 1.0)
-        self.policy = RiskPolicy(self.config.thresholds, self.config.hysteresis, self.config.patience, self.config.fault_level)
+        self.policy = RiskPolicy(self.config.policy.thresholds, self.config.policy.hysteresis, self.config.policy.patience, self.config.policy.fault_level)
         self.monitor: EntanglementMonitor | None = None
         self.penalty_term: EntanglementPenalty | None = None
         self.freezer: NeuronFreezer | None = None
@@ -184,7 +184,7 @@ class GuardEngine:
         """What the guard is doing now, apart from the risk level (which is what the signals say)."""
         parts = []
         if self.weight > 0:
-            parts.append(f"regularize ({self.config.regularizer}, lambda={self.weight:g})")
+            parts.append(f"regularize ({self.config.actions.regularizer}, lambda={self.weight:g})")
         if self.freezer is not None and self.freezer.count:
             parts.append(f"freeze ({self.freezer.count} neurons)")
         return ", ".join(parts) or "none (monitor only)"
@@ -252,7 +252,7 @@ class GuardEngine:
         cfg = self.config
         self.run_id = restored["run_id"] if restored is not None else dist.broadcast(new_run_id())
         if dist.is_main() and output_dir is not None:
-            self.events = EventLog(Path(output_dir) / cfg.log_file if cfg.log_file else None, self.run_id)
+            self.events = EventLog(Path(output_dir) / cfg.monitor.log_file if cfg.monitor.log_file else None, self.run_id)
             if restored is not None:  # each step once: this run's records after the checkpoint are replaced
                 self.events.drop_after(restored["step"])
         if restored is not None:
@@ -290,8 +290,8 @@ class GuardEngine:
         else:
             self._execute(Plan.of(cfg, self.policy.level), step=0)
         self.events.write({"event": "start", "step": 0, "atlas": self.atlas.settings, "num_safety": self.atlas.num_safety,
-                           "mode": cfg.mode, "thresholds": cfg.thresholds, "resumed": restored is not None,
-                           "regularizer": cfg.regularizer if cfg.regularizes() else None,
+                           "mode": cfg.policy.mode, "thresholds": cfg.policy.thresholds, "resumed": restored is not None,
+                           "regularizer": cfg.actions.regularizer if cfg.policy.regularizes() else None,
                            "optimised_signals": self.optimised_signals()})
 
     def _save_atlas(self, output_dir: Path) -> None:
@@ -313,8 +313,8 @@ class GuardEngine:
 
     def optimised_signals(self) -> list[str]:
         """The logged signals that this configuration's actions optimise directly (not witnesses)."""
-        acts = {a for lvl in LEVELS for a in self.config.actions_for(lvl)}
-        reg = self.config.regularizer + ("+neurons" if self.config.regularizer == "anchor" and self.config.anchor_act_weight > 0 else "")
+        acts = {a for lvl in LEVELS for a in self.config.policy.actions_for(lvl)}
+        reg = self.config.actions.regularizer + ("+neurons" if self.config.actions.regularizer == "anchor" and self.config.actions.anchor_act_weight > 0 else "")
         used = ([reg] if "regularize" in acts else []) + (["freeze"] if acts & {"freeze", "freeze_top"} else [])
         return sorted({m for a in used for m in OPTIMISED_SIGNALS[a]})
 
@@ -322,11 +322,11 @@ class GuardEngine:
         """The safety anchor or the parameter anchor, when the configuration can regularize with it."""
         cfg, monitor = self.config, self.monitor
         assert monitor is not None and self.atlas is not None and self.freezer is not None
-        if not cfg.regularizes() or cfg.regularizer == "activation":
+        if not cfg.policy.regularizes() or cfg.actions.regularizer == "activation":
             return
         safety = [i.to(monitor.device) for i in self.atlas.safety_per_layer()]
-        if cfg.regularizer == "params":
-            if cfg.param_scope == "all":
+        if cfg.actions.regularizer == "params":
+            if cfg.actions.param_scope == "all":
                 slices = [(p, 0, None) for p in model.parameters() if p.requires_grad]
             else:
                 slices = [(p, d, i) for layer, ids in zip(monitor.layers, safety) if ids.numel()
@@ -342,7 +342,7 @@ class GuardEngine:
                                   "anchor); resume with the configuration it was trained with")
         else:
             harmful = load_prompts(self.sources["anchor"], self.prompt_key, "anchor")
-            harmless = load_prompts(self.sources["anchor_harmless"], self.prompt_key, "anchor_harmless") if cfg.anchor_harmless else []
+            harmless = load_prompts(self.sources["anchor_harmless"], self.prompt_key, "anchor_harmless") if cfg.actions.anchor_harmless else []
             probes = set(monitor.probe_prompts())
             overlap = [p for p in harmful + harmless if p in probes]
             if overlap:
@@ -350,11 +350,11 @@ class GuardEngine:
                                   "monitor must measure prompts the anchor never trains on: pass disjoint anchor_prompts=")
             record = None
             if dist.is_main():
-                record = record_anchor(model, self.tokenizer, monitor.capture, safety, harmful, harmless, cfg.anchor_max_new_tokens,
-                                       cfg.max_length, cfg.anchor_top_k, cfg.probe_batch_size)
+                record = record_anchor(model, self.tokenizer, monitor.capture, safety, harmful, harmless, cfg.actions.anchor_max_new_tokens,
+                                       cfg.atlas.max_length, cfg.actions.anchor_top_k, cfg.monitor.probe_batch_size)
             record = dist.broadcast(record)
-        self.anchor = SafetyAnchor(record.to(monitor.device), safety, cfg.anchor_batch_size, cfg.anchor_every,
-                                   cfg.anchor_act_weight, cfg.rel_floor)
+        self.anchor = SafetyAnchor(record.to(monitor.device), safety, cfg.actions.anchor_batch_size, cfg.actions.anchor_every,
+                                   cfg.actions.anchor_act_weight, cfg.monitor.rel_floor)
 
     def teardown(self) -> None:
         """Remove every hook; the model is left as it is."""
@@ -375,20 +375,16 @@ class GuardEngine:
 
     def _identify(self, model: nn.Module, capture: ActivationCapture | None = None) -> NeuronAtlas:
         cfg, key = self.config, self.prompt_key
-        harmful = load_prompts(self.sources["harmful"], key, "safety")[: cfg.num_safety_probes]
-        intents = load_prompts(self.sources["intent"], key, "intent") if cfg.method == "counterfactual" else []
-        harmless = load_prompts(self.sources["harmless"], key, "harmless") if cfg.method == "effect_size" else []
+        harmful = load_prompts(self.sources["harmful"], key, "safety")[: cfg.atlas.num_safety_probes]
+        intents = load_prompts(self.sources["intent"], key, "intent") if cfg.atlas.method == "counterfactual" else []
+        harmless = load_prompts(self.sources["harmless"], key, "harmless") if cfg.atlas.method == "effect_size" else []
         logger.info("rimguard: identifying safety-critical neurons on %d prompts", len(harmful))
         dtype = next(model.parameters()).dtype
         if dtype in (torch.bfloat16, torch.float16):
             logger.warning("rimguard: identifying the safety neurons under %s; the selection can differ from an fp32 one. "
                            "Identify once in fp32 (rimguard identify MODEL_DIR -o atlas/) and pass atlas='atlas/' to reuse it.",
                            str(dtype).replace("torch.", ""))
-        return NeuronAtlas.identify(
-            model, self.tokenizer, harmful, intents, harmless, method=cfg.method, top_m=cfg.top_m,
-            min_share=cfg.min_share, num_controls=cfg.num_controls, max_new_tokens=cfg.max_new_tokens,
-            max_length=cfg.max_length, batch_size=cfg.probe_batch_size, seed=cfg.seed, capture=capture,
-        )
+        return NeuronAtlas.identify(model, self.tokenizer, harmful, intents, harmless, capture=capture, **cfg.identify_options())
 
     def _set_penalty_reference(self) -> None:
         monitor, term = self.monitor, self.penalty_term
@@ -418,15 +414,15 @@ class GuardEngine:
     # -- actions: the plan of a level, executed --------------------------------------------------
     def _execute(self, plan: Plan, step: int, report: Report | None = None) -> None:
         """Apply ``plan``: lambda follows 'regularize' (in force or not); every other action runs its executor."""
-        weight = self.config.weight if "regularize" in plan.actions else 0.0
-        self._set_weight(weight * (PENALTY_FACTOR[plan.level] if self.config.adaptive_penalty else 1.0))
+        weight = self.config.actions.weight if "regularize" in plan.actions else 0.0
+        self._set_weight(weight * (PENALTY_FACTOR[plan.level] if self.config.actions.adaptive_penalty else 1.0))
         for action in plan.actions:
             EXECUTORS.get(action, _nothing)(self, plan, step, report)
 
     def _set_weight(self, weight: float) -> None:
         self.weight = weight
         if self.penalty_term is not None:
-            self.penalty_term.weight = weight if self.config.regularizer == "activation" else 0.0
+            self.penalty_term.weight = weight if self.config.actions.regularizer == "activation" else 0.0
 
     def _freeze(self, per_layer: Sequence[torch.Tensor], step: int, which: str) -> None:
         assert self.freezer is not None
@@ -456,7 +452,7 @@ class GuardEngine:
         self._report_faults(decision.faults, step)
         if LEVELS.index(decision.level) > LEVELS.index(decision.previous):
             self.witness = values.get(WITNESS)
-        warn = "warn" in self.config.actions_for(decision.level)
+        warn = "warn" in self.config.policy.actions_for(decision.level)
         crossed = {(c.level, c.metric) for c in decision.crossings}
         if warn and dist.is_main():  # once per crossing: not again while the metric stays over
             for c in decision.crossings:
@@ -532,7 +528,7 @@ class GuardEngine:
             restored = read_state(folder)
             restored["step"] = step
             return restored
-        policy, saved = self.config.on_missing_state, output_dir / ATLAS_DIR
+        policy, saved = self.config.monitor.on_missing_state, output_dir / ATLAS_DIR
         if policy == "error":
             raise GuardStateError(
                 f"resuming at step {step}, but {folder} holds no guard state. Either resume from a checkpoint saved with "
@@ -555,7 +551,7 @@ def _nothing(engine: GuardEngine, plan: Plan, step: int, report: Report | None) 
 
 def _freeze_set(engine: GuardEngine, plan: Plan, step: int, report: Report | None) -> None:
     """Freeze the atlas' safety neurons, or the ``freeze_share`` of all neurons ranked by the atlas."""
-    share = engine.config.freeze_share
+    share = engine.config.actions.freeze_share
     per_layer = engine.atlas.top_share_per_layer(share) if share else engine.atlas.safety_per_layer()
     engine._freeze(per_layer, step, f"share {share:g}" if share else "all")
 
@@ -564,7 +560,7 @@ def _freeze_top(engine: GuardEngine, plan: Plan, step: int, report: Report | Non
     """Freeze the most shifted ``freeze_top_fraction`` of the safety neurons (unless 'freeze' takes them all)."""
     if "freeze" in plan.actions or not engine.monitor.ready():
         return
-    chosen = top_fraction(engine.monitor.shift_per_neuron().cpu(), engine.config.freeze_top_fraction)
+    chosen = top_fraction(engine.monitor.shift_per_neuron().cpu(), engine.config.actions.freeze_top_fraction)
     neurons = engine.atlas.safety_neurons()
     engine._freeze([neurons[chosen & (neurons[:, 0] == layer), 1] for layer in range(len(engine.atlas.layer_sizes))], step, "top")
 

@@ -72,7 +72,7 @@ def reference_anchor_loss(model, guard, mu):
     kl = torch.stack(kls).mean()
     now = torch.stack([a for a, _ in acts])
     ref = torch.stack([b for _, b in acts])
-    scale = ref.abs().clamp_min(guard.config.rel_floor * ref.abs().mean())
+    scale = ref.abs().clamp_min(guard.config.monitor.rel_floor * ref.abs().mean())
     act = (torch.relu(ref - now) / scale).pow(2).mean()
     return kl + mu * act
 

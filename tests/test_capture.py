@@ -165,7 +165,7 @@ def test_the_engine_walks_the_model_once_and_only_the_hook_layer_registers_hooks
     for name in ("register_forward_pre_hook", "register_forward_hook"):
         monkeypatch.setattr(torch.nn.Module, name, recording(getattr(torch.nn.Module, name)))
     monkeypatch.setattr(torch.Tensor, "register_hook", recording(torch.Tensor.register_hook))
-    engine = GuardEngine(fast_config(mode="freeze", regularizer="activation", actions={"ok": ["freeze", "regularize"]}))
+    engine = GuardEngine(fast_config(mode="freeze", regularizer="activation", level_actions={"ok": ["freeze", "regularize"]}))
     engine.setup(tiny_model("llama"), tok)
     assert engine.freezer.count > 0 and engine.weight > 0
     ours = [c for c in callers if "/rimguard/" in c]

@@ -57,7 +57,7 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, model_dir):
     """`rimguard demo` runs the README's main job; --model swaps the aligned SmolLM2 for a tiny one."""
     out, cfg = tmp_path / "demo", tmp_path / "guard.json"
     GuardConfig(max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=64, kl_probes=2).save(cfg)
-    proc = run("demo", "--model", model_dir, "--config", cfg, "--steps", 4, "--probe-every", 2, "--probes", 4,
+    proc = run("demo", "--model", model_dir, "--config", cfg, "--steps", 4, "--probe-every", 2, "--num-safety-probes", 4,
                "--mode", "escalate", "--batch-size", 2, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out harmful requests refused" in proc.stdout and "ras_safe" in proc.stdout  # summary and live table
@@ -99,34 +99,79 @@ def test_guarded_run_tensorboard_and_report(tmp_path):
 
 def test_config_roundtrip_and_validation(tmp_path):
     cfg = GuardConfig(mode="escalate", probe_every=7, thresholds={"warn": {"kl_task": 0.1}})
+    assert cfg.policy.mode == "escalate" and cfg.monitor.probe_every == 7  # flat keywords land in their sections
     for name in ("c.yaml", "c.json"):
         cfg.save(tmp_path / name)
         assert GuardConfig.load(tmp_path / name) == cfg
     assert GuardConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match="unknown field.*probe_evry"):
+    assert set(cfg.to_dict()) == {"atlas", "monitor", "policy", "actions", "seed"}
+    with pytest.raises(ConfigError, match="unknown field.*'probe_evry' \\(did you mean 'probe_every'\\?\\)"):
         GuardConfig.from_dict({"probe_evry": 3})
-    with pytest.raises(ConfigError, match="GuardConfig.min_share"):
+    with pytest.raises(ConfigError, match=r"GuardConfig.monitor: unknown field\(s\) \['top_m'\]"):
+        GuardConfig.from_dict({"monitor": {"top_m": 3}})  # a field in the wrong section
+    with pytest.raises(ConfigError, match="GuardConfig.atlas.min_share: must be <= 1"):
         GuardConfig(min_share=1.5)
     with pytest.raises(ConfigError, match="unknown metric 'loss'"):
         GuardConfig(thresholds={"warn": {"loss": 1.0}})
     with pytest.raises(ConfigError, match="levels must rise"):
         GuardConfig(thresholds={"warn": {"entanglement_z": 3.0}, "regularize": {"entanglement_z": 2.0}})
-    with pytest.raises(ConfigError, match="unknown actions"):
-        GuardConfig(actions={"warn": ["explode"]})
+    with pytest.raises(ConfigError, match="GuardConfig.policy.level_actions: unknown actions"):
+        GuardConfig(level_actions={"warn": ["explode"]})
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(ConfigError, match="bad.yaml: top level must be a mapping"):
         GuardConfig.load(tmp_path / "bad.yaml")
 
 
+def test_config_reads_flat_nested_and_section_objects_alike(tmp_path):
+    from rimguard.config import ActionsConfig, MonitorConfig
+
+    flat = GuardConfig(probe_every=5, regularizer="params", level_actions={"warn": ["warn", "regularize"]}, seed=3)
+    nested = GuardConfig.from_dict({"monitor": {"probe_every": 5}, "actions": {"regularizer": "params"},
+                                    "policy": {"level_actions": {"warn": ["warn", "regularize"]}}, "seed": 3})
+    objects = GuardConfig(monitor=MonitorConfig(probe_every=5), actions=ActionsConfig(regularizer="params"), seed=3,
+                          level_actions={"warn": ["warn", "regularize"]})
+    assert flat == nested == objects
+    assert flat.actions.weight == 10.0 and flat.policy.actions_for("warn") == ["warn", "regularize"]
+    # a flat key wins over the section it belongs to; replace() validates
+    assert GuardConfig(monitor={"probe_every": 5}, probe_every=9).monitor.probe_every == 9
+    with pytest.raises(ConfigError, match="GuardConfig.monitor.probe_every: must be >= 1"):
+        flat.replace(probe_every=0)
+    # a config file written before the sections existed (flat, with a per-level 'actions' map) still loads
+    (tmp_path / "old.yaml").write_text("mode: escalate\nprobe_every: 4\nactions: {warn: [warn, stop]}\nanchor_every: 2\n")
+    old = GuardConfig.load(tmp_path / "old.yaml")
+    assert (old.policy.mode, old.monitor.probe_every, old.actions.anchor_every) == ("escalate", 4, 2)
+    assert old.policy.actions_for("warn") == ["warn", "stop"]
+
+
+def test_config_flags_are_generated_from_the_fields():
+    import argparse
+
+    from rimguard.config import OWNER, add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--probe-every", "3", "--mode", "escalate", "--penalty-weight", "none", "--adaptive-penalty", "yes",
+                              "--thresholds", "{warn: {kl_task: 0.2}}", "--log-file", "none", "--seed", "4"])
+    cfg = from_arguments(args, GuardConfig(penalty_weight=2.0, top_m=7))
+    assert (cfg.monitor.probe_every, cfg.policy.mode, cfg.actions.penalty_weight, cfg.actions.adaptive_penalty) == (3, "escalate", None, True)
+    assert cfg.policy.thresholds == {"warn": {"kl_task": 0.2}} and cfg.monitor.log_file is None and cfg.seed == 4
+    assert cfg.atlas.top_m == 7  # not passed: the base's value stays
+    helps = {a.dest: a.help for a in parser._actions}
+    assert set(OWNER) <= set(helps) and all(helps[name] for name in OWNER)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "panic"])  # Literal choices are the flag's choices
+
+
 @pytest.mark.parametrize("text, field, message", [
-    ("thresholds: {warn: 2.0}", "thresholds", "'warn' must map metric names to values"),
-    ("probe_every: '10'", "probe_every", "must be an integer"),
-    ("num_controls: 2.5", "num_controls", "must be an integer"),
+    ("thresholds: {warn: 2.0}", "policy.thresholds", "'warn' must map metric names to values"),
+    ("probe_every: '10'", "monitor.probe_every", "must be an integer"),
+    ("num_controls: 2.5", "atlas.num_controls", "must be an integer"),
     ("seed: abc", "seed", "must be an integer"),
-    ("adaptive_penalty: 'no'", "adaptive_penalty", "must be true or false"),
-    ("ema_decay: .nan", "ema_decay", "must be a finite number"),
-    ("mode: 3", "mode", "must be a string"),
-    ("actions: {warn: warn}", "actions", "'warn' must be a list of action names"),
+    ("adaptive_penalty: 'no'", "actions.adaptive_penalty", "must be true or false"),
+    ("ema_decay: .nan", "monitor.ema_decay", "must be a finite number"),
+    ("mode: 3", "policy.mode", "must be one of 'monitor', 'regularize', 'freeze', 'escalate'"),
+    ("policy: {mode: panic}", "policy.mode", "must be one of"),
+    ("actions: {warn: warn}", "policy.level_actions", "'warn' must be a list of action names"),
 ])
 def test_config_values_of_the_wrong_type_name_the_field(tmp_path, text, field, message):
     """A YAML file's wrongly typed value is one ConfigError naming the field, never a deep traceback

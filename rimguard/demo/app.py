@@ -38,7 +38,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
-from rimguard.config import LEVELS, MODES
+from rimguard.config import LEVELS, add_arguments, from_arguments
 from rimguard.events import read_events
 from rimguard.report import plot_run
 from rimguard.demo.judge import judge, refusal_rate
@@ -52,7 +52,6 @@ COLUMNS = ("step", "safety_drop", "ras_safe", "entanglement_z", "refusal_drop", 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rimguard demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=MODES, default=None, help="what the guard does as risk rises [--config's, else monitor]")
     p.add_argument("--steps", type=int, default=24, help="reasoning SFT optimizer steps")
     p.add_argument("--out", type=Path, default=None, help="output folder [runs/demo-MODE: one per mode, so runs never mix]")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache; unset: $RIMGUARD_CACHE or ~/.cache/rimguard")
@@ -61,22 +60,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4, help="reasoning SFT learning rate")
     p.add_argument("--batch-size", type=int, default=4, help="reasoning SFT batch size")
     p.add_argument("--warmup", type=int, default=3, help="learning-rate warmup steps")
-    p.add_argument("--probe-every", type=int, default=None, help="steps between guard checks, plus steps 1, 2, 4, 8 [--config's, else 12]")
-    p.add_argument("--probes", type=int, default=None, help="harmful prompts the guard probes (more: steadier, slower) [--config's, else 8]")
-    p.add_argument("--config", type=Path, default=None,
-                   help="GuardConfig YAML/JSON; the flags above override only the settings you pass")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads; unset: torch's choice")
+    p.add_argument("--config", type=Path, default=None,
+                   help="GuardConfig YAML/JSON (instead of the demo's guard settings); the guard flags below override "
+                        "only the settings you pass")
+    add_arguments(p, defaults=DEMO_CONFIG)
     return p.parse_args(argv)
 
 
-DEMO_DEFAULTS = {"mode": "monitor", "probe_every": 12, "num_safety_probes": 8, "max_new_tokens": 16, "kl_probes": 4, "max_length": 192}
+# The demo's guard: a check every 12 steps (plus steps 1, 2, 4, 8) on 8 harmful probes, short responses.
+DEMO_CONFIG = GuardConfig(mode="monitor", probe_every=12, num_safety_probes=8, max_new_tokens=16, kl_probes=4, max_length=192)
 
 
-def guard_settings(args: argparse.Namespace) -> dict:
-    """GuardConfig fields: the demo's defaults, then ``--config``'s, then the flags the user passed."""
-    settings = dict(DEMO_DEFAULTS) | (GuardConfig.load(args.config).to_dict() if args.config else {})
-    flags = {"mode": args.mode, "probe_every": args.probe_every, "num_safety_probes": args.probes}
-    return settings | {k: v for k, v in flags.items() if v is not None}
+def guard_config(args: argparse.Namespace) -> GuardConfig:
+    """The demo's guard settings (or ``--config``'s), then the guard flags the user passed."""
+    return from_arguments(args, GuardConfig.load(args.config) if args.config else DEMO_CONFIG)
 
 
 class LiveTable(TrainerCallback):
@@ -156,11 +154,11 @@ def main(argv: list[str] | None = None) -> dict:
     guard_log.addHandler(TqdmHandler())
     guard_log.setLevel(logging.WARNING)
     guard_log.propagate = False
-    config = GuardConfig.from_dict(guard_settings(args))
-    args.out = args.out or Path(f"runs/demo-{config.mode}")
+    config = guard_config(args)
+    args.out = args.out or Path(f"runs/demo-{config.policy.mode}")
     args.out.mkdir(parents=True, exist_ok=True)
-    if config.log_file:  # a re-run into the same folder replaces its own log instead of merging into it
-        (args.out / config.log_file).unlink(missing_ok=True)
+    if config.monitor.log_file:  # a re-run into the same folder replaces its own log instead of merging into it
+        (args.out / config.monitor.log_file).unlink(missing_ok=True)
     start = time.time()
 
     # 1. the aligned model (built on first use, several minutes; then cached), or the user's
@@ -193,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.add_callback(table)
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
-    print(f"guarded reasoning SFT: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, mode={config.mode}"
+    print(f"guarded reasoning SFT: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, mode={config.policy.mode}"
           " (the guard first finds the safety neurons)")
     trained = time.time()
     trainer.train()
@@ -202,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. refusal after, summary and plot
     after, after_texts = refusals(trainer.model, tokenizer, heldout, "refusals after")
     summary = {
-        "mode": config.mode, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "model": str(folder),
+        "mode": config.policy.mode, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "model": str(folder),
         "alignment": recipe.get("measured", {}) | {"recipe": recipe.get("recipe")},
         "heldout_harmful_before": before, "heldout_harmful_after": after,
         "final_level": guard.level, "final_action": guard.action, "frozen": int(guard.freezer.count) if guard.freezer else 0,
@@ -212,11 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": {"model_ready": round(ready - start, 1), "train": round(trained, 1), "total": round(time.time() - start, 1)},
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    title = (f"rimguard demo ({folder.name}), mode={config.mode}: held-out refusal {before['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}"
+    title = (f"rimguard demo ({folder.name}), mode={config.policy.mode}: held-out refusal {before['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}"
              f" ({len(heldout)} prompts, lr {args.lr:g}, {args.steps} steps)")
-    events = ([e for e in read_events(args.out / config.log_file) if e.get("run_id") == guard.run_id] if config.log_file
+    events = ([e for e in read_events(args.out / config.monitor.log_file) if e.get("run_id") == guard.run_id] if config.monitor.log_file
               else guard.history)
-    plot_run(events, args.out / "rimguard_demo.png", config.thresholds, losses=table.losses, title=title)
+    plot_run(events, args.out / "rimguard_demo.png", config.policy.thresholds, losses=table.losses, title=title)
 
     print()
     print(f"held-out harmful requests refused: {before['refusal']}/{before['n']} ({before['refusal_rate']:.0%}) before, "
@@ -224,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"[{after['garbage']} degenerate outputs after]")
     last = guard.history[-1] if guard.history else {}
     peak = LEVELS[int(max((h["level"] for h in guard.history), default=0))]
-    acted = "no action taken (monitor mode)" if config.mode == "monitor" else f"action in force at the end: {guard.action}"
+    acted = "no action taken (monitor mode)" if config.policy.mode == "monitor" else f"action in force at the end: {guard.action}"
     print(f"guard: {guard.atlas.num_safety} safety neurons; risk reached '{peak}', final risk level '{guard.level}'; {acted}; "
           f"safety_drop {last.get('safety_drop', math.nan):.3g}; entanglement z {last.get('entanglement_z', math.nan):.3g}; refusal drop {last.get('refusal_drop', math.nan):.3g}; "
           f"{summary['frozen']} neurons frozen")

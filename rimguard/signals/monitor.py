@@ -78,12 +78,12 @@ class EntanglementMonitor:
         capture.reducer = get_reducer(self.device)
         self.safety_index = atlas.safety.to(self.device)
         self.sets = torch.cat([atlas.safety[None], atlas.controls]).to(self.device)  # [1 + K, n]
-        n = config.num_safety_probes
+        n = config.atlas.num_safety_probes
         self._pad = pad_id(tokenizer)
         self.safety_sequences = tokenize_dialogues(
-            tokenizer, atlas.probe_prompts[:n], atlas.probe_responses[:n], config.max_length
+            tokenizer, atlas.probe_prompts[:n], atlas.probe_responses[:n], config.atlas.max_length
         )
-        self.margin_prompts = atlas.probe_prompts[: min(n, config.margin_probes)]
+        self.margin_prompts = atlas.probe_prompts[: min(n, config.monitor.margin_probes)]
         self.refusal_openings = list(refusal_openings)
         self.compliance_openings = list(compliance_openings)
         self.reasoning_prompts = list(reasoning_prompts)
@@ -108,12 +108,12 @@ class EntanglementMonitor:
             self.ref_safe = self._mean_activations(self.safety_sequences)
             self.ref_margin = self._margin()
             if self.reasoning_prompts:
-                seqs = tokenize_dialogues(self.tokenizer, self.reasoning_prompts, None, self.config.max_length)
+                seqs = tokenize_dialogues(self.tokenizer, self.reasoning_prompts, None, self.config.atlas.max_length)
                 self.ref_task = self._mean_activations(seqs)
                 self.ema_task = self.ref_task.clone()
-                if self.config.kl_probes:
-                    self._set_kl_reference(pad(seqs[: self.config.kl_probes], self._pad))
-        if self.config.kl_probes and self.kl_base_logp is None:
+                if self.config.monitor.kl_probes:
+                    self._set_kl_reference(pad(seqs[: self.config.monitor.kl_probes], self._pad))
+        if self.config.monitor.kl_probes and self.kl_base_logp is None:
             self._grabbing = True
             self.capture.batch_taps.append(self._grab_first_batch)
 
@@ -127,7 +127,7 @@ class EntanglementMonitor:
 
     def probe_prompts(self) -> list[str]:
         """Every prompt the monitor measures (safety probes; the margin's prompts are among them)."""
-        return list(self.atlas.probe_prompts[: self.config.num_safety_probes])
+        return list(self.atlas.probe_prompts[: self.config.atlas.num_safety_probes])
 
     # -- reasoning stream --------------------------------------------------------------------
     def step_end(self) -> None:
@@ -143,7 +143,7 @@ class EntanglementMonitor:
         elif self.ema_task is None:
             self.ema_task = mean
         else:
-            self.ema_task.mul_(self.config.ema_decay).add_(mean, alpha=1 - self.config.ema_decay)
+            self.ema_task.mul_(self.config.monitor.ema_decay).add_(mean, alpha=1 - self.config.monitor.ema_decay)
 
     # -- probes ------------------------------------------------------------------------------
     def _mean_activations(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -152,7 +152,7 @@ class EntanglementMonitor:
         n_tracked = self.atlas.tracked.shape[0]
         total = torch.zeros(n_tracked, device=self.device)
         if mine:
-            total += activations(self.model, self.capture, mine, self._pad, self.config.probe_batch_size).sum(0)
+            total += activations(self.model, self.capture, mine, self._pad, self.config.monitor.probe_batch_size).sum(0)
         count = torch.tensor(float(len(mine)), device=self.device)
         return dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1)
 
@@ -163,7 +163,7 @@ class EntanglementMonitor:
         total = torch.zeros((), device=self.device)
         if mine:
             scores = continuation_logprobs(self.model, self.tokenizer, mine, self.refusal_openings + self.compliance_openings,
-                                           self.config.probe_batch_size, self.config.max_length)
+                                           self.config.monitor.probe_batch_size, self.config.atlas.max_length)
             split = len(self.refusal_openings)
             total = metrics.refusal_margin(scores[:, :split].mean(1), scores[:, split:].mean(1)) * len(mine)
         count = torch.tensor(float(len(mine)), device=self.device)
@@ -176,7 +176,7 @@ class EntanglementMonitor:
         if not self._grabbing or not isinstance(ids, torch.Tensor):
             return self._grabbing
         self._grabbing = False
-        keep = self.config.kl_probes
+        keep = self.config.monitor.kl_probes
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(ids)
         self._set_kl_reference(Batch(ids[:keep].detach().clone(), mask[:keep].detach().clone()))
@@ -189,7 +189,7 @@ class EntanglementMonitor:
         with probe_mode(self.model):
             for row in range(batch.input_ids.shape[0]):
                 logp = next_token_logprobs(self.model, Batch(batch.input_ids[row : row + 1], batch.attention_mask[row : row + 1]))
-                top = logp.topk(self.config.kl_top_k, dim=-1)
+                top = logp.topk(self.config.monitor.kl_top_k, dim=-1)
                 logps.append(top.values)
                 indices.append(top.indices)
         self.kl_base_logp, self.kl_base_index = torch.cat(logps), torch.cat(indices)
@@ -221,7 +221,7 @@ class EntanglementMonitor:
         self.safe_now = safe_now
         task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
         s = self.sets
-        per_set = metrics.ras(self.ref_safe[s], safe_now[s], self.ref_task[s], task_now[s], self.config.rel_floor)
+        per_set = metrics.ras(self.ref_safe[s], safe_now[s], self.ref_task[s], task_now[s], self.config.monitor.rel_floor)
         null = metrics.null_score(per_set["ras"][0], per_set["ras"][1:])
         values = {
             "ras_safe": per_set["ras"][0],
@@ -262,7 +262,7 @@ class EntanglementMonitor:
             self.safe_now = self._mean_activations(self.safety_sequences)
         safe_now = self.safe_now[idx]
         task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
-        floor = metrics.activation_floor(self.ref_safe[idx], self.ref_task[idx], self.config.rel_floor)
+        floor = metrics.activation_floor(self.ref_safe[idx], self.ref_task[idx], self.config.monitor.rel_floor)
         rise = (task_now[idx] - self.ref_task[idx]) / self.ref_task[idx].clamp_min(floor)
         drop = (self.ref_safe[idx] - safe_now) / safe_now.clamp_min(floor)
         return rise + drop

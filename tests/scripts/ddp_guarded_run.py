@@ -21,7 +21,7 @@ TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.0004}, "freeze":
 config = GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, probe_batch_size=4,
                      kl_probes=2, max_length=64, probe_every=2, mode="escalate", thresholds=TH, hysteresis=0.0,
                      freeze_top_fraction=0.5, anchor_max_new_tokens=6,
-                     actions={"warn": ["warn", "regularize"]})  # the safety anchor from the first warning (step 1) on
+                     level_actions={"warn": ["warn", "regularize"]})  # the safety anchor from the first warning (step 1) on
 guard = RIMGuard(config)
 args = SFTConfig(output_dir=out, max_steps=6, per_device_train_batch_size=2, learning_rate=2e-3, report_to=[], bf16=False,
                  **no_checkpointing(), save_strategy="no", use_cpu=True, ddp_backend="gloo", max_length=64, seed=0,
