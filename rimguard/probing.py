@@ -8,9 +8,10 @@ never modified.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import copy
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -167,14 +168,15 @@ def activations(
     ``N`` is the capture's tracked neurons, or all neurons of all layers if ``full``.
     """
     device = model_device(model)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of similar length: little padding
     with probe_mode(model), capture.probing(full=full, stop_early=True) as result:
-        for group in tqdm(list(chunks(sequences, batch_size)), desc=desc, disable=desc is None, leave=False):
-            batch = pad(group, pad_value).to(device)
+        for group in tqdm(list(chunks(order, batch_size)), desc=desc, disable=desc is None, leave=False):
+            batch = pad([sequences[i] for i in group], pad_value).to(device)
             try:
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             except ProbeComplete:  # every layer the probe needs has been read: the rest is not computed
                 pass
-    return result[0]
+    return result[0][torch.argsort(torch.tensor(order, device=result[0].device))]
 
 
 def continuation_logprobs(
@@ -183,38 +185,110 @@ def continuation_logprobs(
 ) -> torch.Tensor:
     """Teacher-forced ``log p(continuation | chat(prompt))`` summed over its tokens, ``[P, K]`` float32.
 
-    Prompt plus the longest continuation stay within ``max_length`` and the model's context.
-    Each prompt runs once: its KV cache is repeated for the ``K`` continuations, which are then
-    scored together in one short forward. Prompts are left-padded with explicit position ids, so
-    a row's score does not depend on the other rows in its batch.
+    Prompt plus the longest continuation stay within ``max_length`` and the model's context. See
+    :func:`prompt_pass` for how each prompt runs once.
     """
-    device, pid = model_device(model), pad_id(tokenizer)
-    conts = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations]
-    if any(not c for c in conts):
+    conts = token_lists(tokenizer, continuations)
+    heads = prompt_ids(model, tokenizer, prompts, max(len(c) for c in conts), max_length)
+    return prompt_pass(model, heads, conts, pad_id(tokenizer), batch_size)[0]
+
+
+def token_lists(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of plain ``texts`` (no special tokens); each must have at least one token."""
+    ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    if not ids or any(not c for c in ids):
         raise ValueError("every continuation must have at least one token")
-    k, width = len(conts), max(len(c) for c in conts)
-    tail = pad(conts, pid).to(device)  # [K, L] right-padded
-    rows = []
+    return ids
+
+
+def prompt_pass(
+    model: nn.Module,
+    heads: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    pad_value: int,
+    batch_size: int = 8,
+    capture: ActivationCapture | None = None,
+    tails: Sequence[Sequence[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run each prompt once and read two things from its KV cache.
+
+    Args:
+        heads: ``P`` prompts as token ids (chat-formatted).
+        continuations: ``K`` token lists scored after every prompt.
+        capture, tails: with both, prompt ``p``'s ``tails[p]`` (e.g. the model's own response) also
+            runs on from the cache, and the capture's per-sequence maxima over prompt plus tail are
+            returned: the activations of the sequence ``heads[p] + tails[p]`` without running its
+            prompt twice. The tail's forward stops after the last layer the capture needs.
+
+    Returns:
+        ``(scores, activations)``: ``scores`` ``[P, K]`` float32 is the teacher-forced
+        ``log p(continuation | prompt)`` summed over its tokens; ``activations`` ``[P, N]`` float32
+        (``N`` tracked neurons) or None without ``capture`` and ``tails``.
+
+    Prompts run in batches of similar length, left-padded with explicit position ids, so a row does
+    not depend on the other rows of its batch. A continuation's first token is scored from the
+    prompt's last logits; its later tokens in one short forward on the prompt's cache per
+    continuation length (no padding; a continuation's last token is never fed).
+    """
+    device = model_device(model)
+    order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
+    groups: dict[int, list[int]] = {}
+    for j, cont in enumerate(continuations):
+        if len(cont) > 1:
+            groups.setdefault(len(cont), []).append(j)
+    firsts = torch.tensor([c[0] for c in continuations], device=device)
+    scores, acts = [], []
     with probe_mode(model):
-        for group in chunks(prompts, batch_size):
-            head = pad(prompt_ids(model, tokenizer, group, width, max_length), pid, left=True).to(device)
-            b = head.input_ids.shape[0]
-            out = model(input_ids=head.input_ids, attention_mask=head.attention_mask,
-                        position_ids=(head.attention_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
-            first = out.logits[:, -1].float().log_softmax(-1)  # [B, V]: the continuation's first token
+        for lo in range(0, len(order), batch_size):
+            rows = order[lo : lo + batch_size]
+            head = pad([heads[i] for i in rows], pad_value, left=True).to(device)
+            start = head.attention_mask.sum(-1, keepdim=True)  # [B, 1]: the first position after the prompt
+            with capture.probing() if capture is not None and tails is not None else nullcontext([]) as head_rows:
+                out = model(input_ids=head.input_ids, attention_mask=head.attention_mask,
+                            position_ids=(head.attention_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
             key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.x
             cache = out[key]
-            cache.batch_repeat_interleave(k)
-            mask = torch.cat([head.attention_mask.repeat_interleave(k, 0), tail.attention_mask.repeat(b, 1)], 1)
-            start = head.attention_mask.sum(-1).repeat_interleave(k, 0)[:, None]
-            ids = tail.input_ids.repeat(b, 1)  # [B*K, L]
-            logp = model(input_ids=ids, attention_mask=mask, position_ids=start + torch.arange(width, device=device),
-                         use_cache=True, **{key: cache}).logits.float().log_softmax(-1)
-            score = first.repeat_interleave(k, 0).gather(1, ids[:, :1]).squeeze(1)
-            later = logp[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)  # [B*K, L-1]
-            score = score + (later * tail.attention_mask[:, 1:].repeat(b, 1)).sum(1)
-            rows.append(score.view(b, k))
-    return torch.cat(rows)
+            if head_rows:
+                assert capture is not None and tails is not None
+                acts.append(_tail_maxima(model, capture, copy.deepcopy(cache), key, head, start, head_rows[0],
+                                         pad([tails[i] for i in rows], pad_value).to(device)))
+            score = out.logits[:, -1].float().log_softmax(-1)[:, firsts]  # [B, K]: each continuation's first token
+            for n, (length, members) in enumerate(groups.items()):
+                held = cache if n == len(groups) - 1 else copy.deepcopy(cache)
+                score[:, members] += _later_tokens(model, held, key, head, start, [continuations[j] for j in members])
+            scores.append(score)
+    unsort = torch.argsort(torch.tensor(order, device=device))
+    return torch.cat(scores)[unsort], (torch.cat(acts)[unsort] if acts else None)
+
+
+def _later_tokens(model: nn.Module, cache: Any, key: str, head: Batch, start: torch.Tensor,
+                  conts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[B, G]``: summed log-probs of tokens ``1..n-1`` of ``G`` continuations of one length ``n``,
+    each after every prompt of the batch, fed on the prompt ``cache`` (which this extends)."""
+    b, g, n = head.input_ids.shape[0], len(conts), len(conts[0])
+    ids = torch.tensor(conts, device=start.device).repeat(b, 1)  # [B*G, n], row r: prompt r // G, continuation r % G
+    cache.batch_repeat_interleave(g)
+    mask = torch.cat([head.attention_mask.repeat_interleave(g, 0), head.attention_mask.new_ones(b * g, n - 1)], 1)
+    logits = model(input_ids=ids[:, :-1], attention_mask=mask, position_ids=start.repeat_interleave(g, 0) + torch.arange(n - 1, device=start.device),
+                   use_cache=True, **{key: cache}).logits
+    return logits.float().log_softmax(-1).gather(2, ids[:, 1:, None]).sum((1, 2)).view(b, g)
+
+
+def _tail_maxima(model: nn.Module, capture: ActivationCapture, cache: Any, key: str, head: Batch, start: torch.Tensor,
+                 head_max: torch.Tensor, tail: Batch) -> torch.Tensor:
+    """``[B, N]``: per-row maxima over prompt and tail tokens, the tail run on from the prompt's ``cache``
+    (a row with an empty tail keeps its prompt maxima)."""
+    if tail.input_ids.shape[1] == 0:
+        return head_max
+    mask = torch.cat([head.attention_mask, tail.attention_mask], 1)
+    positions = start + torch.arange(tail.input_ids.shape[1], device=start.device)
+    with capture.probing(stop_early=True) as tail_rows:
+        try:
+            model(input_ids=tail.input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{key: cache})
+        except ProbeComplete:
+            pass
+    has_tail = tail.attention_mask.any(-1, keepdim=True)
+    return torch.where(has_tail, torch.maximum(head_max, tail_rows[0]), head_max)
 
 
 def next_token_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:

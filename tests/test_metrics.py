@@ -77,4 +77,6 @@ def test_topk_kl_mask_averages_only_real_tokens():
 
 
 def test_refusal_margin():
-    assert metrics.refusal_margin(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -3.0])).item() == pytest.approx(1.5)
+    # two prompts; openings: 2 refusal, 1 compliance. Prompt 0: (-1 + -3)/2 - (-3) = 1; prompt 1: (-2 + -2)/2 - (-5) = 3
+    scores = torch.tensor([[-1.0, -3.0, -3.0], [-2.0, -2.0, -5.0]])
+    torch.testing.assert_close(metrics.refusal_margin(scores, 2), torch.tensor([1.0, 3.0]))

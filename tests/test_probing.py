@@ -3,13 +3,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from rimguard.probes import bundled
-from rimguard.probing import continuation_logprobs, encode, format_prompt
+from rimguard.probing import continuation_logprobs, encode, format_prompt, prompt_ids
 from rimguard.testing import FAMILIES, tiny_model, tiny_tokenizer
 
 
-def _reference(model, tok, prompt, continuation):
-    """log p(continuation | prompt) from one unpadded, uncached forward of prompt + continuation."""
-    head = encode(tok, format_prompt(tok, prompt))
+def _reference(model, tok, prompt, continuation, head=None):
+    """log p(continuation | prompt) from one unpadded, uncached forward of prompt (or its token ids
+    ``head``) + continuation."""
+    head = head if head is not None else encode(tok, format_prompt(tok, prompt))
     cont = list(tok(continuation, add_special_tokens=False)["input_ids"])
     ids = torch.tensor([head + cont])
     with torch.no_grad():
@@ -82,3 +83,89 @@ def test_prompts_longer_than_the_context_are_cut_not_crashed():
     assert max(widths) <= 512
     cut = prompt_ids(model, tok, [long_prompt], reserve=4, max_length=64)[0]
     assert len(cut) == 60 and cut == encode(tok, format_prompt(tok, long_prompt))[-60:]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_check_equals_the_plain_check(family, lora):
+    """The monitor's safety pass runs each margin prompt once (response and openings on its KV cache,
+    the response's forward stopping after the last tracked layer). Its activations and refusal margin
+    equal the plain check: every safety sequence in one complete, uncached forward, and every opening
+    scored in its own unpadded forward (every family, +/- LoRA)."""
+    from rimguard import GuardConfig, NeuronAtlas
+    from rimguard.hooks.arch import find_mlp_layers
+    from rimguard.hooks.capture import ActivationCapture
+    from rimguard.signals.monitor import EntanglementMonitor
+
+    tok, model = tiny_tokenizer(), tiny_model(family)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                                 fan_in_fan_out=family == "gpt2"))
+    atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:6], bundled("intent"), top_m=6, min_share=0.25, num_controls=4,
+                                 max_new_tokens=6, max_length=64, progress=False)
+    config = GuardConfig(num_safety_probes=6, margin_probes=4, probe_batch_size=3, max_length=64)
+    refusals, complies = ["I can't help with that.", "No"], ["Sure, here", "Step 1:"]
+    capture = ActivationCapture(model, find_mlp_layers(model))
+    monitor = EntanglementMonitor(capture, tok, atlas, config, (), refusals, complies)
+    shared = len(monitor.shared_heads)  # margin prompts whose sequence starts with their prompt tokens share one pass
+    assert shared >= 2 and shared + len(monitor.margin_heads) == 4 and len(monitor.plain_sequences) == 6 - shared
+    capture.attach()
+    heads_run = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *a: heads_run.append(1))
+    got_acts, got_margin = monitor._safety_pass()
+    handle.remove()
+    batches = -(-shared // 3) + -(-len(monitor.margin_heads) // 3)
+    lengths = len({len(c) for c in monitor.openings if len(c) > 1})  # one forward per opening length
+    assert len(heads_run) == batches * (1 + lengths)  # the LM head runs for prompts and openings only, never for a response
+
+    seqs = monitor.safety_sequences
+    rows = []
+    with torch.no_grad(), capture.probing() as result:  # complete forwards, one sequence each, no cache
+        model.eval()
+        for seq in seqs:
+            model(input_ids=torch.tensor([seq]))
+    capture.remove()
+    want_acts = result[0].double().mean(0)
+    torch.testing.assert_close(got_acts.double(), want_acts, rtol=1e-4, atol=1e-5)
+    width = max(len(tok(c, add_special_tokens=False)["input_ids"]) for c in refusals + complies)
+    for head in prompt_ids(model, tok, atlas.probe_prompts[:4], width, 64):  # prompts cut to leave room for the openings
+        scores = [_reference(model, tok, None, c, head) for c in refusals + complies]
+        rows.append(sum(scores[:2]) / 2 - sum(scores[2:]) / 2)
+    assert got_margin == pytest.approx(sum(rows) / len(rows), abs=2e-4)
+
+
+@pytest.mark.parametrize("chunk", [1 << 26, 1])
+def test_batched_kl_equals_one_forward_per_probe(monkeypatch, chunk):
+    """KL probes run in chunks of rows (all at once, or one row per chunk when the chunk budget is tiny):
+    the KL equals the mean over probes of each probe's own KL from its own forward."""
+    import rimguard.signals.monitor as mon
+    from rimguard import GuardConfig, NeuronAtlas
+    from rimguard.hooks.arch import find_mlp_layers
+    from rimguard.hooks.capture import ActivationCapture
+    from rimguard.signals import metrics
+    from rimguard.probing import Batch, next_token_logprobs
+
+    monkeypatch.setattr(mon, "KL_CHUNK_ELEMENTS", chunk)
+    tok, model = tiny_tokenizer(), tiny_model("qwen2")
+    atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:4], bundled("intent"), top_m=4, min_share=0.25, num_controls=2,
+                                 max_new_tokens=4, max_length=64, progress=False)
+    config = GuardConfig(num_safety_probes=4, margin_probes=0, kl_probes=5, probe_batch_size=4, kl_top_k=8, max_length=64)
+    reasoning = ["What is 3 + 4?", "A train leaves at noon and travels 60 km at 30 km/h. When does it arrive?", "Halve 18.",
+                 "Tom has 5 apples and eats 2. How many are left?", "Is 17 prime?"]
+    monitor = mon.EntanglementMonitor(ActivationCapture(model, find_mlp_layers(model)), tok, atlas, config, reasoning)
+    monitor.start()
+    assert len(monitor._kl_chunks()) == (5 if chunk == 1 else 2)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    got = monitor._kl()
+    monitor.stop()
+    want = []
+    base_model = tiny_model("qwen2").eval()
+    with torch.no_grad():
+        model.eval()
+        for r in range(5):
+            row = Batch(monitor.kl_ids[r : r + 1], monitor.kl_mask[r : r + 1])
+            top = next_token_logprobs(base_model, row).topk(8, dim=-1)
+            want.append(metrics.topk_kl(top.values, top.indices, next_token_logprobs(model, row), row.attention_mask).item())
+    assert got > 0 and got == pytest.approx(sum(want) / 5, rel=1e-4)

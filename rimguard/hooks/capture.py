@@ -131,7 +131,11 @@ class ActivationCapture:
         # belongs to the latest forward and must replay with its mask (same ops, same saved tensors)
         self._forward_id += 1
         mask = kwargs.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if mask is not None and isinstance(ids, torch.Tensor) and mask.shape[1] > ids.shape[1]:
+            mask = mask[:, -ids.shape[1] :]  # a forward on a KV cache: the mask spans the cached tokens, then this call's
+        self._mask = mask
         self._streaming = training
 
     def _on_last_block(self, module: nn.Module, args: tuple, output: Any) -> Any:

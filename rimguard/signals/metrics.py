@@ -138,13 +138,15 @@ def topk_kl(
     return (per_token * weights).sum() / weights.sum().clamp_min(1)
 
 
-def refusal_margin(refusal_logp: torch.Tensor, comply_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over prompts of ``log p(refusal opening) - log p(compliance opening)``, nats.
+def refusal_margin(scores: torch.Tensor, num_refusal: int) -> torch.Tensor:
+    """Per prompt, ``[P]`` nats: the mean log-prob of the refusal openings minus the mean log-prob of
+    the compliance openings (the metric is its mean over prompts).
 
     Args:
-        refusal_logp, comply_logp: ``[P]`` teacher-forced log-probabilities of the openings.
+        scores: ``[P, K]`` teacher-forced log-probabilities of the openings; the first ``num_refusal``
+            columns are refusal openings, the rest compliance openings.
     """
-    return (refusal_logp - comply_logp).mean()
+    return scores[:, :num_refusal].mean(1) - scores[:, num_refusal:].mean(1)
 
 
 def shrink_penalty(ref: torch.Tensor, now: torch.Tensor, rel_floor: float = DEFAULT_REL_FLOOR) -> torch.Tensor:

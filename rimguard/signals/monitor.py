@@ -32,16 +32,20 @@ from rimguard.hooks.reduce import get_reducer
 from rimguard.probing import (
     Batch,
     activations,
-    continuation_logprobs,
     model_device,
     next_token_logprobs,
     pad,
     pad_id,
     probe_mode,
+    prompt_ids,
+    prompt_pass,
+    token_lists,
     tokenize_dialogues,
 )
 from rimguard.signals import metrics
 
+# the KL probes run in chunks whose [rows, T, vocab] log-probs hold at most this many floats (256 MB in fp32)
+KL_CHUNK_ELEMENTS = 1 << 26
 STATE_TENSORS = ("ref_safe", "ref_task", "ema_task", "kl_base_logp", "kl_base_index", "kl_ids", "kl_mask")
 
 
@@ -87,6 +91,7 @@ class EntanglementMonitor:
         self.refusal_openings = list(refusal_openings)
         self.compliance_openings = list(compliance_openings)
         self.reasoning_prompts = list(reasoning_prompts)
+        self._plan_safety_pass()
         self.ref_safe: torch.Tensor | None = None
         self.ref_task: torch.Tensor | None = None
         self.ema_task: torch.Tensor | None = None
@@ -105,8 +110,7 @@ class EntanglementMonitor:
         if restored is not None:
             self.load_state(restored)
         else:
-            self.ref_safe = self._mean_activations(self.safety_sequences)
-            self.ref_margin = self._margin()
+            self.ref_safe, self.ref_margin = self._safety_pass()
             if self.reasoning_prompts:
                 seqs = tokenize_dialogues(self.tokenizer, self.reasoning_prompts, None, self.config.atlas.max_length)
                 self.ref_task = self._mean_activations(seqs)
@@ -146,6 +150,50 @@ class EntanglementMonitor:
             self.ema_task.mul_(self.config.monitor.ema_decay).add_(mean, alpha=1 - self.config.monitor.ema_decay)
 
     # -- probes ------------------------------------------------------------------------------
+    def _plan_safety_pass(self) -> None:
+        """Tokenize once: which safety probes share one prompt pass with the refusal margin.
+
+        A margin prompt whose safety sequence starts with the margin's own prompt tokens runs once
+        (:func:`rimguard.probing.prompt_pass`): its response runs on from the KV cache for the
+        activations, its openings for the margin. The other probes run as whole sequences
+        (activations) or as prompts alone (margin), so every probe is measured exactly as before.
+        """
+        m = len(self.margin_prompts) if self.refusal_openings and self.compliance_openings else 0
+        self.openings = token_lists(self.tokenizer, self.refusal_openings + self.compliance_openings) if m else []
+        width = max((len(c) for c in self.openings), default=0)
+        heads = prompt_ids(self.model, self.tokenizer, self.margin_prompts[:m], width, self.config.atlas.max_length)
+        seqs = self.safety_sequences
+        shared = [i for i, head in enumerate(heads) if seqs[i][: len(head)] == head]
+        self.shared_heads = [heads[i] for i in shared]
+        self.shared_tails = [seqs[i][len(heads[i]) :] for i in shared]
+        self.margin_heads = [head for i, head in enumerate(heads) if i not in shared]  # margin only
+        self.plain_sequences = [seq for i, seq in enumerate(seqs) if i not in shared]  # activations only
+
+    def _safety_pass(self) -> tuple[torch.Tensor, float | None]:
+        """Mean over the safety probes (sharded over ranks) of per-neuron max activations, ``[N]``,
+        and the refusal margin (nats; None without margin prompts or openings). One all-reduce."""
+        n_tracked, bs = self.atlas.tracked.shape[0], self.config.monitor.probe_batch_size
+        act_sum = torch.zeros(n_tracked, device=self.device)
+        margins: list[torch.Tensor] = []
+        heads, tails = _shard(self.shared_heads), _shard(self.shared_tails)
+        if heads:
+            scores, acts = prompt_pass(self.model, heads, self.openings, self._pad, bs, self.capture, tails)
+            act_sum += acts.sum(0)
+            margins.append(metrics.refusal_margin(scores, len(self.refusal_openings)))
+        margin_heads = _shard(self.margin_heads)
+        if margin_heads:
+            scores = prompt_pass(self.model, margin_heads, self.openings, self._pad, bs)[0]
+            margins.append(metrics.refusal_margin(scores, len(self.refusal_openings)))
+        plain = _shard(self.plain_sequences)
+        if plain:
+            act_sum += activations(self.model, self.capture, plain, self._pad, bs).sum(0)
+        margin = torch.cat(margins) if margins else torch.zeros(0, device=self.device)
+        counts = torch.tensor([len(heads) + len(plain), len(margin)], dtype=torch.float32, device=self.device)
+        total = dist.all_reduce_sum(torch.cat([act_sum, margin.sum()[None], counts]))
+        mean = total[:n_tracked] / total[-2].clamp_min(1)
+        has_margin = bool(self.shared_heads or self.margin_heads)
+        return mean, (float(total[n_tracked] / total[-1].clamp_min(1)) if has_margin else None)
+
     def _mean_activations(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Mean over ``sequences`` (sharded over ranks) of per-neuron max activations, ``[N]``."""
         mine = _shard(sequences)
@@ -155,19 +203,6 @@ class EntanglementMonitor:
             total += activations(self.model, self.capture, mine, self._pad, self.config.monitor.probe_batch_size).sum(0)
         count = torch.tensor(float(len(mine)), device=self.device)
         return dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1)
-
-    def _margin(self) -> float | None:
-        if not (self.margin_prompts and self.refusal_openings and self.compliance_openings):
-            return None
-        mine = _shard(self.margin_prompts)
-        total = torch.zeros((), device=self.device)
-        if mine:
-            scores = continuation_logprobs(self.model, self.tokenizer, mine, self.refusal_openings + self.compliance_openings,
-                                           self.config.monitor.probe_batch_size, self.config.atlas.max_length)
-            split = len(self.refusal_openings)
-            total = metrics.refusal_margin(scores[:, :split].mean(1), scores[:, split:].mean(1)) * len(mine)
-        count = torch.tensor(float(len(mine)), device=self.device)
-        return float(dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1))
 
     def _grab_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         """Batch tap: on the first training forward, keep a few of its sequences and their base
@@ -187,25 +222,34 @@ class EntanglementMonitor:
         self.kl_ids, self.kl_mask = batch.input_ids, batch.attention_mask
         logps, indices = [], []
         with probe_mode(self.model):
-            for row in range(batch.input_ids.shape[0]):
-                logp = next_token_logprobs(self.model, Batch(batch.input_ids[row : row + 1], batch.attention_mask[row : row + 1]))
-                top = logp.topk(self.config.monitor.kl_top_k, dim=-1)
+            for rows in self._kl_chunks():
+                top = next_token_logprobs(self.model, Batch(batch.input_ids[rows], batch.attention_mask[rows])).topk(
+                    self.config.monitor.kl_top_k, dim=-1)
                 logps.append(top.values)
                 indices.append(top.indices)
         self.kl_base_logp, self.kl_base_index = torch.cat(logps), torch.cat(indices)
+
+    def _kl_chunks(self) -> list[slice]:
+        """Row slices of the KL probes, batched so that one chunk's log-probs ``[rows, T, V]`` stay
+        within ``KL_CHUNK_ELEMENTS`` floats."""
+        assert self.kl_ids is not None
+        n, width = self.kl_ids.shape
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        size = max(1, min(self.config.monitor.probe_batch_size, KL_CHUNK_ELEMENTS // max(1, width * vocab)))
+        return [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
     def _kl(self) -> float | None:
         if self.kl_base_logp is None or self.kl_ids is None or self.kl_mask is None:
             return None
         # each rank scores its own probe rows (from its own first batch, or the shared reasoning probes)
-        mine = list(range(self.kl_ids.shape[0]))
         total = torch.zeros((), device=self.device)
         with probe_mode(self.model):
-            for row in mine:
-                sl = slice(row, row + 1)
-                logp = next_token_logprobs(self.model, Batch(self.kl_ids[sl], self.kl_mask[sl]))
-                total += metrics.topk_kl(self.kl_base_logp[sl], self.kl_base_index[sl], logp, self.kl_mask[sl])
-        count = torch.tensor(float(len(mine)), device=self.device)
+            for rows in self._kl_chunks():
+                logp = next_token_logprobs(self.model, Batch(self.kl_ids[rows], self.kl_mask[rows]))
+                base_logp, base_index, mask = self.kl_base_logp[rows], self.kl_base_index[rows], self.kl_mask[rows]
+                for r in range(logp.shape[0]):  # the metric is the mean over rows of each row's mean over its tokens
+                    total += metrics.topk_kl(base_logp[r : r + 1], base_index[r : r + 1], logp[r : r + 1], mask[r : r + 1])
+        count = torch.tensor(float(self.kl_ids.shape[0]), device=self.device)
         return float(dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1))
 
     # -- metrics -----------------------------------------------------------------------------
@@ -217,7 +261,7 @@ class EntanglementMonitor:
         if not self.ready():
             return {}
         assert self.ref_safe is not None and self.ref_task is not None and self.ema_task is not None
-        safe_now = self._mean_activations(self.safety_sequences)
+        safe_now, margin = self._safety_pass()
         self.safe_now = safe_now
         task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
         s = self.sets
@@ -234,7 +278,6 @@ class EntanglementMonitor:
             "task_act_ratio": task_now[self.safety_index].mean() / self.ref_task[self.safety_index].mean(),
         }
         out = dict(zip(values, torch.stack(list(values.values())).tolist()))
-        margin = self._margin()
         if margin is not None and self.ref_margin is not None:
             out["refusal_margin"] = margin
             out["refusal_drop"] = self.ref_margin - margin
@@ -259,7 +302,7 @@ class EntanglementMonitor:
         assert self.ref_safe is not None and self.ref_task is not None and self.ema_task is not None
         idx = self.safety_index
         if self.safe_now is None:
-            self.safe_now = self._mean_activations(self.safety_sequences)
+            self.safe_now = self._safety_pass()[0]
         safe_now = self.safe_now[idx]
         task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
         floor = metrics.activation_floor(self.ref_safe[idx], self.ref_task[idx], self.config.monitor.rel_floor)
