@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                     with ablation(engine, variant):
                         out = engine.monitor.measure()
                 elapsed = time.perf_counter() - start
+                print(f"round {rnd} {variant}: {elapsed:.2f}s", file=sys.stderr, flush=True)
                 if rnd:
                     times[variant].append(elapsed)
                 values[variant] = {k: round(v, 6) for k, v in out.items() if k in
