@@ -2,10 +2,11 @@
 
 On one model, with the same number of probe prompts ``--probes`` for both:
 
-* ``rimguard``: the guard's check as it runs in training (:meth:`rimguard.GuardEngine.check`):
-  safety probes with the refusal margin sharing each prompt pass (responses and openings on the
-  prompt's KV cache), the activation passes stopping after the last tracked layer, KL on
-  ``--kl-probes`` reasoning rows;
+* ``rimguard``: the guard's check as it runs in training (the monitor's measurement in
+  :meth:`rimguard.GuardEngine.check`): ``--probes`` safety probes (``check_probes``), the first
+  ``margin_probes`` of them also scored for the refusal margin in the same prompt pass (responses
+  and openings on the prompt's KV cache), activation passes stopping after the last tracked layer,
+  and KL on ``kl_probes`` reasoning rows (both at their defaults unless given);
 * ablations of the same check, to show what each speed-up buys (benchmark-only switches):
   ``no-sharing`` (the margin's prompts run apart from the safety sequences),
   ``no-sharing-no-exit`` (and every activation pass runs the whole model and its LM head: the
@@ -18,7 +19,7 @@ Each round times every variant once, in turn; the table gives the median and ran
 and the ratio of each variant's median to the peer's. The same check's metrics are printed per
 variant so that the ablations can be seen to measure the same thing.
 
-    python benchmarks/check_cost.py --model smollm2 --probes 16 --rounds 5 --json benchmarks/results/check_cost/smollm2.json
+    python benchmarks/check_cost.py --model smollm2 --probes 24 --rounds 5 --json benchmarks/results/check_cost/smollm2-p24.json
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def ablation(engine: GuardEngine, name: str):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    p.add_argument("--probes", type=int, default=16, help="safety probes (and margin probes) for rimguard; pairs for the peer")
-    p.add_argument("--kl-probes", type=int, default=8)
+    p.add_argument("--probes", type=int, default=GuardConfig().monitor.check_probes,
+                   help="safety probes per check for rimguard (check_probes); pairs for the peer")
+    p.add_argument("--margin-probes", type=int, default=GuardConfig().monitor.margin_probes)
+    p.add_argument("--kl-probes", type=int, default=GuardConfig().monitor.kl_probes)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--json", type=Path, default=None)
@@ -92,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     share = 0.2 if args.model == "tiny" else 0.5
     atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[: args.probes], bundled("intent"), max_new_tokens=16,
                                  min_share=share, progress=False)
-    config = GuardConfig(num_safety_probes=args.probes, margin_probes=args.probes, kl_probes=args.kl_probes, max_new_tokens=16,
-                         probe_batch_size=8, log_file=None)
+    config = GuardConfig(num_safety_probes=args.probes, check_probes=args.probes, margin_probes=args.margin_probes,
+                         kl_probes=args.kl_probes, max_new_tokens=16, probe_batch_size=8, log_file=None)
     reasoning = [f"{q.question}" for q in problems(args.kl_probes, seed=3)]
     engine = GuardEngine(config, atlas=atlas, tokenizer=tok, reasoning_prompts=reasoning)
     engine.setup(model, tok, inject_loss=False)
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     engine.teardown()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     peer_median = statistics.median(times["safety-compass"]) if "safety-compass" in times else None
-    print(f"\nmodel={args.model} device={device} probes={args.probes} kl_probes={args.kl_probes} rounds={args.rounds}")
+    print(f"\nmodel={args.model} device={device} probes={args.probes} margin_probes={args.margin_probes} kl_probes={args.kl_probes} "
+          f"rounds={args.rounds}")
     print(f"{'variant':<22}{'median s':>10}{'min s':>8}{'max s':>8}{'x peer':>8}  metrics")
     rows = {}
     for variant, ts in times.items():

@@ -22,6 +22,15 @@ steps`` expresses it in training steps of this configuration: the amortized rati
 grows.
 
     python benchmarks/overhead.py --model tiny --repeats 3 --peer
+    python benchmarks/overhead.py --preset user --repeats 2 --json benchmarks/results/overhead/user-8x512.json
+
+``--preset user`` is a user-like shape: SmolLM2, 8 x 512 packed GSM8K tokens per step, a check
+every 50 steps. Running 50-step windows at about 25 s a step is out of reach on a CPU, so each
+configuration trains ``--steps`` window steps with no check (the hot path; the window is a whole
+number of anchor periods) and then one step with its check (rimguard) or measurement
+(safety-compass), scheduled at that step; a check's cost is that step's time minus the median
+window step. The amortized ratio at one check per ``--probe-every`` steps is then
+``(hot mean + check cost / probe_every) / unguarded hot mean``.
     python benchmarks/overhead.py --model smollm2 --steps 50 --warmup 33 --repeats 1 --batch 2 --max-length 128 --probes 16 --peer
 
 The peer needs ``pip install safety-compass`` (benchmark environment only).
@@ -110,20 +119,29 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
     callbacks: list = []
     guard_cfg = GuardConfig(probe_every=args.probe_every, num_safety_probes=args.probes, max_new_tokens=16,
                             probe_batch_size=8, log_file=None)
+    total = args.warmup + args.steps + (1 if args.check_step else 0)
     if mode == "safety-compass":
-        callbacks.append(peer_callback(model, tok, workdir, args.probes, args.probe_every))
-    cfg = SFTConfig(output_dir=str(workdir / mode), max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
+        callbacks.append(peer_callback(model, tok, workdir, args.probes, args.check_step or args.probe_every))
+    cfg = SFTConfig(output_dir=str(workdir / mode), max_steps=total, per_device_train_batch_size=args.batch,
                     learning_rate=1e-5, report_to=[], bf16=False, **no_checkpointing(), save_strategy="no",
-                    use_cpu=not torch.cuda.is_available(), max_length=args.max_length, seed=0, disable_tqdm=True,
-                    logging_steps=10_000)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(training_records(args, args.batch * (args.warmup + args.steps) + 8)),
+                    use_cpu=not torch.cuda.is_available(), max_length=args.max_length, packing=args.packing, seed=0,
+                    disable_tqdm=True, logging_steps=10_000)
+    rows = args.batch * total * (8 if args.packing else 1) + 8  # packing: several rows fill one 512-token sequence
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(training_records(args, rows)),
                          processing_class=tok, callbacks=callbacks,
                          peft_config=LoraConfig(r=16, target_modules="all-linear") if lora else None)
     if CONFIGS[mode] is not None:  # the guard knows its trainer (it logs through it), as RIMGuard.attach sets up
-        trainer.add_callback(RIMGuard(guard_cfg, atlas=atlas, trainer=trainer, **CONFIGS[mode]))
+        schedule = (lambda step: step == args.check_step) if args.check_step else None
+        trainer.add_callback(RIMGuard(guard_cfg, atlas=atlas, trainer=trainer, schedule=schedule, **CONFIGS[mode]))
     trainer.add_callback(timer)  # after the guard: a step's time includes its check
     trainer.train()
     times = list(timer.times.values())[args.warmup :]
+    if args.check_step:  # a window of hot steps, then one check step
+        window, check = times[:-1], times[-1]
+        median = statistics.median(window)
+        hot = sum(window) / len(window)
+        return {"mean_s": hot + (check - median) / args.probe_every, "median_s": median, "hot_mean_s": hot,
+                "check_s": check - median, "check_steps": (check - median) / median, "times": times}
     median = statistics.median(times)
     is_check = [i % args.probe_every == 0 for i in range(args.warmup + 1, args.warmup + 1 + len(times))]
     checks = [t for t, c in zip(times, is_check) if c]
@@ -149,9 +167,18 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="GSM8K-style JSONL (question/answer) to train on; default: generated problems")
     parser.add_argument("--ft", choices=["full", "lora", "both"], default="both")
     parser.add_argument("--json", default=None, help="write the raw results here")
+    parser.add_argument("--preset", choices=["user"], default=None,
+                        help="user: SmolLM2, 8 x 512 packed tokens, check every 50, a 4-step window plus one check step")
+    parser.add_argument("--packing", action="store_true", help="pack the training rows into max-length sequences")
     args = parser.parse_args()
+    if args.preset == "user":
+        shared = HERE.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+        args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2", 8, 512, True, 50
+        args.steps, args.warmup, args.ft, args.peer = 4, 1, "full", True
+        args.data = args.data or (str(shared) if shared.is_file() else None)
+    args.check_step = args.warmup + args.steps + 1 if args.preset else None
     early = max((s for s in range(1, args.probe_every) if s & (s - 1) == 0), default=0)
-    if args.warmup < early:
+    if args.check_step is None and args.warmup < early:
         parser.error(f"--warmup must be >= {early}: rimguard's early checks (1, 2, 4, ..., {early}) would fall in the window")
 
     modes = ["unguarded", *args.modes] + (["safety-compass"] if args.peer else [])
@@ -171,6 +198,8 @@ def main() -> None:
                     runs[mode].append(run_one(args, mode, lora, atlas, Path(tmp)))
             results["lora" if lora else "full"] = {m: {k: statistics.median(r[k] for r in v) for k in v[0] if k != "times"}
                                                    | {"times": [r["times"] for r in v]} for m, v in runs.items()}
+    if args.check_step:
+        print(f"\none check step after the window; amortized = (hot mean + check s / {args.probe_every}) / unguarded hot mean")
     print(f"\nmodel={args.model} device={device} window={args.steps} steps (after {args.warmup} warm-up) "
           f"probe_every={args.probe_every} probes={args.probes} batch={args.batch} max_length={args.max_length} repeats={args.repeats}")
     print(f"{'fine-tune':<10}{'mode':<16}{'mean s/step':>12}{'amortized':>11}{'median s/step':>15}{'per-step':>10}{'hot path':>10}"
@@ -178,7 +207,8 @@ def main() -> None:
     for ft, per_mode in results.items():
         base = per_mode["unguarded"]
         for mode, r in per_mode.items():
-            r["ratio_amortized"], r["ratio_per_step"] = r["mean_s"] / base["mean_s"], r["median_s"] / base["median_s"]
+            r["ratio_amortized"] = r["mean_s"] / (base["hot_mean_s"] if args.check_step else base["mean_s"])
+            r["ratio_per_step"] = r["median_s"] / base["median_s"]
             r["ratio_hot"] = r["hot_mean_s"] / base["hot_mean_s"]
             print(f"{ft:<10}{mode:<16}{r['mean_s']:>12.4f}{r['ratio_amortized']:>11.3f}{r['median_s']:>15.4f}"
                   f"{r['ratio_per_step']:>10.3f}{r['ratio_hot']:>10.3f}{r['check_s']:>9.2f}{r['check_steps']:>13.2f}")

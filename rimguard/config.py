@@ -161,7 +161,8 @@ class AtlasConfig(_Section):
     top_m: float = option(0.01, "neurons kept per pair: a count, or a fraction of all MLP neurons if < 1", gt=0)
     min_share: float = option(0.5, "keep neurons in the top-m of at least this share of pairs (1.0: the intersection)", gt=0, le=1)
     num_controls: int = option(32, "random control neuron sets for the null distribution of RAS", ge=2)
-    num_safety_probes: int = option(64, "harmful prompts used, from the start of the given list", ge=2)
+    num_safety_probes: int = option(64, "harmful prompts used to identify the neurons (from the start of the given list); "
+                                    "the monitor probes the first check_probes of them", ge=2)
     max_new_tokens: int = option(24, "tokens of the model's own greedy response appended to each probe", ge=0)
     max_length: int = option(256, "probe sequence cap (prompt + response), tokens", ge=8)
 
@@ -172,11 +173,15 @@ class MonitorConfig(_Section):
 
     NAME: ClassVar[str] = "monitor"
     probe_every: int = option(10, "optimizer steps between checks (safety probe passes and metric logs)", ge=1)
+    check_probes: int = option(24, "safety probes measured at each check: the first of the atlas' probes (the smallest "
+                               "count whose check-to-check noise in safety_drop is at most 10% of its alarm threshold, "
+                               "benchmarks/probe_noise.py)", ge=1)
     probe_batch_size: int = option(8, "sequences per probe forward", ge=1)
     ema_decay: float = option(0.9, "smoothing of the streamed reasoning activations, per optimizer step", ge=0, lt=1)
-    kl_probes: int = option(8, "reasoning sequences kept for KL(pi_0 || pi_t); 0 disables KL", ge=0)
-    margin_probes: int = option(16, "harmful probes scored for the refusal margin (one prompt pass plus one short "
-                                "forward per opening each); 0 disables the margin", ge=0)
+    kl_probes: int = option(4, "reasoning sequences kept for KL(pi_0 || pi_t) (noise rule as check_probes, at 10% of "
+                            "KL's value when safety_drop alarms); 0 disables KL", ge=0)
+    margin_probes: int = option(4, "check probes also scored for the refusal margin, sharing their prompt pass (noise rule "
+                                "as check_probes, at 10% of the margin drop when safety_drop alarms); 0 disables the margin", ge=0)
     kl_top_k: int = option(64, "base log-probs stored per position for KL (the rest is one tail bucket)", ge=1)
     rel_floor: float = option(0.05, "activation floor for RAS, relative to the mean base activation", gt=0)
     log_file: str | None = option("rimguard.jsonl", "JSONL log file name in output_dir (none: no file)")

@@ -46,18 +46,24 @@ def test_empty_continuation_is_an_error():
         continuation_logprobs(tiny_model("llama"), tiny_tokenizer(), ["Hi"], ["ok", ""])
 
 
-@pytest.mark.parametrize("margin_probes", [0, 2])
-def test_margin_probes_bounds_or_disables_the_margin(tok, fast_config, llama_atlas, margin_probes):
+@pytest.mark.parametrize("check_probes, margin_probes", [(5, 0), (5, 2), (40, 2)])
+def test_check_and_margin_probes_bound_what_a_check_measures(tok, fast_config, llama_atlas, check_probes, margin_probes):
+    """A check measures the first check_probes of the atlas' probes (all of them if it holds fewer), and
+    scores the first margin_probes of those for the margin (0: no margin)."""
     from rimguard.hooks.arch import find_mlp_layers
     from rimguard.hooks.capture import ActivationCapture
     from rimguard.signals.monitor import EntanglementMonitor
 
     model = tiny_model("llama")
     capture = ActivationCapture(model, find_mlp_layers(model))
-    monitor = EntanglementMonitor(capture, tok, llama_atlas, fast_config(margin_probes=margin_probes),
+    config = fast_config(check_probes=check_probes, margin_probes=margin_probes)
+    monitor = EntanglementMonitor(capture, tok, llama_atlas, config,
                                   refusal_openings=bundled("refusal_openings"), compliance_openings=bundled("compliance_openings"))
     monitor.start()
     try:
+        measured = min(check_probes, config.atlas.num_safety_probes)
+        assert monitor.probe_prompts() == list(llama_atlas.probe_prompts[:measured])
+        assert len(monitor.shared_heads) + len(monitor.plain_sequences) == measured
         assert len(monitor.margin_prompts) == margin_probes
         assert (monitor.ref_margin is None) == (margin_probes == 0)
     finally:

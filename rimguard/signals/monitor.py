@@ -82,7 +82,7 @@ class EntanglementMonitor:
         capture.reducer = get_reducer(self.device)
         self.safety_index = atlas.safety.to(self.device)
         self.sets = torch.cat([atlas.safety[None], atlas.controls]).to(self.device)  # [1 + K, n]
-        n = config.atlas.num_safety_probes
+        n = min(config.monitor.check_probes, config.atlas.num_safety_probes)
         self._pad = pad_id(tokenizer)
         self.safety_sequences = tokenize_dialogues(
             tokenizer, atlas.probe_prompts[:n], atlas.probe_responses[:n], config.atlas.max_length
@@ -131,7 +131,7 @@ class EntanglementMonitor:
 
     def probe_prompts(self) -> list[str]:
         """Every prompt the monitor measures (safety probes; the margin's prompts are among them)."""
-        return list(self.atlas.probe_prompts[: self.config.atlas.num_safety_probes])
+        return list(self.atlas.probe_prompts[: len(self.safety_sequences)])
 
     # -- reasoning stream --------------------------------------------------------------------
     def step_end(self) -> None:
