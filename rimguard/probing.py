@@ -165,18 +165,84 @@ def activations(
 ) -> torch.Tensor:
     """Per-sequence max-over-tokens activations, ``[P, N]`` float32 on the model's device.
 
-    ``N`` is the capture's tracked neurons, or all neurons of all layers if ``full``.
+    ``N`` is the capture's tracked neurons, or all neurons of all layers if ``full``. Forwards stop
+    after the last layer the capture needs. The token prefix all sequences share (a chat template's
+    system turn) runs once (see :func:`shared_prefix`); batches hold sequences of similar length.
     """
     device = model_device(model)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of similar length: little padding
-    with probe_mode(model), capture.probing(full=full, stop_early=True) as result:
-        for group in tqdm(list(chunks(order, batch_size)), desc=desc, disable=desc is None, leave=False):
-            batch = pad([sequences[i] for i in group], pad_value).to(device)
-            try:
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            except ProbeComplete:  # every layer the probe needs has been read: the rest is not computed
-                pass
-    return result[0][torch.argsort(torch.tensor(order, device=result[0].device))]
+    width = shared_prefix(model, sequences)
+    with probe_mode(model):
+        prefix = _Prefix.run(model, capture, sequences, width, full=full)
+        with capture.probing(full=full, stop_early=True) as result:
+            for group in tqdm(list(chunks(order, batch_size)), desc=desc, disable=desc is None, leave=False):
+                batch = pad([sequences[i][width:] for i in group], pad_value).to(device)
+                try:
+                    model(**prefix.inputs(batch))
+                except ProbeComplete:  # every layer the probe needs has been read: the rest is not computed
+                    pass
+    rows = prefix.combine(result[0])
+    return rows[torch.argsort(torch.tensor(order, device=rows.device))]
+
+
+MIN_SHARED_PREFIX = 4  # tokens; a shorter common prefix is not worth a forward of its own
+
+
+def shared_prefix(model: nn.Module, sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens at the start of every sequence that a probe pass runs once, ``0`` for none.
+
+    The longest common prefix of two or more sequences, less one token (every row keeps a token of
+    its own), if at least :data:`MIN_SHARED_PREFIX` long. None for a model with a sliding attention window: there, a row's
+    padding between the prefix and its own tokens would count against the window.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return 0
+    if len(sequences) < 2:  # nothing to share
+        return 0
+    first, width = sequences[0], min(len(s) for s in sequences) - 1
+    for seq in sequences[1:]:
+        width = next((i for i in range(width) if seq[i] != first[i]), width)
+    return width if width >= MIN_SHARED_PREFIX else 0
+
+
+@dataclass
+class _Prefix:
+    """The shared prefix's KV cache and per-neuron maxima, and how a batch of suffixes runs on them."""
+
+    width: int
+    cache: Any = None
+    key: str = "past_key_values"
+    rows: torch.Tensor | None = None  # [1, N] maxima over the prefix's tokens (when a capture probed it)
+
+    @classmethod
+    def run(cls, model: nn.Module, capture: ActivationCapture | None, sequences: Sequence[Sequence[int]], width: int,
+            full: bool = False) -> "_Prefix":
+        """Run ``sequences[0][:width]`` once, through every layer (nothing when ``width`` is 0),
+        probing it if ``capture`` is given."""
+        if not width:
+            return cls(0)
+        ids = torch.tensor([list(sequences[0][:width])], device=model_device(model))
+        with capture.probing(full=full) if capture is not None else nullcontext([]) as rows:
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.x
+        return cls(width, out[key], key, rows[0] if rows else None)
+
+    def inputs(self, batch: Batch, left: bool = False, use_cache: bool = False) -> dict[str, Any]:
+        """Model keywords for ``batch`` (suffixes, left- or right-padded) after the prefix: its cache
+        (copied and repeated per row), the attention mask over prefix and suffix, explicit positions."""
+        mask, rows = batch.attention_mask, batch.input_ids.shape[0]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0) if left else torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        if not self.width:
+            return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": positions, "use_cache": use_cache}
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return {"input_ids": batch.input_ids, "attention_mask": torch.cat([mask.new_ones(rows, self.width), mask], 1),
+                "position_ids": positions + self.width, "use_cache": True, self.key: cache}
+
+    def combine(self, suffix_rows: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` maxima over prefix and suffix tokens (a row with no suffix token keeps the prefix's)."""
+        return suffix_rows if self.rows is None else torch.maximum(suffix_rows, self.rows)
 
 
 def continuation_logprobs(
@@ -237,58 +303,61 @@ def prompt_pass(
         if len(cont) > 1:
             groups.setdefault(len(cont), []).append(j)
     firsts = torch.tensor([c[0] for c in continuations], device=device)
+    probe = capture is not None and tails is not None
+    width = shared_prefix(model, heads)
     scores, acts = [], []
     with probe_mode(model):
+        prefix = _Prefix.run(model, capture if probe else None, heads, width)
         for lo in range(0, len(order), batch_size):
             rows = order[lo : lo + batch_size]
-            head = pad([heads[i] for i in rows], pad_value, left=True).to(device)
-            start = head.attention_mask.sum(-1, keepdim=True)  # [B, 1]: the first position after the prompt
-            with capture.probing() if capture is not None and tails is not None else nullcontext([]) as head_rows:
-                out = model(input_ids=head.input_ids, attention_mask=head.attention_mask,
-                            position_ids=(head.attention_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
+            inputs = prefix.inputs(pad([heads[i][width:] for i in rows], pad_value, left=True).to(device), left=True, use_cache=True)
+            mask = inputs["attention_mask"]  # [B, prefix + suffix]
+            start = mask.sum(-1, keepdim=True)  # [B, 1]: the first position after the prompt
+            with capture.probing() if probe else nullcontext([]) as head_rows:  # type: ignore[union-attr]
+                out = model(**inputs, logits_to_keep=1)
             key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.x
             cache = out[key]
             if head_rows:
                 assert capture is not None and tails is not None
-                acts.append(_tail_maxima(model, capture, copy.deepcopy(cache), key, head, start, head_rows[0],
+                acts.append(_tail_maxima(model, capture, copy.deepcopy(cache), key, mask, start, prefix.combine(head_rows[0]),
                                          pad([tails[i] for i in rows], pad_value).to(device)))
             score = out.logits[:, -1].float().log_softmax(-1)[:, firsts]  # [B, K]: each continuation's first token
             for n, (length, members) in enumerate(groups.items()):
                 held = cache if n == len(groups) - 1 else copy.deepcopy(cache)
-                score[:, members] += _later_tokens(model, held, key, head, start, [continuations[j] for j in members])
+                score[:, members] += _later_tokens(model, held, key, mask, start, [continuations[j] for j in members])
             scores.append(score)
     unsort = torch.argsort(torch.tensor(order, device=device))
     return torch.cat(scores)[unsort], (torch.cat(acts)[unsort] if acts else None)
 
 
-def _later_tokens(model: nn.Module, cache: Any, key: str, head: Batch, start: torch.Tensor,
-                  conts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``[B, G]``: summed log-probs of tokens ``1..n-1`` of ``G`` continuations of one length ``n``,
-    each after every prompt of the batch, fed on the prompt ``cache`` (which this extends)."""
-    b, g, n = head.input_ids.shape[0], len(conts), len(conts[0])
-    ids = torch.tensor(conts, device=start.device).repeat(b, 1)  # [B*G, n], row r: prompt r // G, continuation r % G
-    cache.batch_repeat_interleave(g)
-    mask = torch.cat([head.attention_mask.repeat_interleave(g, 0), head.attention_mask.new_ones(b * g, n - 1)], 1)
-    logits = model(input_ids=ids[:, :-1], attention_mask=mask, position_ids=start.repeat_interleave(g, 0) + torch.arange(n - 1, device=start.device),
-                   use_cache=True, **{key: cache}).logits
-    return logits.float().log_softmax(-1).gather(2, ids[:, 1:, None]).sum((1, 2)).view(b, g)
-
-
-def _tail_maxima(model: nn.Module, capture: ActivationCapture, cache: Any, key: str, head: Batch, start: torch.Tensor,
+def _tail_maxima(model: nn.Module, capture: ActivationCapture, cache: Any, key: str, mask: torch.Tensor, start: torch.Tensor,
                  head_max: torch.Tensor, tail: Batch) -> torch.Tensor:
     """``[B, N]``: per-row maxima over prompt and tail tokens, the tail run on from the prompt's ``cache``
-    (a row with an empty tail keeps its prompt maxima)."""
+    (``mask`` ``[B, T]`` covers its tokens; a row with an empty tail keeps its prompt maxima)."""
     if tail.input_ids.shape[1] == 0:
         return head_max
-    mask = torch.cat([head.attention_mask, tail.attention_mask], 1)
     positions = start + torch.arange(tail.input_ids.shape[1], device=start.device)
     with capture.probing(stop_early=True) as tail_rows:
         try:
-            model(input_ids=tail.input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{key: cache})
+            model(input_ids=tail.input_ids, attention_mask=torch.cat([mask, tail.attention_mask], 1), position_ids=positions,
+                  use_cache=True, **{key: cache})
         except ProbeComplete:
             pass
     has_tail = tail.attention_mask.any(-1, keepdim=True)
     return torch.where(has_tail, torch.maximum(head_max, tail_rows[0]), head_max)
+
+
+def _later_tokens(model: nn.Module, cache: Any, key: str, mask: torch.Tensor, start: torch.Tensor,
+                  conts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[B, G]``: summed log-probs of tokens ``1..n-1`` of ``G`` continuations of one length ``n``,
+    each after every prompt of the batch (``mask`` ``[B, T]`` covers the prompt ``cache``, which this extends)."""
+    b, g, n = mask.shape[0], len(conts), len(conts[0])
+    ids = torch.tensor(conts, device=start.device).repeat(b, 1)  # [B*G, n], row r: prompt r // G, continuation r % G
+    cache.batch_repeat_interleave(g)
+    full = torch.cat([mask.repeat_interleave(g, 0), mask.new_ones(b * g, n - 1)], 1)
+    logits = model(input_ids=ids[:, :-1], attention_mask=full, position_ids=start.repeat_interleave(g, 0) + torch.arange(n - 1, device=start.device),
+                   use_cache=True, **{key: cache}).logits
+    return logits.float().log_softmax(-1).gather(2, ids[:, 1:, None]).sum((1, 2)).view(b, g)
 
 
 def next_token_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -91,29 +91,45 @@ def test_prompts_longer_than_the_context_are_cut_not_crashed():
     assert len(cut) == 60 and cut == encode(tok, format_prompt(tok, long_prompt))[-60:]
 
 
+def _with_system_turn(tok):
+    """A copy of ``tok`` whose chat template opens every prompt with the same system turn (a shared prefix)."""
+    import copy
+
+    tok = copy.deepcopy(tok)
+    tok.chat_template = "<|system|>You answer briefly and carefully.<|end|>" + tok.chat_template
+    return tok
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("lora", [False, True])
-def test_shared_prompt_check_equals_the_plain_check(family, lora):
+@pytest.mark.parametrize("system", [False, True])
+def test_shared_prompt_check_equals_the_plain_check(family, lora, system):
     """The monitor's safety pass runs each margin prompt once (response and openings on its KV cache,
-    the response's forward stopping after the last tracked layer). Its activations and refusal margin
-    equal the plain check: every safety sequence in one complete, uncached forward, and every opening
-    scored in its own unpadded forward (every family, +/- LoRA)."""
+    the response's forward stopping after the last tracked layer), and with a system turn the prefix
+    every prompt shares once. Its activations and refusal margin equal the plain check: every safety
+    sequence in one complete, uncached forward, and every opening scored in its own unpadded forward
+    (every family, +/- LoRA)."""
     from rimguard import GuardConfig, NeuronAtlas
     from rimguard.hooks.arch import find_mlp_layers
     from rimguard.hooks.capture import ActivationCapture
+    from rimguard.probing import shared_prefix
     from rimguard.signals.monitor import EntanglementMonitor
 
     tok, model = tiny_tokenizer(), tiny_model(family)
+    tok = _with_system_turn(tok) if system else tok
     if lora:
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
                                                  fan_in_fan_out=family == "gpt2"))
-    atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:6], bundled("intent"), top_m=6, min_share=0.25, num_controls=4,
+    atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:6], bundled("intent"), top_m=8, min_share=0.15, num_controls=2,
                                  max_new_tokens=6, max_length=64, progress=False)
-    config = GuardConfig(num_safety_probes=6, margin_probes=4, probe_batch_size=3, max_length=64)
+    cap = 128 if system else 64  # 64: some prompts are cut to leave room for the openings and run apart from their sequence
+    config = GuardConfig(num_safety_probes=6, margin_probes=4, probe_batch_size=3, max_length=cap)
     refusals, complies = ["I can't help with that.", "No"], ["Sure, here", "Step 1:"]
     capture = ActivationCapture(model, find_mlp_layers(model))
     monitor = EntanglementMonitor(capture, tok, atlas, config, (), refusals, complies)
     shared = len(monitor.shared_heads)  # margin prompts whose sequence starts with their prompt tokens share one pass
+    windowed = family in ("gemma2", "gemma3_text", "mistral")  # sliding-window attention: no shared prefix
+    assert (shared_prefix(model, monitor.shared_heads) > 0) == (system and not windowed)
     assert shared >= 2 and shared + len(monitor.margin_heads) == 4 and len(monitor.plain_sequences) == 6 - shared
     capture.attach()
     heads_run = []
@@ -122,7 +138,9 @@ def test_shared_prompt_check_equals_the_plain_check(family, lora):
     handle.remove()
     batches = -(-shared // 3) + -(-len(monitor.margin_heads) // 3)
     lengths = len({len(c) for c in monitor.openings if len(c) > 1})  # one forward per opening length
-    assert len(heads_run) == batches * (1 + lengths)  # the LM head runs for prompts and openings only, never for a response
+    prefixes = sum(shared_prefix(model, h) > 0 for h in (monitor.shared_heads, monitor.margin_heads, monitor.plain_sequences))
+    # the LM head runs for each shared prefix, prompt batch and opening length only, never for a response
+    assert len(heads_run) == prefixes + batches * (1 + lengths)
 
     seqs = monitor.safety_sequences
     rows = []
@@ -134,7 +152,7 @@ def test_shared_prompt_check_equals_the_plain_check(family, lora):
     want_acts = result[0].double().mean(0)
     torch.testing.assert_close(got_acts.double(), want_acts, rtol=1e-4, atol=1e-5)
     width = max(len(tok(c, add_special_tokens=False)["input_ids"]) for c in refusals + complies)
-    for head in prompt_ids(model, tok, atlas.probe_prompts[:4], width, 64):  # prompts cut to leave room for the openings
+    for head in prompt_ids(model, tok, atlas.probe_prompts[:4], width, cap):  # prompts cut to leave room for the openings
         scores = [_reference(model, tok, None, c, head) for c in refusals + complies]
         rows.append(sum(scores[:2]) / 2 - sum(scores[2:]) / 2)
     assert got_margin == pytest.approx(sum(rows) / len(rows), abs=2e-4)
