@@ -7,11 +7,12 @@ On one model, with the same number of probe prompts ``--probes`` for both:
   ``margin_probes`` of them also scored for the refusal margin in the same prompt pass (responses
   and openings on the prompt's KV cache), activation passes stopping after the last tracked layer,
   and KL on ``kl_probes`` reasoning rows (both at their defaults unless given);
-* ablations of the same check, to show what each speed-up buys (benchmark-only switches):
-  ``no-sharing`` (the margin's prompts run apart from the safety sequences),
-  ``no-sharing-no-exit`` (and every activation pass runs the whole model and its LM head: the
-  check before both speed-ups), ``inference-mode`` (probe passes under ``torch.inference_mode``
-  instead of ``no_grad``);
+* ablations of the same check, each switching one more speed-up off (benchmark-only switches):
+  ``no-prefix`` (the token prefix all probes share, the chat template's system turn, runs with
+  every probe), ``no-prefix-no-sharing`` (and the margin's prompts run apart from the safety
+  sequences), ``no-prefix-no-sharing-no-exit`` (and every activation pass runs the whole model
+  and its LM head); and ``inference-mode`` (probe passes under ``torch.inference_mode`` instead
+  of ``no_grad``);
 * ``safety-compass``: the peer's ``measure`` (its refusal direction from ``--probes`` harmful and
   ``--probes`` harmless prompts at one layer, and its AUROC on held-out pairs).
 
@@ -46,7 +47,7 @@ from rimguard.testing import problems  # noqa: E402
 
 from overhead import load, peer_callback  # noqa: E402
 
-VARIANTS = ("rimguard", "no-sharing", "no-sharing-no-exit", "inference-mode", "safety-compass")
+VARIANTS = ("rimguard", "no-prefix", "no-prefix-no-sharing", "no-prefix-no-sharing-no-exit", "inference-mode", "safety-compass")
 
 
 @contextlib.contextmanager
@@ -54,12 +55,14 @@ def ablation(engine: GuardEngine, name: str):
     """Switch one speed-up off (or inference mode on) for the block; restore after."""
     monitor = engine.monitor
     saved = (monitor.shared_heads, monitor.shared_tails, monitor.margin_heads, monitor.plain_sequences)
-    probing_fn, mode_fn = ActivationCapture.probing, probing.probe_mode
-    if name in ("no-sharing", "no-sharing-no-exit"):
+    probing_fn, mode_fn, prefix_fn = ActivationCapture.probing, probing.probe_mode, probing.shared_prefix
+    if name.startswith("no-prefix"):
+        probing.shared_prefix = lambda model, sequences: 0
+    if "no-sharing" in name:
         monitor.margin_heads = monitor.shared_heads + monitor.margin_heads
         monitor.plain_sequences = monitor.safety_sequences
         monitor.shared_heads, monitor.shared_tails = [], []
-    if name == "no-sharing-no-exit":
+    if name.endswith("no-exit"):
         ActivationCapture.probing = lambda self, full=False, stop_early=False: probing_fn(self, full, False)
     if name == "inference-mode":
         @contextlib.contextmanager
@@ -76,7 +79,7 @@ def ablation(engine: GuardEngine, name: str):
         yield
     finally:
         monitor.shared_heads, monitor.shared_tails, monitor.margin_heads, monitor.plain_sequences = saved
-        ActivationCapture.probing, probing.probe_mode = probing_fn, mode_fn
+        ActivationCapture.probing, probing.probe_mode, probing.shared_prefix = probing_fn, mode_fn, prefix_fn
 
 
 def main(argv: list[str] | None = None) -> None:
