@@ -192,8 +192,8 @@ def shared_prefix(model: nn.Module, sequences: Sequence[Sequence[int]]) -> int:
     """Tokens at the start of every sequence that a probe pass runs once, ``0`` for none.
 
     The longest common prefix of two or more sequences, less one token (every row keeps a token of
-    its own), if at least :data:`MIN_SHARED_PREFIX` long. None for a model with a sliding attention window: there, a row's
-    padding between the prefix and its own tokens would count against the window.
+    its own), if at least :data:`MIN_SHARED_PREFIX` long. None for a model with a sliding attention
+    window: there, a row's padding between the prefix and its own tokens would count against the window.
     """
     config = getattr(model, "config", None)
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
@@ -241,7 +241,7 @@ class _Prefix:
                 "position_ids": positions + self.width, "use_cache": True, self.key: cache}
 
     def combine(self, suffix_rows: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` maxima over prefix and suffix tokens (a row with no suffix token keeps the prefix's)."""
+        """``[B, N]`` maxima over prefix and suffix tokens (every row has a suffix token, see :func:`shared_prefix`)."""
         return suffix_rows if self.rows is None else torch.maximum(suffix_rows, self.rows)
 
 
