@@ -190,12 +190,23 @@ def main() -> None:
     del model
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     results: dict[str, dict[str, dict[str, float]]] = {}
+    # every finished run is appended to a JSONL beside --json, and a re-run with the same --json resumes there
+    partial = Path(f"{args.json}.runs.jsonl") if args.json else None
+    done = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial and partial.is_file() else []
     with tempfile.TemporaryDirectory() as tmp:
         for lora in fts:
             runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
-            for _ in range(args.repeats):
+            for repeat in range(args.repeats):
                 for mode in modes:
-                    runs[mode].append(run_one(args, mode, lora, atlas, Path(tmp)))
+                    key = {"lora": lora, "repeat": repeat, "mode": mode}
+                    found = [r["result"] for r in done if {k: r[k] for k in key} == key]
+                    result = found[0] if found else run_one(args, mode, lora, atlas, Path(tmp))
+                    if partial and not found:
+                        with partial.open("a") as fh:
+                            fh.write(json.dumps({**key, "result": result}) + "\n")
+                        print(f"{'lora' if lora else 'full'} repeat {repeat} {mode}: hot {result['hot_mean_s']:.2f} s/step, "
+                              f"check {result['check_s']:.2f} s", file=sys.stderr, flush=True)
+                    runs[mode].append(result)
             results["lora" if lora else "full"] = {m: {k: statistics.median(r[k] for r in v) for k in v[0] if k != "times"}
                                                    | {"times": [r["times"] for r in v]} for m, v in runs.items()}
     if args.check_step:
