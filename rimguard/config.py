@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Iterable, Literal, Union, get_args, get_origin
 
 Level = Literal["ok", "warn", "regularize", "freeze", "stop"]
 Action = Literal["warn", "regularize", "freeze_top", "freeze", "checkpoint", "stop"]
-Metric = Literal["entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop"]
+Metric = Literal["entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop",
+                 "refusal_head_mass", "refusal_head_shift"]
 Mode = Literal["monitor", "regularize", "freeze", "escalate"]
 Regularizer = Literal["anchor", "activation", "params"]
 LEVELS: tuple[str, ...] = get_args(Level)
@@ -164,6 +165,9 @@ class AtlasConfig(_Section):
     num_safety_probes: int = option(64, "harmful prompts used, from the start of the given list", ge=2)
     max_new_tokens: int = option(24, "tokens of the model's own greedy response appended to each probe", ge=0)
     max_length: int = option(256, "probe sequence cap (prompt + response), tokens", ge=8)
+    refusal_heads: int = option(0, "attention heads to find and monitor as refusal heads (heads that attend away from a "
+                                "reasoning span at the answer position when the model refuses; rimguard.atlas.heads); "
+                                "0: none", ge=0)
 
 
 @dataclass
@@ -177,6 +181,8 @@ class MonitorConfig(_Section):
     kl_probes: int = option(8, "reasoning sequences kept for KL(pi_0 || pi_t); 0 disables KL", ge=0)
     margin_probes: int = option(16, "harmful probes scored for the refusal margin (one prompt pass plus one short "
                                 "forward per opening each); 0 disables the margin", ge=0)
+    head_probes: int = option(16, "harmful probes, each with a reasoning span, whose refusal-head attention is measured at "
+                              "each check (one forward each, up to the last layer with a head)", ge=1)
     kl_top_k: int = option(64, "base log-probs stored per position for KL (the rest is one tail bucket)", ge=1)
     rel_floor: float = option(0.05, "activation floor for RAS, relative to the mean base activation", gt=0)
     log_file: str | None = option("rimguard.jsonl", "JSONL log file name in output_dir (none: no file)")
