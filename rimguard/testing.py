@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from rimguard.probes import BUNDLED, bundled
+from rimguard.probes import bundled
 from rimguard.probes.reasoning import problems
 
 CHAT_TEMPLATE = (
@@ -44,12 +44,18 @@ def no_checkpointing() -> dict[str, bool]:
     return {name: False}
 
 
+# The tokenizer's training texts: the bundled sets it was first trained on. Sets bundled later (the reasoning
+# spans) are left out, so that tokenization, and every tiny run tuned on it, stays the same.
+CORPUS_SETS = ("harmful", "intent", "harmless", "refusals", "refusal_openings", "compliance_openings", "anchor_harmful",
+               "anchor_harmless")
+
+
 @lru_cache(maxsize=1)
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A 600-token byte-level BPE with a chat template and pad/eos tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    corpus = [line for name in BUNDLED for line in bundled(name)]
+    corpus = [line for name in CORPUS_SETS for line in bundled(name)]
     corpus += [p.question + " " + p.solution() for p in problems(200, seed=1)]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
