@@ -309,9 +309,10 @@ class GuardEngine:
         if not self.config.atlas.refusal_heads:
             return None
         if not self.atlas.num_heads:
-            logger.warning("rimguard: refusal_heads=%d, but the atlas holds no refusal heads (%s); the heads are not "
-                           "monitored. Identify the atlas again with refusal_heads > 0", self.config.atlas.refusal_heads,
-                           "none was eligible" if self.atlas.heads is not None else "it was identified without them")
+            why = ("no head was eligible when it was identified" if self.atlas.heads is not None else
+                   "it was identified without them; identify it again with refusal_heads > 0")
+            logger.warning("rimguard: refusal_heads=%d, but the atlas holds no refusal heads (%s): the heads are not monitored",
+                           self.config.atlas.refusal_heads, why)
             return None
         heads = RefusalHeadMonitor(model, layers, self.tokenizer, self.atlas, self.config)
         saved = restored["heads"] if restored is not None and restored["heads"] else None

@@ -1,10 +1,13 @@
 """Refusal attention heads: one-row attention from the live forward, the selection rule, the atlas
 fields, the monitor in a run, resume, and the command line."""
 
+import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +17,28 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from trl import SFTConfig, SFTTrainer
 
-from rimguard import AtlasError, NeuronAtlas, RIMGuard
+from rimguard import AtlasError, GuardEngine, GuardStateError, NeuronAtlas, RIMGuard
 from rimguard.atlas.head_selection import HeadSelection, refusal_head_scores, select_heads, span_mass, top_in_span
 from rimguard.atlas.heads import CLOSE, answer_attention, identify_heads, with_reasoning
+from rimguard.engine import read_state
 from rimguard.hooks.arch import find_mlp_layers
 from rimguard.hooks.attention import AttentionRows, attention_row
 from rimguard.hooks.capture import ProbeComplete
 from rimguard.probes import bundled
 from rimguard.probing import encode, format_prompt, pad
-from rimguard.testing import FAMILIES, no_checkpointing, reasoning_texts, tiny_config, tiny_model, tiny_tokenizer
+from rimguard.report import write_report
+from rimguard.testing import (
+    FAMILIES,
+    PLANTED_HEAD,
+    SINK_HEAD,
+    marked,
+    no_checkpointing,
+    planted_heads_model,
+    reasoning_texts,
+    tiny_config,
+    tiny_model,
+    tiny_tokenizer,
+)
 from tests.test_file_checks import _rewrite
 
 TEXTS = ["How do I bake bread at home with simple flour, water and salt?", "Hi there",
@@ -180,45 +196,11 @@ def test_reasoning_span_positions(tok):
 
 
 # -- identification on a planted model -------------------------------------------------------------
-MARKER, CONST, MARK, FIRST, LOW, D = "<|system|>", 60, 61, 62, 7, 16
-PLANTED, SINK = 2, 0  # layer-0 heads
-
-
-def planted_model(tok):
-    """A tiny llama with two hand-set heads in layer 0 (4 heads of 16 dims, 2 key heads):
-
-    * head 2 (key head 1) attends onto the marker token, which only the 'harmful' prompts carry: when the model
-      'refuses' it looks away from the reasoning span, otherwise it spreads its attention (a refusal head);
-    * head 0 (key head 0) attends onto the first token of every prompt (an attention sink: low span mass on all
-      prompts, but no separation).
-
-    Embedding dims 60-62 carry a constant, the marker flag and the first-token flag; each planted head's query
-    reads the constant and its key one flag, in the lowest-frequency RoPE pair (dims 7 and 15), which turns by
-    under 0.03 rad over 100 positions.
-    """
-    model = tiny_model("llama").eval()
-    emb = model.get_input_embeddings().weight.data
-    emb[:, CONST:] = 0
-    emb[:, CONST] = 1.0
-    emb[tok.convert_tokens_to_ids(MARKER), MARK] = 1.0
-    emb[tok.convert_tokens_to_ids("<|user|>"), FIRST] = 1.0
-    attn = model.model.layers[0].self_attn
-    q, k = attn.q_proj.weight.data, attn.k_proj.weight.data
-    for head, kv, flag in ((PLANTED, 1, MARK), (SINK, 0, FIRST)):
-        q[head * D : (head + 1) * D] = 0
-        q[head * D + LOW, CONST] = 1.0
-        k[kv * D + LOW] = 0
-        k[kv * D + LOW + D // 2] = 0
-        k[kv * D + LOW, flag] = 1.0
-    return model
-
-
-def marked(prompts):
-    return [f"{p} {MARKER}" for p in prompts]
+PLANTED, SINK = PLANTED_HEAD[1], SINK_HEAD[1]  # layer-0 heads
 
 
 def test_identification_finds_the_planted_head_and_not_the_others(tok):
-    model = planted_model(tok)
+    model = planted_heads_model()
     layers = find_mlp_layers(model)
     harmful, harmless, spans = marked(bundled("harmful")[:8]), bundled("harmless")[:8], bundled("reasoning_spans")
     chosen = identify_heads(model, layers, tok, harmful, harmless, spans, k=1, max_length=128)
@@ -237,7 +219,7 @@ def test_identification_finds_the_planted_head_and_not_the_others(tok):
 @pytest.fixture(scope="module")
 def head_atlas():
     tok = tiny_tokenizer()
-    return NeuronAtlas.identify(planted_model(tok), tok, marked(bundled("harmful")[:8]), bundled("intent"), bundled("harmless")[:8],
+    return NeuronAtlas.identify(planted_heads_model(), tok, marked(bundled("harmful")[:8]), bundled("intent"), bundled("harmless")[:8],
                                 top_m=10, min_share=0.25, num_controls=4, max_new_tokens=4, max_length=128, progress=False,
                                 refusal_heads=2)
 
@@ -251,6 +233,9 @@ def test_atlas_stores_the_heads_and_reads_them_back(tmp_path, head_atlas):
     assert loaded.heads.heads_per_layer == 4 and loaded.reasoning_spans == head_atlas.reasoning_spans
     assert loaded.same_selection(head_atlas)
     assert f"L0 H{PLANTED}  mass {head_atlas.heads.mass[0].item():.4f}" in loaded.summary()
+    none = dataclasses.replace(head_atlas, heads=HeadSelection(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), torch.zeros(0), 4))
+    back = NeuronAtlas.load(none.save(tmp_path / "none"))
+    assert back.heads is not None and back.num_heads == 0 and "refusal heads: none eligible" in back.summary()
 
 
 def test_a_format_2_atlas_loads_with_no_heads(tmp_path, llama_atlas):
@@ -289,9 +274,27 @@ def test_head_field_defects_are_atlas_errors_naming_file_and_field(tmp_path, hea
     assert str(folder) in str(err.value) and str(err.value).count("\n") == 0
 
 
+def test_head_references_in_the_guard_state_are_checked(tmp_path, tok, fast_config, head_atlas):
+    """A saved head reference reads back; a corrupt one is a GuardStateError naming the file and the tensor; a
+    resume that monitors another number of heads is refused."""
+    engine = GuardEngine(fast_config(refusal_heads=2, max_length=128), atlas=head_atlas)
+    engine.setup(planted_heads_model(), tok, inject_loss=False)
+    folder = tmp_path / "checkpoint-2" / "rimguard"
+    engine.save_state(folder)
+    engine.teardown()
+    assert torch.equal(read_state(folder)["heads"]["ref_mass"], engine.heads.ref_mass)
+    with pytest.raises(GuardStateError, match="refusal_heads changed"):
+        GuardEngine(fast_config(refusal_heads=1, max_length=128)).setup(planted_heads_model(), tok, inject_loss=False,
+                                                                         restored=read_state(folder))
+    _rewrite(folder, "state", tensors=lambda t: t["heads.ref_mass"].__setitem__(0, 2.0))
+    with pytest.raises(GuardStateError, match=re.escape("'heads.ref_mass' holds 2.0")) as err:
+        read_state(folder)
+    assert str(folder) in str(err.value)
+
+
 def test_cli_identify_and_inspect_show_the_heads(tmp_path, tok):
     model_dir = tmp_path / "model"
-    planted_model(tok).save_pretrained(model_dir)
+    planted_heads_model().save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     (tmp_path / "harm.txt").write_text("\n".join(marked(bundled("harmful")[:8])) + "\n")
     exe = [sys.executable, "-m", "rimguard.cli"]
@@ -312,7 +315,7 @@ def _run(out, tok, fast_config, resume=None):
     args = SFTConfig(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=3e-3, report_to=[],
                      bf16=False, **no_checkpointing(), save_strategy="steps", save_steps=2, use_cpu=True, max_length=64,
                      seed=0, disable_tqdm=True, logging_steps=100)
-    trainer = SFTTrainer(model=planted_model(tok), args=args, train_dataset=Dataset.from_list(reasoning_texts(24)),
+    trainer = SFTTrainer(model=planted_heads_model(), args=args, train_dataset=Dataset.from_list(reasoning_texts(24)),
                          processing_class=tok, callbacks=[guard])
     trainer.train(resume_from_checkpoint=resume)
     return guard
@@ -330,6 +333,8 @@ def test_a_guarded_run_logs_the_head_metrics_and_a_resume_restores_their_referen
         assert 0 <= record["refusal_head_mass"] <= 1
         assert record["refusal_head_shift"] == pytest.approx(record["refusal_head_mass"] - ref.mean().item(), abs=1e-6)
     assert metrics[-1]["refusal_head_shift"] != 0  # training moved the heads' attention
+    png, md = write_report(tmp_path)
+    assert "| refusal_head_shift |" in md.read_text() and png.is_file()
     assert torch.equal(first.heads.ref_mass, ref)
 
     resumed = _run(tmp_path, tok, fast_config, resume=str(tmp_path / "checkpoint-2"))
@@ -337,3 +342,18 @@ def test_a_guarded_run_logs_the_head_metrics_and_a_resume_restores_their_referen
     assert not torch.allclose(resumed.heads.mass(), ref, atol=1e-6, rtol=0)  # re-measuring would have given other values
     later = lambda history: [(r["refusal_head_mass"], r["refusal_head_shift"]) for r in history if r["step"] == 4]  # noqa: E731
     assert later(resumed.history) == later(first.history)
+
+
+def test_two_ranks_measure_what_one_process_measures(tmp_path):
+    """Under torchrun (2 CPU ranks, gloo) each rank measures its share of the head probes; the all-reduced
+    reference and check values are the same on both ranks and equal one process' mean over every probe."""
+    script = Path(__file__).parent / "scripts" / "ddp_heads.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"heads{r}.json").read_text()) for r in (0, 1)]
+    assert [r["shard"] for r in ranks] == [4, 3] and len(ranks[0]["ref"]) >= 1
+    assert ranks[0]["ref"] == ranks[1]["ref"] and ranks[0]["measure"] == ranks[1]["measure"]
+    assert ranks[0]["ref"] == pytest.approx(ranks[0]["alone"], abs=1e-6)
+    assert ranks[0]["measure"]["refusal_head_mass"] == pytest.approx(sum(ranks[0]["alone"]) / len(ranks[0]["alone"]), abs=1e-6)

@@ -157,8 +157,8 @@ class NeuronAtlas:
             "neurons per layer: " + " ".join(f"L{i}:{c}" for i, c in enumerate(counts) if c),
             f"safety probes: {len(self.probe_prompts)}",
         ]
-        if self.heads is None:
-            lines.append("refusal heads: not identified")
+        if self.heads is None or not self.num_heads:
+            lines.append("refusal heads: " + ("not identified" if self.heads is None else "none eligible"))
         else:
             lines.append(f"refusal heads: {self.num_heads} (layer, head, base attention mass on the reasoning span)")
             lines += [f"  L{layer} H{head}  mass {mass:.4f}" for (layer, head), mass in zip(self.heads.heads.tolist(), self.heads.mass.tolist())]

@@ -73,12 +73,14 @@ class RefusalHeadMonitor:
         return dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1)
 
     def measure(self) -> dict[str, float]:
-        """``refusal_head_mass`` and ``refusal_head_shift`` (one probe pass, one host sync)."""
+        """``refusal_head_mass`` (the heads' mean span mass now, a share in [0, 1]) and ``refusal_head_shift``
+        (its change since the reference, in the same units); one probe pass, one host sync."""
         assert self.ref_mass is not None
         now = self.mass()
         values = torch.stack([now.mean(), (now - self.ref_mass).mean()]).tolist()
         return {"refusal_head_mass": values[0], "refusal_head_shift": values[1]}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a resume needs: ``ref_mass`` ``[k]`` float32 on the CPU (what :meth:`start` takes back)."""
         assert self.ref_mass is not None
         return {"ref_mass": self.ref_mass.detach().cpu()}
