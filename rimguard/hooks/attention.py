@@ -114,8 +114,8 @@ class AttentionRows:
 
         lookup = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
         if lookup is None:
-            raise UnsupportedModelError("attention rows need transformers' AttentionInterface.get_interface (transformers 5); "
-                                        "the installed transformers has none")
+            raise UnsupportedModelError("attention rows need transformers' AttentionInterface.get_interface, which the "
+                                        "installed transformers lacks (tested with 5.24)")
         if "get_interface" in vars(ALL_ATTENTION_FUNCTIONS):
             raise RuntimeError("AttentionRows.installed() is already active in this process (it does not nest)")
 
