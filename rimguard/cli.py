@@ -32,10 +32,12 @@ def _identify(args: argparse.Namespace) -> None:
     # every probe file is read before the model is loaded: a typo fails in a second, not after the load
     harmful = load_prompts(args.safety, args.key, "safety")[: cfg.atlas.num_safety_probes]
     intents = load_prompts(args.intent, args.key, "intent") if cfg.atlas.method == "counterfactual" else ()
-    harmless = load_prompts(args.harmless, args.key, "harmless") if args.harmless else ()
+    heads = cfg.atlas.refusal_heads > 0
+    harmless = load_prompts(args.harmless or "bundled:harmless", args.key, "harmless") if args.harmless or heads else ()
+    spans = load_prompts(args.spans, args.key, "reasoning_spans") if heads else ()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    atlas = NeuronAtlas.identify(model, tokenizer, harmful, intents, harmless, **cfg.identify_options())
+    atlas = NeuronAtlas.identify(model, tokenizer, harmful, intents, harmless, reasoning_spans=spans, **cfg.identify_options())
     atlas.save(args.output)
     print(atlas.summary())
     print(f"saved to {args.output}")
@@ -71,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="folder of a transformers causal LM (with its tokenizer)")
     p.add_argument("--safety", default="bundled:harmful", help="harmful prompts (.txt/.csv/.jsonl or bundled:NAME)")
     p.add_argument("--intent", default="bundled:intent", help="malicious-intent sentences")
-    p.add_argument("--harmless", default=None, help="harmless prompts (for method effect_size)")
+    p.add_argument("--harmless", default=None, help="harmless prompts (for method effect_size, and the compliance side of "
+                   "--refusal-heads; bundled:harmless there by default)")
+    p.add_argument("--spans", default="bundled:reasoning_spans", help="reasoning passages placed before the answer to find "
+                   "the refusal heads (with --refusal-heads)")
     p.add_argument("--key", default=None, help="column/field with the prompt text in CSV/JSONL files "
                    "(default: the first of prompt, goal, text, question, instruction, request)")
     p.add_argument("--config", default=None, help="GuardConfig YAML/JSON; the atlas flags below override it")

@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Iterable, Literal, Union, get_args, get_origin
 
 Level = Literal["ok", "warn", "regularize", "freeze", "stop"]
 Action = Literal["warn", "regularize", "freeze_top", "freeze", "checkpoint", "stop"]
-Metric = Literal["entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop"]
+Metric = Literal["entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop",
+                 "refusal_head_mass", "refusal_head_shift"]
 Mode = Literal["monitor", "regularize", "freeze", "escalate"]
 Regularizer = Literal["anchor", "activation", "params"]
 LEVELS: tuple[str, ...] = get_args(Level)
@@ -165,6 +166,9 @@ class AtlasConfig(_Section):
                                     "the monitor probes the first check_probes of them", ge=2)
     max_new_tokens: int = option(24, "tokens of the model's own greedy response appended to each probe", ge=0)
     max_length: int = option(256, "probe sequence cap (prompt + response), tokens", ge=8)
+    refusal_heads: int = option(0, "attention heads to find and monitor as refusal heads (heads that attend away from a "
+                                "reasoning span at the answer position when the model refuses; rimguard.atlas.heads); "
+                                "0: none", ge=0)
 
 
 @dataclass
@@ -182,6 +186,8 @@ class MonitorConfig(_Section):
                             "KL's value when safety_drop alarms); 0 disables KL", ge=0)
     margin_probes: int = option(4, "check probes also scored for the refusal margin, sharing their prompt pass (noise rule "
                                 "as check_probes, at 10% of the margin drop when safety_drop alarms); 0 disables the margin", ge=0)
+    head_probes: int = option(16, "harmful probes, each with a reasoning span, whose refusal-head attention is measured at "
+                              "each check (one forward each, up to the last layer with a head)", ge=1)
     kl_top_k: int = option(64, "base log-probs stored per position for KL (the rest is one tail bucket)", ge=1)
     rel_floor: float = option(0.05, "activation floor for RAS, relative to the mean base activation", gt=0)
     log_file: str | None = option("rimguard.jsonl", "JSONL log file name in output_dir (none: no file)")

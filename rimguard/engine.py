@@ -39,11 +39,12 @@ from rimguard.atlas import AtlasError, NeuronAtlas
 from rimguard.atlas.selection import top_fraction
 from rimguard.config import LEVELS, OPTIMISED_SIGNALS, GuardConfig
 from rimguard.events import EventLog, new_run_id
-from rimguard.hooks.arch import find_mlp_layers
+from rimguard.hooks.arch import MLPLayer, find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
 from rimguard.policy import Decision, RiskPolicy
 from rimguard.probes import bundled, load_prompts
 from rimguard.schema import Reader, file_sha256
+from rimguard.signals.heads import RefusalHeadMonitor
 from rimguard.signals.monitor import EntanglementMonitor
 
 logger = logging.getLogger("rimguard")
@@ -106,6 +107,8 @@ class GuardEngine:
             training data itself is used.
         anchor_prompts, anchor_harmless_prompts: the safety anchor's harmful prompts and harmless
             look-alikes (bundled sets by default); they must not overlap the monitor's probes.
+        reasoning_spans: reasoning passages placed before the answer to find the refusal heads
+            (``refusal_heads > 0``; bundled by default).
         prompt_key: the column/field holding the text in CSV/JSONL/dataset prompt sources (default:
             the first of ``prompt``, ``goal``, ``text``, ``question``, ``instruction``, ``request``).
         on_alert: called as ``on_alert(decision, metrics, step)`` whenever the level changes.
@@ -126,6 +129,7 @@ class GuardEngine:
         reasoning_prompts: Any = None,
         anchor_prompts: Any = None,
         anchor_harmless_prompts: Any = None,
+        reasoning_spans: Any = None,
         prompt_key: str | None = None,
         on_alert: AlertHandler | None = None,
         schedule: Callable[[int], bool] | None = None,
@@ -145,6 +149,7 @@ class GuardEngine:
             "harmless": harmless_prompts if harmless_prompts is not None else "bundled:harmless",
             "anchor": anchor_prompts if anchor_prompts is not None else "bundled:anchor_harmful",
             "anchor_harmless": anchor_harmless_prompts if anchor_harmless_prompts is not None else "bundled:anchor_harmless",
+            "spans": reasoning_spans if reasoning_spans is not None else "bundled:reasoning_spans",
         }
         self.prompt_key = prompt_key
         self.reasoning = load_prompts(reasoning_prompts, prompt_key, "reasoning") if reasoning_prompts is not None else []
@@ -154,6 +159,7 @@ class GuardEngine:
         self.backward_scale: BackwardScale = lambda: (1, 1.0)
         self.policy = RiskPolicy(self.config.policy.thresholds, self.config.policy.hysteresis, self.config.policy.patience, self.config.policy.fault_level)
         self.monitor: EntanglementMonitor | None = None
+        self.heads: RefusalHeadMonitor | None = None
         self.penalty_term: EntanglementPenalty | None = None
         self.freezer: NeuronFreezer | None = None
         self.anchor: SafetyAnchor | None = None
@@ -270,6 +276,7 @@ class GuardEngine:
                 capture, self.tokenizer, self.atlas, cfg, self.reasoning, bundled("refusal_openings"), bundled("compliance_openings"),
             )
             monitor.start(restored["monitor"] if restored else None)
+            self.heads = self._start_heads(model, layers, restored)
         except BaseException:
             capture.remove()
             raise
@@ -292,7 +299,32 @@ class GuardEngine:
         self.events.write({"event": "start", "step": 0, "atlas": self.atlas.settings, "num_safety": self.atlas.num_safety,
                            "mode": cfg.policy.mode, "thresholds": cfg.policy.thresholds, "resumed": restored is not None,
                            "regularizer": cfg.actions.regularizer if cfg.policy.regularizes() else None,
-                           "optimised_signals": self.optimised_signals()})
+                           "optimised_signals": self.optimised_signals(),
+                           "refusal_heads": self.heads.count if self.heads is not None else 0})
+
+    def _start_heads(self, model: nn.Module, layers: list[MLPLayer], restored: dict[str, Any] | None) -> RefusalHeadMonitor | None:
+        """The refusal-head monitor, when ``refusal_heads > 0`` and the atlas holds heads; its reference
+        comes from the checkpoint's state if there is one there, else it is taken now."""
+        assert self.atlas is not None
+        if not self.config.atlas.refusal_heads:
+            return None
+        if not self.atlas.num_heads:
+            why = ("no head was eligible when it was identified" if self.atlas.heads is not None else
+                   "it was identified without them; identify it again with refusal_heads > 0")
+            logger.warning("rimguard: refusal_heads=%d, but the atlas holds no refusal heads (%s): the heads are not monitored",
+                           self.config.atlas.refusal_heads, why)
+            return None
+        heads = RefusalHeadMonitor(model, layers, self.tokenizer, self.atlas, self.config)
+        saved = restored["heads"] if restored is not None and restored["heads"] else None
+        if saved is not None and saved["ref_mass"].numel() != heads.count:
+            raise GuardStateError(f"the checkpoint's guard state holds references of {saved['ref_mass'].numel()} refusal heads; "
+                                  f"this configuration monitors {heads.count} (refusal_heads changed): resume with the "
+                                  "refusal_heads it was trained with")
+        if restored is not None and saved is None:
+            logger.warning("rimguard: the checkpoint's guard state has no refusal-head reference (saved without "
+                           "refusal_heads); it is taken now, so refusal_head_shift measures drift since this resume")
+        heads.start(saved)
+        return heads
 
     def _save_atlas(self, output_dir: Path) -> None:
         """Save to ``output_dir/rimguard_atlas``; an existing, different atlas there is never overwritten
@@ -377,14 +409,17 @@ class GuardEngine:
         cfg, key = self.config, self.prompt_key
         harmful = load_prompts(self.sources["harmful"], key, "safety")[: cfg.atlas.num_safety_probes]
         intents = load_prompts(self.sources["intent"], key, "intent") if cfg.atlas.method == "counterfactual" else []
-        harmless = load_prompts(self.sources["harmless"], key, "harmless") if cfg.atlas.method == "effect_size" else []
+        need_harmless = cfg.atlas.method == "effect_size" or cfg.atlas.refusal_heads > 0
+        harmless = load_prompts(self.sources["harmless"], key, "harmless") if need_harmless else []
+        spans = load_prompts(self.sources["spans"], key, "reasoning_spans") if cfg.atlas.refusal_heads else []
         logger.info("rimguard: identifying safety-critical neurons on %d prompts", len(harmful))
         dtype = next(model.parameters()).dtype
         if dtype in (torch.bfloat16, torch.float16):
             logger.warning("rimguard: identifying the safety neurons under %s; the selection can differ from an fp32 one. "
                            "Identify once in fp32 (rimguard identify MODEL_DIR -o atlas/) and pass atlas='atlas/' to reuse it.",
                            str(dtype).replace("torch.", ""))
-        return NeuronAtlas.identify(model, self.tokenizer, harmful, intents, harmless, capture=capture, **cfg.identify_options())
+        return NeuronAtlas.identify(model, self.tokenizer, harmful, intents, harmless, capture=capture, reasoning_spans=spans,
+                                    **cfg.identify_options())
 
     def _set_penalty_reference(self) -> None:
         monitor, term = self.monitor, self.penalty_term
@@ -441,6 +476,8 @@ class GuardEngine:
         values = self.monitor.measure()
         if not values:
             return Report(step, values)
+        if self.heads is not None:
+            values.update(self.heads.measure())
         penalty = self.penalty_term.drain_logged()
         if penalty is not None:
             values["penalty"] = penalty
@@ -506,6 +543,8 @@ class GuardEngine:
             tensors.update({f"anchor.{k}": v for k, v in self.anchor.record.tensors().items()})
         if self.param_anchor is not None:
             tensors.update({f"param.{k}": v for k, v in self.param_anchor.state_dict().items()})
+        if self.heads is not None:
+            tensors.update({f"heads.{k}": v for k, v in self.heads.state_dict().items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
         meta = {
             "tensors_sha256": file_sha256(folder / "state.safetensors"), "run_id": self.run_id, "witness": self.witness,
@@ -609,6 +648,13 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
+    heads = part("heads")
+    if heads:
+        ref = r.tensor(tensors, "heads.ref_mass", "state.safetensors", True, (None,))
+        r.values(ref, "heads.ref_mass", "state.safetensors", 0.0, 1.0)
+        if ref.numel() > atlas.num_heads:
+            r.fail(r.folder / "state.safetensors", f"tensor 'heads.ref_mass' has {ref.numel()} entries for the atlas' "
+                                                   f"{atlas.num_heads} refusal heads")
     anchor = part("anchor")
     prompts = r.strings(meta, "anchor_prompts", name, optional=True)
     if anchor and prompts is None:
@@ -618,6 +664,7 @@ def read_state(folder: str | Path) -> dict[str, Any]:
         "witness": r.field(meta, "witness", (int, float), name, optional=True),
         "anchor": AnchorRecord.from_tensors(anchor, prompts) if anchor else None,
         "param": part("param"),
+        "heads": heads,
         "atlas": atlas,
         "monitor": {"tensors": part("monitor"), "ref_margin": r.field(meta, "ref_margin", (int, float), name, optional=True)},
         "freezer": {"frozen": frozen, "merged_base": part("merged")},

@@ -27,6 +27,8 @@ PANELS = (
     Panel("entanglement_z", "entanglement z (vs control sets)", meaning="RAS of the safety neurons in control-set SDs"),
     Panel("refusal_margin", "refusal vs compliance log-odds (nats)", meaning="how much more likely a refusal opening is"),
     Panel("kl_task", "KL(pi_0 || pi_t) on reasoning", meaning="how far the model moved on reasoning prompts"),
+    Panel("refusal_head_shift", "refusal heads: attention on the reasoning", meaning="rise of their attention share on a "
+          "reasoning passage since train start"),
     Panel("level", "risk level (what the signals say)", steps=True),
     Panel("lambda", "regularizer lambda in force", steps=True, only_nonzero=True, from_zero=True),
     Panel("anchor_kl", "safety-anchor KL (base responses)", only_nonzero=True, from_zero=True,
@@ -135,8 +137,8 @@ def summarize(events: list[dict[str, Any]]) -> str:
         lines.append(f"- risk level (what the signals say): highest `{LEVELS[peak]}`, last `{LEVELS[int(last.get('level') or 0)]}`; "
                      f"action in force at the end (what the guard did): {last.get('action', 'not logged')}")
         lines += ["", "| metric | first | last | max |", "|---|---|---|---|"]
-        for key in ("safety_drop", "ras_safe", "ras_control_mean", "entanglement_z", "refusal_drop", "kl_task", "anchor_kl", "penalty",
-                    "frozen"):
+        for key in ("safety_drop", "ras_safe", "ras_control_mean", "entanglement_z", "refusal_drop", "kl_task", "refusal_head_shift",
+                    "anchor_kl", "penalty", "frozen"):
             vals = [m[key] for m in metrics if m.get(key) is not None]
             if vals:
                 lines.append(f"| {key} | {vals[0]:.4g} | {vals[-1]:.4g} | {max(vals):.4g} |")

@@ -112,6 +112,12 @@ class Reader:
             first = int(t[bad].reshape(-1)[0])
             self.fail(self.folder / name, f"tensor '{key}' holds index {first}, out of range")
 
+    def values(self, t: torch.Tensor, key: str, name: str, low: float, high: float) -> None:
+        """Every entry of ``t`` finite and in ``[low, high]``."""
+        bad = ~torch.isfinite(t) | (t < low) | (t > high)
+        if t.numel() and bool(bad.any()):
+            self.fail(self.folder / name, f"tensor '{key}' holds {float(t[bad].reshape(-1)[0])}, outside [{low}, {high}]")
+
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)

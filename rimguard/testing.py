@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from rimguard.probes import BUNDLED, bundled
+from rimguard.probes import bundled
 from rimguard.probes.reasoning import problems
 
 CHAT_TEMPLATE = (
@@ -44,12 +44,18 @@ def no_checkpointing() -> dict[str, bool]:
     return {name: False}
 
 
+# The tokenizer's training texts: the bundled sets it was first trained on. Sets bundled later (the reasoning
+# spans) are left out, so that tokenization, and every tiny run tuned on it, stays the same.
+CORPUS_SETS = ("harmful", "intent", "harmless", "refusals", "refusal_openings", "compliance_openings", "anchor_harmful",
+               "anchor_harmless")
+
+
 @lru_cache(maxsize=1)
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A 600-token byte-level BPE with a chat template and pad/eos tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    corpus = [line for name in BUNDLED for line in bundled(name)]
+    corpus = [line for name in CORPUS_SETS for line in bundled(name)]
     corpus += [p.question + " " + p.solution() for p in problems(200, seed=1)]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,6 +89,49 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs: Any) -> torch
     """A randomly initialised causal LM of ``model_type`` in fp32."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kwargs))
+    return model
+
+
+# planted_heads_model: layer-0 heads with hand-set attention (layer, head)
+PLANTED_HEAD = (0, 2)  # a refusal head: attends onto REFUSAL_MARKER, which only the 'harmful' prompts carry
+SINK_HEAD = (0, 0)  # an attention sink: attends onto the first token of every prompt
+REFUSAL_MARKER = "<|system|>"
+
+
+def marked(prompts: list[str]) -> list[str]:
+    """``prompts`` with :data:`REFUSAL_MARKER` appended (the 'harmful' side for :func:`planted_heads_model`)."""
+    return [f"{p} {REFUSAL_MARKER}" for p in prompts]
+
+
+def planted_heads_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny llama (:func:`tiny_model`) with two hand-set heads in layer 0 (4 heads of 16 dims, 2 key heads):
+
+    * :data:`PLANTED_HEAD` (key head 1) attends onto :data:`REFUSAL_MARKER`: on :func:`marked` prompts it looks
+      away from a reasoning span, on others it spreads its attention (what a refusal head does);
+    * :data:`SINK_HEAD` (key head 0) attends onto the first token of every prompt (low span mass everywhere, no
+      separation).
+
+    Embedding dims 60-62 carry a constant, the marker flag and the first-token flag (``<|user|>``); each planted
+    head's query reads the constant and its key one flag, in the lowest-frequency RoPE pair (dims 7 and 15),
+    which turns by under 0.03 rad over 100 positions. The other heads keep their random weights.
+    """
+    const, marker_flag, first_flag, low, dim = 60, 61, 62, 7, 16
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", seed=seed)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, const:] = 0
+        emb[:, const] = 1.0
+        emb[tok.convert_tokens_to_ids(REFUSAL_MARKER), marker_flag] = 1.0
+        emb[tok.convert_tokens_to_ids("<|user|>"), first_flag] = 1.0
+        attn = model.model.layers[0].self_attn
+        q, k = attn.q_proj.weight, attn.k_proj.weight
+        for (_, head), kv, flag in ((PLANTED_HEAD, 1, marker_flag), (SINK_HEAD, 0, first_flag)):
+            q[head * dim : (head + 1) * dim] = 0
+            q[head * dim + low, const] = 1.0
+            k[kv * dim + low] = 0
+            k[kv * dim + low + dim // 2] = 0
+            k[kv * dim + low, flag] = 1.0
     return model
 
 

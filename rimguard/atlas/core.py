@@ -12,18 +12,23 @@ A neuron is ``(layer, j)``: unit ``j`` of layer ``layer``'s intermediate activat
   with ties broken by the mean contrast, or effect size); sizes freeze sets by share. Atlases
   saved before it existed load without it;
 * the safety probes themselves (prompt and the base model's greedy response), the selection
-  settings, and a fingerprint of the model.
+  settings, and a fingerprint of the model;
+* optionally, the *refusal attention heads* (:mod:`rimguard.atlas.heads`): ``heads [k, 2]``
+  ``(layer, head)``, best first, their base attention mass on a reasoning span at the answer position
+  ``head_mass [k]`` and selection score ``head_score [k]``, with the reasoning passages they were
+  measured with and the number of heads per layer.
 
 It is saved as ``atlas.safetensors`` plus ``atlas.json`` in one folder. Format 2 dropped the base
-references of format 1 (the monitor takes its own at train start); format-1 atlases still load.
-The selection math is in :mod:`rimguard.atlas.selection`.
+references of format 1 (the monitor takes its own at train start); format 3 added the refusal heads.
+Atlases of formats 1 and 2 still load (with no heads). The selection math is in
+:mod:`rimguard.atlas.selection` and :mod:`rimguard.atlas.head_selection`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,14 +38,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rimguard.atlas import selection
+from rimguard.atlas.head_selection import HeadSelection
+from rimguard.atlas.heads import identify_heads
 from rimguard.atlas.selection import Moments
 from rimguard.hooks.arch import MLPLayer, find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
+from rimguard.probes import bundled
 from rimguard.probing import activations, chunks, generate, pad_id, tokenize_dialogues
 from rimguard.schema import Reader, file_sha256
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 METHODS = ("counterfactual", "effect_size")
 
 
@@ -97,6 +105,8 @@ class NeuronAtlas:
     settings: dict[str, Any]
     model_fingerprint: dict[str, Any]
     ranking: torch.Tensor | None = None
+    heads: HeadSelection | None = None  # the refusal heads; None: not identified
+    reasoning_spans: list[str] = field(default_factory=list)  # the passages the heads were measured with
 
     # -- views -------------------------------------------------------------------------------
     @property
@@ -120,9 +130,16 @@ class NeuronAtlas:
         neurons = self.safety_neurons()
         return [neurons[neurons[:, 0] == layer, 1].contiguous() for layer in range(len(self.layer_sizes))]
 
+    @property
+    def num_heads(self) -> int:
+        """Number of refusal heads (0 if none were identified)."""
+        return 0 if self.heads is None else int(self.heads.heads.shape[0])
+
     def same_selection(self, other: "NeuronAtlas") -> bool:
-        """True if ``other`` tracks the same neurons with the same safety and control sets."""
-        return all(torch.equal(getattr(self, k), getattr(other, k)) for k in ("tracked", "safety", "controls"))
+        """True if ``other`` tracks the same neurons with the same safety and control sets, and the same refusal heads."""
+        mine, theirs = (a.heads.heads if a.heads is not None else None for a in (self, other))
+        same_heads = mine is None and theirs is None or mine is not None and theirs is not None and torch.equal(mine, theirs)
+        return same_heads and all(torch.equal(getattr(self, k), getattr(other, k)) for k in ("tracked", "safety", "controls"))
 
     def top_share_per_layer(self, share: float) -> list[torch.Tensor]:
         """The ``share`` of all MLP neurons with the highest ``ranking``, as ``[n_l]`` ids per layer."""
@@ -140,6 +157,11 @@ class NeuronAtlas:
             "neurons per layer: " + " ".join(f"L{i}:{c}" for i, c in enumerate(counts) if c),
             f"safety probes: {len(self.probe_prompts)}",
         ]
+        if self.heads is None or not self.num_heads:
+            lines.append("refusal heads: " + ("not identified" if self.heads is None else "none eligible"))
+        else:
+            lines.append(f"refusal heads: {self.num_heads} (layer, head, base attention mass on the reasoning span)")
+            lines += [f"  L{layer} H{head}  mass {mass:.4f}" for (layer, head), mass in zip(self.heads.heads.tolist(), self.heads.mass.tolist())]
         return "\n".join(lines)
 
     # -- checks ------------------------------------------------------------------------------
@@ -167,7 +189,9 @@ class NeuronAtlas:
         directory.mkdir(parents=True, exist_ok=True)
         names = ("tracked", "safety", "controls", "score") + (("ranking",) if self.ranking is not None else ())
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in names}
-        save_file(tensors, str(directory / "atlas.safetensors"))
+        if self.heads is not None:
+            tensors.update(heads=self.heads.heads, head_mass=self.heads.mass, head_score=self.heads.score)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / "atlas.safetensors"))
         meta = {
             "format_version": FORMAT_VERSION,
             "tensors_sha256": file_sha256(directory / "atlas.safetensors"),
@@ -176,6 +200,8 @@ class NeuronAtlas:
             "probe_prompts": self.probe_prompts,
             "probe_responses": self.probe_responses,
         }
+        if self.heads is not None:
+            meta.update(heads_per_layer=self.heads.heads_per_layer, reasoning_spans=self.reasoning_spans)
         (directory / "atlas.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         return directory
 
@@ -211,11 +237,13 @@ class NeuronAtlas:
         r.indices(safety, "safety", tname, n_tracked)
         controls = r.tensor(tensors, "controls", tname, False, (None, safety.numel()))
         r.indices(controls, "controls", tname, n_tracked)
+        heads, spans = _read_heads(r, meta, tensors, len(sizes))
         return cls(
             tracked=tracked, safety=safety, controls=controls,
             score=r.tensor(tensors, "score", tname, True, (safety.numel(),)),
             ranking=r.tensor(tensors, "ranking", tname, True, (sum(sizes),), optional=True),
             probe_prompts=prompts, probe_responses=responses, settings=settings, model_fingerprint=fp,
+            heads=heads, reasoning_spans=spans,
         )
 
     # -- identification ----------------------------------------------------------------------
@@ -237,6 +265,8 @@ class NeuronAtlas:
         seed: int = 0,
         progress: bool = True,
         capture: ActivationCapture | None = None,
+        refusal_heads: int = 0,
+        reasoning_spans: Sequence[str] = (),
     ) -> "NeuronAtlas":
         """Find the safety-critical neurons of ``model``.
 
@@ -251,6 +281,9 @@ class NeuronAtlas:
             num_controls: number K of random control sets.
             max_new_tokens: length of the model's own greedy response appended to each prompt.
             capture: the guard's hook layer on ``model`` (attached); by default one is made and removed here.
+            refusal_heads: also find this many refusal attention heads (:mod:`rimguard.atlas.heads`; needs
+                ``harmless``, the compliance side); 0: none.
+            reasoning_spans: the reasoning passages placed before the answer for the heads (default: bundled).
 
         Activations are taken over the chat-formatted request plus that response, padding excluded.
         """
@@ -265,6 +298,9 @@ class NeuronAtlas:
                              f"{len(harmless)} harmless)")
         if not 0 < min_share <= 1:
             raise AtlasError(f"min_share must be in (0, 1], got {min_share}")
+        if refusal_heads < 0 or refusal_heads and not harmless:
+            raise AtlasError(f"refusal_heads={refusal_heads}: must be >= 0, and finding heads needs harmless prompts (harmless=)")
+        spans = list(reasoning_spans) or (bundled("reasoning_spans") if refusal_heads else [])
 
         own = capture is None
         capture = ActivationCapture(model, find_mlp_layers(model)) if own else capture
@@ -277,7 +313,7 @@ class NeuronAtlas:
         sizes = [layer.size for layer in layers]
         if own:
             capture.attach()
-        bar = _Stages(progress, 2)
+        bar = _Stages(progress, 3 if refusal_heads else 2)
         try:
             harmful = list(harmful)
             contrast = [f"{h} {intents[k % len(intents)]}" for k, h in enumerate(harmful)] if method == "counterfactual" else list(harmless)
@@ -297,6 +333,10 @@ class NeuronAtlas:
                 found = selection.effect_size(Moments.of(base), other, m)
             flat_safety = found.chosen.cpu()
             controls = selection.matched_controls(flat_safety, sizes, num_controls, seed)
+            heads = None
+            if refusal_heads:
+                bar.stage("finding refusal heads")
+                heads = identify_heads(model, layers, tokenizer, harmful, harmless, spans, refusal_heads, max_length, batch_size)
         except selection.SelectionError as err:
             raise AtlasError(str(err)) from None
         finally:
@@ -320,9 +360,33 @@ class NeuronAtlas:
                 "num_controls": num_controls,
                 "max_new_tokens": max_new_tokens,
                 "seed": seed,
+                "refusal_heads": refusal_heads,
             },
             model_fingerprint=fingerprint(model, layers),
+            heads=heads,
+            reasoning_spans=spans if heads is not None else [],
         )
+
+
+def _read_heads(r: Reader, meta: dict[str, Any], tensors: dict[str, torch.Tensor], num_layers: int) -> tuple[HeadSelection | None, list[str]]:
+    """The refusal heads of an atlas folder and their reasoning passages (None and [] when it holds no
+    heads: formats 1 and 2 never do), every field checked."""
+    name, tname = "atlas.json", "atlas.safetensors"
+    heads = r.tensor(tensors, "heads", tname, False, (None, 2), optional=True)
+    if heads is None:
+        return None, []
+    per_layer = r.field(meta, "heads_per_layer", int, name)
+    if per_layer < 1:
+        r.fail(r.folder / name, f"field 'heads_per_layer' must be >= 1, found {per_layer}")
+    r.indices(heads[:, 0], "heads (layer)", tname, num_layers)
+    r.indices(heads[:, 1], "heads (head)", tname, per_layer)
+    if len({tuple(pair) for pair in heads.tolist()}) != heads.shape[0]:
+        r.fail(r.folder / tname, "tensor 'heads' names a head twice")
+    mass = r.tensor(tensors, "head_mass", tname, True, (heads.shape[0],))
+    r.values(mass, "head_mass", tname, 0.0, 1.0)
+    score = r.tensor(tensors, "head_score", tname, True, (heads.shape[0],))
+    r.values(score, "head_score", tname, -1.0, 1.0)
+    return HeadSelection(heads, mass, score, per_layer), r.strings(meta, "reasoning_spans", name)
 
 
 def activation_moments(

@@ -11,6 +11,8 @@ The bundled sets are written by the rimguard authors (no third-party text):
 * ``anchor_harmful`` / ``anchor_harmless`` - the safety anchor's prompts: harmful requests and
   harmless look-alikes, disjoint from every other set (the monitor never measures what the
   anchor trains on);
+* ``reasoning_spans`` - short chain-of-thought-style passages, placed before the answer to find and
+  monitor the refusal attention heads (:mod:`rimguard.atlas.heads`);
 * ``reasoning`` - generated arithmetic word problems, see :mod:`rimguard.probes.reasoning`.
 """
 
@@ -23,7 +25,8 @@ from typing import Any, Iterable, Sequence
 
 from rimguard.events import read_jsonl, read_text
 
-BUNDLED = ("harmful", "intent", "harmless", "refusals", "refusal_openings", "compliance_openings", "anchor_harmful", "anchor_harmless")
+BUNDLED = ("harmful", "intent", "harmless", "refusals", "refusal_openings", "compliance_openings", "anchor_harmful", "anchor_harmless",
+           "reasoning_spans")
 TEXT_KEYS = ("prompt", "goal", "text", "question", "instruction", "request")
 
 
