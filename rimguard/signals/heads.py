@@ -47,7 +47,8 @@ class RefusalHeadMonitor:
         self.record = sorted(set(heads[:, 0].tolist()))  # the decoder layers that hold a monitored head
         self.layer_pos = torch.tensor([self.record.index(layer) for layer in heads[:, 0].tolist()], device=self.device)
         self.head = heads[:, 1].to(self.device)
-        count = min(config.monitor.head_probes, config.atlas.num_safety_probes)  # only prompts the anchor never trains on
+        # within the monitor's probes, which setup keeps apart from the anchor's prompts
+        count = min(config.monitor.head_probes, config.monitor.check_probes, config.atlas.num_safety_probes)
         self.prompts = with_reasoning(model, tokenizer, atlas.probe_prompts[:count], atlas.reasoning_spans, config.atlas.max_length)
         self._pad = pad_id(tokenizer)
         self.ref_mass: torch.Tensor | None = None
