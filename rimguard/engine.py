@@ -280,7 +280,7 @@ class GuardEngine:
         except BaseException:
             capture.remove()
             raise
-        self.penalty_term = EntanglementPenalty([i.to(monitor.device) for i in self.atlas.safety_per_layer()])
+        self.penalty_term = EntanglementPenalty([ids.to(monitor.device) for ids, _ in capture.split(self.atlas.safety_per_layer())])
         capture.taps.append(self.penalty_term)
         self._set_penalty_reference()
         self.freezer = NeuronFreezer(capture)
@@ -357,12 +357,13 @@ class GuardEngine:
         if not cfg.policy.regularizes() or cfg.actions.regularizer == "activation":
             return
         safety = [i.to(monitor.device) for i in self.atlas.safety_per_layer()]
+        per_source = [ids for ids, _ in monitor.capture.split(safety)]
         if cfg.actions.regularizer == "params":
             if cfg.actions.param_scope == "all":
-                slices = [(p, 0, None) for p in model.parameters() if p.requires_grad]
+                slices = [(p, ()) for p in model.parameters() if p.requires_grad]
             else:
-                slices = [(p, d, i) for layer, ids in zip(monitor.layers, safety) if ids.numel()
-                          for p, d, i, _, _ in self.freezer.targets(layer, ids)]
+                slices = [(p, at) for layer, ids in zip(monitor.layers, safety) if ids.numel()
+                          for p, at, _, _ in self.freezer.targets(layer, ids)]
             self.param_anchor = ParamAnchor(slices)
             if restored is not None:
                 self.param_anchor.load_state(restored["param"])
@@ -382,10 +383,10 @@ class GuardEngine:
                                   "monitor must measure prompts the anchor never trains on: pass disjoint anchor_prompts=")
             record = None
             if dist.is_main():
-                record = record_anchor(model, self.tokenizer, monitor.capture, safety, harmful, harmless, cfg.actions.anchor_max_new_tokens,
+                record = record_anchor(model, self.tokenizer, monitor.capture, per_source, harmful, harmless, cfg.actions.anchor_max_new_tokens,
                                        cfg.atlas.max_length, cfg.actions.anchor_top_k, cfg.monitor.probe_batch_size)
             record = dist.broadcast(record)
-        self.anchor = SafetyAnchor(record.to(monitor.device), safety, cfg.actions.anchor_batch_size, cfg.actions.anchor_every,
+        self.anchor = SafetyAnchor(record.to(monitor.device), per_source, cfg.actions.anchor_batch_size, cfg.actions.anchor_every,
                                    cfg.actions.anchor_act_weight, cfg.monitor.rel_floor)
 
     def teardown(self) -> None:
@@ -428,7 +429,9 @@ class GuardEngine:
         tracked = self.atlas.tracked.to(monitor.ref_task.device)
         safety = tracked[self.atlas.safety.to(tracked.device)]
         values = monitor.ref_task[self.atlas.safety.to(tracked.device)]
-        term.set_reference([values[safety[:, 0] == layer] for layer in range(len(monitor.layers))])
+        per_layer = [values[safety[:, 0] == layer] for layer in range(len(monitor.layers))]
+        split = monitor.capture.split([safety[safety[:, 0] == layer, 1] for layer in range(len(monitor.layers))])
+        term.set_reference([per_layer[src.layer][pos] for src, (_, pos) in zip(monitor.capture.sources, split)])
 
     def _add_penalty(self, module: nn.Module, output: Any) -> Any:
         """Output tap on the last decoder block: tie the penalty to its output hidden states."""

@@ -98,14 +98,22 @@ def forked_rng() -> Iterator[None]:
 
 @contextmanager
 def probe_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, forked RNG; the previous mode is restored on exit."""
+    """Eval mode, no grad, forked RNG, and no MoE router logits (TRL turns them on for its load-balancing
+    loss; a forward on a KV cache cannot compute that loss); all restored on exit."""
     was_training = model.training
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    router_logits = getattr(text, "output_router_logits", False)
     with forked_rng(), torch.no_grad():
         model.eval()
+        if router_logits:
+            text.output_router_logits = False
         try:
             yield
         finally:
             model.train(was_training)
+            if router_logits:
+                text.output_router_logits = router_logits
 
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -241,8 +249,9 @@ class _Prefix:
                 "position_ids": positions + self.width, "use_cache": True, self.key: cache}
 
     def combine(self, suffix_rows: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` maxima over prefix and suffix tokens (every row has a suffix token, see :func:`shared_prefix`)."""
-        return suffix_rows if self.rows is None else torch.maximum(suffix_rows, self.rows)
+        """``[B, N]`` maxima over prefix and suffix tokens (every row has a suffix token, see :func:`shared_prefix`;
+        a MoE unit with no routed token in one part takes the other part's value)."""
+        return suffix_rows if self.rows is None else torch.fmax(suffix_rows, self.rows)
 
 
 def continuation_logprobs(
@@ -344,7 +353,7 @@ def _tail_maxima(model: nn.Module, capture: ActivationCapture, cache: Any, key: 
         except ProbeComplete:
             pass
     has_tail = tail.attention_mask.any(-1, keepdim=True)
-    return torch.where(has_tail, torch.maximum(head_max, tail_rows[0]), head_max)
+    return torch.where(has_tail, torch.fmax(head_max, tail_rows[0]), head_max)
 
 
 def _later_tokens(model: nn.Module, cache: Any, key: str, mask: torch.Tensor, start: torch.Tensor,

@@ -29,6 +29,8 @@ PANELS = (
     Panel("kl_task", "KL(pi_0 || pi_t) on reasoning", meaning="how far the model moved on reasoning prompts"),
     Panel("refusal_head_shift", "refusal heads: attention on the reasoning", meaning="rise of their attention share on a "
           "reasoning passage since train start"),
+    Panel("router_share", "MoE: routing share to safety experts", "router_share_train",
+          meaning="share of routing slots sent to experts holding safety neurons; grey: on training batches"),
     Panel("level", "risk level (what the signals say)", steps=True),
     Panel("lambda", "regularizer lambda in force", steps=True, only_nonzero=True, from_zero=True),
     Panel("anchor_kl", "safety-anchor KL (base responses)", only_nonzero=True, from_zero=True,
@@ -164,7 +166,7 @@ def summarize(events: list[dict[str, Any]]) -> str:
 def check_events(events: list[Any], where: str | Path) -> None:
     """Raise ``ValueError`` naming the record and field if a log record cannot be reported: not an
     object, no integer ``step``, a non-numeric metric, or an unknown level."""
-    numeric = {p.key for p in PANELS} | {"ras_control_mean", "refusal_drop", "task_rise"}
+    numeric = {p.key for p in PANELS} | {p.control for p in PANELS if p.control} | {"refusal_drop", "task_rise", "router_share_drop"}
     for n, e in enumerate(events, 1):
         def bad(what: str) -> None:
             raise ValueError(f"{where}: record {n} ({e.get('event', '?') if isinstance(e, dict) else '?'}): {what}")

@@ -34,6 +34,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt2": {},
 }
 
+# mixture-of-experts families: 4 experts, top-2 routing; each expert's width is moe_intermediate_size (32) or, for
+# Mixtral and OLMoE, the intermediate size (128); Qwen2-MoE also has a shared expert of 96
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+MOE_FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {**_MOE, "head_dim": 16, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "olmoe": {**_MOE},
+    "qwen2_moe": {**_MOE, "decoder_sparse_step": 1, "mlp_only_layers": [], "shared_expert_intermediate_size": 96},
+}
+
 
 def no_checkpointing() -> dict[str, bool]:
     """``TrainingArguments`` keyword that turns activation checkpointing off, under the field name of the
@@ -71,7 +81,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(model_type: str = "llama", layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int | None = None):
-    """A small config of ``model_type`` (see :data:`FAMILIES`)."""
+    """A small config of ``model_type`` (see :data:`FAMILIES` and :data:`MOE_FAMILIES`)."""
     tok = tiny_tokenizer()
     vocab = vocab or len(tok)
     ids = {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
@@ -81,7 +91,7 @@ def tiny_config(model_type: str = "llama", layers: int = 2, hidden: int = 64, in
     return AutoConfig.for_model(
         model_type, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
-        **{**ids, **FAMILIES[model_type]},
+        **{**ids, **FAMILIES.get(model_type, MOE_FAMILIES.get(model_type, {}))},
     )
 
 

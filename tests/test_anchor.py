@@ -175,7 +175,7 @@ def test_param_anchor_gradient_is_two_lambda_delta(tok, fast_config, llama_atlas
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    start = {id(p): s for (p, _, _), s in zip(guard.param_anchor.slices, guard.param_anchor.start)}
+    start = {id(p): s for (p, _), s in zip(guard.param_anchor.slices, guard.param_anchor.start)}
     model.zero_grad()
     guard.begin_step(0)
     guard.penalty().backward()

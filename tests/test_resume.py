@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
@@ -14,12 +15,12 @@ from rimguard.testing import no_checkpointing, reasoning_texts, tiny_model
 TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.002}, "freeze": {"task_rise": 0.004}, "stop": {}}
 
 
-def run(out, tok, fast_config, max_steps, resume=None):
+def run(out, tok, fast_config, max_steps, resume=None, family="llama"):
     guard = RIMGuard(fast_config(mode="escalate", thresholds=TH, probe_every=2, penalty_weight=0.5, hysteresis=0.0, anchor_every=1))
     args = SFTConfig(output_dir=str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-3, report_to=[],
                      bf16=False, **no_checkpointing(), save_strategy="steps", save_steps=4, use_cpu=True,
                      max_length=64, seed=0, disable_tqdm=True, logging_steps=100)
-    trainer = SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(48)),
+    trainer = SFTTrainer(model=tiny_model(family), args=args, train_dataset=Dataset.from_list(reasoning_texts(48)),
                          processing_class=tok, callbacks=[guard])
     if max_steps < 8:  # stop early, as a crash would: only checkpoint-4 survives
         trainer.add_callback(_StopAt(max_steps))
@@ -36,17 +37,19 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_reproduces_metrics_and_decisions(tmp_path, tok, fast_config):
-    full, _ = run(tmp_path / "full", tok, fast_config, 8)
-    part, _ = run(tmp_path / "part", tok, fast_config, 4)
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])  # dense; mixture of experts with a shared expert
+def test_resume_reproduces_metrics_and_decisions(tmp_path, tok, fast_config, family):
+    full, _ = run(tmp_path / "full", tok, fast_config, 8, family=family)
+    part, _ = run(tmp_path / "part", tok, fast_config, 4, family=family)
     assert (tmp_path / "part" / "checkpoint-4" / "rimguard" / "state.json").is_file()
-    resumed, trainer = run(tmp_path / "part", tok, fast_config, 8, resume=str(tmp_path / "part" / "checkpoint-4"))
+    resumed, trainer = run(tmp_path / "part", tok, fast_config, 8, resume=str(tmp_path / "part" / "checkpoint-4"), family=family)
     assert trainer.state.global_step == 8
     later = lambda h: [r for r in h if r["step"] > 4]
     a, b = later(full.history), later(resumed.history)
     assert [r["step"] for r in a] == [6, 8] and len(a) == len(b)
     for x, y in zip(a, b):
-        for key in ("ras_safe", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "level", "lambda", "frozen", "anchor_kl"):
+        moe = ("router_share", "router_share_drop") if family != "llama" else ()
+        for key in ("ras_safe", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "level", "lambda", "frozen", "anchor_kl", *moe):
             assert x.get(key) == y.get(key), (key, x.get(key), y.get(key))
     assert max(r["level"] for r in full.history) >= 2  # the run really took decisions
     assert full.freezer.frozen[0].tolist() == resumed.freezer.frozen[0].tolist()

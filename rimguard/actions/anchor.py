@@ -35,8 +35,7 @@ import torch
 from torch import nn
 
 from rimguard import dist
-from rimguard.hooks.capture import ActivationCapture
-from rimguard.hooks.reduce import masked_max
+from rimguard.hooks.capture import Activation, ActivationCapture
 from rimguard.probing import encode, forked_rng, format_prompt, generate_ids, model_device, pad, pad_id, probe_mode
 from rimguard.signals import metrics
 
@@ -48,23 +47,23 @@ class AnchorError(ValueError):
 
 
 class SafetyTap:
-    """Per-sequence max over tokens of the safety neurons, collected layer by layer (a capture tap).
+    """Per-sequence max over tokens of the safety neurons, collected source by source (a capture tap).
 
     Args:
-        safety_per_layer: per layer, ``[n_l]`` safety neuron ids (empty where none).
+        safety_per_source: per capture source, ``[n_s]`` safety unit ids local to it (empty where none).
     """
 
-    def __init__(self, safety_per_layer: Sequence[torch.Tensor]) -> None:
-        self.index = list(safety_per_layer)
+    def __init__(self, safety_per_source: Sequence[torch.Tensor]) -> None:
+        self.index = list(safety_per_source)
         self.rows: dict[int, torch.Tensor] = {}
 
-    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None, recompute: bool) -> None:
-        if self.index[layer].numel() and not recompute:
-            self.rows[layer] = masked_max(x, mask, self.index[layer].to(x.device)).float()
+    def __call__(self, source: int, act: Activation, recompute: bool) -> None:
+        if self.index[source].numel() and not recompute:
+            self.rows[source] = act.peak(self.index[source]).float()
 
     def take(self) -> torch.Tensor:
-        """``[B, n]`` activations of the last forward, layer-major (the atlas' safety order within a layer)."""
-        rows = [self.rows[layer] for layer in sorted(self.rows)]
+        """``[B, n]`` activations of the last forward, in source order (MoE units without a routed token: NaN)."""
+        rows = [self.rows[source] for source in sorted(self.rows)]
         self.rows = {}
         return torch.cat(rows, dim=1)
 
@@ -125,7 +124,7 @@ def record_anchor(
     model: nn.Module,
     tokenizer: Any,
     capture: ActivationCapture,
-    safety_per_layer: Sequence[torch.Tensor],
+    safety_per_source: Sequence[torch.Tensor],
     harmful: Sequence[str],
     harmless: Sequence[str] = (),
     max_new_tokens: int = 32,
@@ -166,7 +165,7 @@ def record_anchor(
     pos = (torch.tensor(heads)[:, None] - 1 + offsets).clamp_max(batch.input_ids.shape[1] - 2)
     resp_mask = (torch.tensor(heads)[:, None] + offsets) < lengths[:, None]
     device = model_device(model)
-    tap = SafetyTap(safety_per_layer)
+    tap = SafetyTap(safety_per_source)
     logps, indices, acts = [], [], []
     with probe_mode(model):
         for start in range(0, len(rows), batch_size):
@@ -192,17 +191,17 @@ class SafetyAnchor:
 
     Args:
         record: the base record (see :func:`record_anchor`).
-        safety_per_layer: per layer, ``[n_l]`` safety neuron ids.
+        safety_per_source: per capture source, ``[n_s]`` safety unit ids local to it.
         batch_size: anchor rows per anchor step (over all ranks).
         every: anchor every this many optimizer steps.
         act_weight: ``mu``, weight of the neuron term relative to the KL term.
         rel_floor: activation floor of the neuron term, relative to the mean base activation.
     """
 
-    def __init__(self, record: AnchorRecord, safety_per_layer: Sequence[torch.Tensor], batch_size: int = 8, every: int = 1,
+    def __init__(self, record: AnchorRecord, safety_per_source: Sequence[torch.Tensor], batch_size: int = 8, every: int = 1,
                  act_weight: float = 1.0, rel_floor: float = metrics.DEFAULT_REL_FLOOR) -> None:
         self.record = record
-        self.tap = SafetyTap(safety_per_layer)
+        self.tap = SafetyTap(safety_per_source)
         self.batch_size, self.every, self.act_weight, self.rel_floor = batch_size, every, act_weight, rel_floor
         self._lengths = record.attn.sum(1).cpu()  # row lengths on the host: trimming a batch needs no device sync
         self._logged: torch.Tensor | None = None  # [3]: sum kl, sum act, count (device, no sync)
@@ -248,21 +247,18 @@ class ParamAnchor:
     """L2-SP: ``sum (theta - theta_0)^2`` over the anchored parameters or parameter slices.
 
     Args:
-        slices: ``(param, dim, index)`` triples; ``index`` None anchors the whole parameter.
+        slices: ``(param, indexer)`` pairs: ``param[indexer]`` is anchored (``()``: the whole parameter).
     """
 
-    def __init__(self, slices: Sequence[tuple[nn.Parameter, int, torch.Tensor | None]]) -> None:
-        self.slices = [(p, d, i) for p, d, i in slices if p.requires_grad]
-        self.start = [self._view(p, d, i).detach().clone() for p, d, i in self.slices]
+    def __init__(self, slices: Sequence[tuple[nn.Parameter, tuple]]) -> None:
+        self.slices = [(p, tuple(i.to(p.device) if isinstance(i, torch.Tensor) else i for i in at))
+                       for p, at in slices if p.requires_grad]
+        self.start = [p[at].detach().clone() for p, at in self.slices]
         self._logged: torch.Tensor | None = None
-
-    @staticmethod
-    def _view(param: torch.Tensor, dim: int, index: torch.Tensor | None) -> torch.Tensor:
-        return param if index is None else param.index_select(dim, index.to(param.device))
 
     def loss(self) -> torch.Tensor:
         """Differentiable ``sum (theta - theta_0)^2``, a ``[]`` tensor."""
-        terms = [(self._view(p, d, i) - s).pow(2).sum() for (p, d, i), s in zip(self.slices, self.start)]
+        terms = [(p[at] - s).pow(2).sum() for (p, at), s in zip(self.slices, self.start)]
         value = torch.stack(terms).sum()
         logged = torch.stack([value.detach().float(), torch.ones((), device=value.device)])
         self._logged = logged if self._logged is None else self._logged + logged

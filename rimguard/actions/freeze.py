@@ -8,6 +8,15 @@ momentum and decoupled weight decay bit for bit. Under PEFT LoRA the frozen neur
 ``s * B @ A`` is first merged into the (untrained) base weight, then the matching rows of
 ``lora_B`` (input side) and columns of ``lora_A`` (down side) are set to zero and held there, so
 the merged weight of a frozen neuron never changes again.
+
+A MoE unit ``j`` of expert ``e`` owns that expert's gate and up rows of the stacked ``gate_up_proj``
+(and its bias) and column ``j`` of its ``down_proj`` (:meth:`rimguard.hooks.arch.ExpertBank.slices`);
+they are held the same way, expert by expert, the other experts' slices untouched. Expert weights
+adapted by LoRA ``target_parameters`` cannot be frozen per unit (the delta is a low-rank product
+over all units) and are refused.
+
+Every slice is a parameter and an *indexer*, ``param[indexer]`` (a tuple of index tensors and
+full slices), so one mechanism covers rows, columns and per-expert slices.
 """
 
 from __future__ import annotations
@@ -18,16 +27,27 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from rimguard.hooks.arch import MLPLayer, Projection
+from rimguard.hooks.arch import MLPLayer, Projection, UnsupportedModelError
 from rimguard.hooks.capture import ActivationCapture
+
+Indexer = tuple  # of index tensors and full slices: param[indexer]
+EVERY = slice(None)
 
 
 @dataclass
 class _Slice:
     param: nn.Parameter
-    dim: int
-    index: torch.Tensor
+    indexer: Indexer
     value: torch.Tensor
+
+
+def along(dim: int, index: torch.Tensor) -> Indexer:
+    """The indexer of ``index`` along ``dim`` of a 2-D weight."""
+    return (index,) if dim == 0 else (EVERY, index)
+
+
+def on_device(indexer: Indexer, device: torch.device) -> Indexer:
+    return tuple(i.to(device) if isinstance(i, torch.Tensor) else i for i in indexer)
 
 
 def _lora_parts(module: nn.Module, name: str) -> list[nn.Module]:
@@ -53,75 +73,92 @@ class NeuronFreezer:
         self.frozen: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in self.layers]
         self._slices: list[_Slice] = []
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
-        self._grad_index: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self._grad_index: dict[int, list[Indexer]] = {}
         self.merged_base: dict[str, torch.Tensor] = {}
 
     @property
     def count(self) -> int:
         return sum(int(f.numel()) for f in self.frozen)
 
-    def targets(self, layer: MLPLayer, neurons: torch.Tensor) -> list[tuple[nn.Parameter, int, torch.Tensor, Projection, str]]:
-        """(param, dim, index, projection, role) of every slice that ``neurons`` own."""
-        out = []
+    def targets(self, layer: MLPLayer, neurons: torch.Tensor) -> list[tuple[nn.Parameter, Indexer, Projection | None, str]]:
+        """``(param, indexer, projection, role)`` of every slice that ``neurons`` (layer ids) own;
+        the projection is None for expert weights."""
+        out: list[tuple[nn.Parameter, Indexer, Projection | None, str]] = []
+        bank = layer.experts
+        if bank is not None:
+            units = neurons[neurons < bank.units]
+            if units.numel():
+                if bank.adapted:
+                    raise UnsupportedModelError(f"{bank.name}: its expert weights are adapted by LoRA target_parameters; "
+                                                "freezing expert units needs full fine-tuning of the experts")
+                out.extend((getattr(bank.module, name), indexer, None, "base") for name, indexer in bank.slices(units))
+        if layer.down is None:
+            return out
+        local = neurons[neurons >= layer.dense_offset] - layer.dense_offset
+        if local.numel() == 0:
+            return out
+        dense = layer.size - layer.dense_offset
         for proj in layer.inputs:
-            rows = _neuron_rows(proj, neurons, layer.size)
+            rows = _neuron_rows(proj, local, dense)
             base = proj.base
-            out.append((base.weight, 1 if proj.transposed else 0, rows, proj, "base"))
+            out.append((base.weight, along(1 if proj.transposed else 0, rows), proj, "base"))
             if getattr(base, "bias", None) is not None:
-                out.append((base.bias, 0, rows, proj, "bias"))
-            out.extend((lora.weight, 0, rows, proj, "lora") for lora in _lora_parts(proj.module, "lora_B"))
+                out.append((base.bias, (rows,), proj, "bias"))
+            out.extend((lora.weight, (rows,), proj, "lora") for lora in _lora_parts(proj.module, "lora_B"))
         down = layer.down
-        out.append((down.base.weight, 0 if down.transposed else 1, neurons, down, "base"))
-        out.extend((lora.weight, 1, neurons, down, "lora") for lora in _lora_parts(down.module, "lora_A"))
+        out.append((down.base.weight, along(0 if down.transposed else 1, local), down, "base"))
+        out.extend((lora.weight, (EVERY, local), down, "lora") for lora in _lora_parts(down.module, "lora_A"))
         return out
 
     @torch.no_grad()
-    def _merge_lora(self, proj: Projection, dim: int, index: torch.Tensor) -> None:
+    def _merge_lora(self, proj: Projection, indexer: Indexer) -> None:
         """Move the LoRA delta of the given base-weight slice into the base weight."""
         module = proj.module
         adapters = [k for k in getattr(module, "lora_A", {}) if hasattr(module, "get_delta_weight")]
         if not adapters:
             return
         weight = proj.base.weight
+        at = on_device(indexer, weight.device)
         for adapter in adapters:
             delta = module.get_delta_weight(adapter).to(weight.dtype)
-            weight.index_add_(dim, index.to(weight.device), delta.index_select(dim, index.to(weight.device)))
+            weight[at] += delta[at]
         self.merged_base[proj.name] = weight.detach().clone().cpu()
 
     def freeze(self, per_layer: Sequence[torch.Tensor]) -> int:
-        """Freeze more neurons (``[n_l]`` ids per layer); returns how many were new."""
+        """Freeze more neurons (``[n_l]`` layer ids per layer); returns how many were new."""
         added = 0
         for pos, (layer, ids) in enumerate(zip(self.layers, per_layer)):
             new = ids[~torch.isin(ids.cpu(), self.frozen[pos])].cpu().unique()
             if new.numel() == 0:
                 continue
+            targets = self.targets(layer, new)
             added += int(new.numel())
             self.frozen[pos] = torch.cat([self.frozen[pos], new])
-            targets = self.targets(layer, new)
-            for param, dim, index, proj, role in targets:  # LoRA: merge first, then zero the factors
-                if role == "base" and not param.requires_grad:
-                    self._merge_lora(proj, dim, index)
-            for param, dim, index, proj, role in targets:
+            for param, indexer, proj, role in targets:  # LoRA: merge first, then zero the factors
+                if role == "base" and proj is not None and not param.requires_grad:
+                    self._merge_lora(proj, indexer)
+            for param, indexer, proj, role in targets:
+                at = on_device(indexer, param.device)
                 if role == "lora":
                     with torch.no_grad():
-                        param.index_fill_(dim, index.to(param.device), 0.0)
+                        param[at] = 0.0
                 if not param.requires_grad:
                     continue
-                idx = index.to(param.device)
-                self._slices.append(_Slice(param, dim, idx, param.detach().index_select(dim, idx).clone()))
-                self._mask_grad(param, dim, idx)
+                self._slices.append(_Slice(param, at, param.detach()[at].clone()))
+                self._mask_grad(param, at)
         return added
 
-    def _mask_grad(self, param: nn.Parameter, dim: int, index: torch.Tensor) -> None:
+    def _mask_grad(self, param: nn.Parameter, indexer: Indexer) -> None:
         key = id(param)
-        self._grad_index.setdefault(key, []).append((dim, index))
+        self._grad_index.setdefault(key, []).append(indexer)
         if key in self._hooks:
             return
         entries = self._grad_index[key]
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            for d, i in entries:
-                grad = grad.index_fill(d, i, 0.0)
+            grad = grad.clone()
+            for at in entries:
+                grad[at] = 0.0
             return grad
 
         self._hooks[key] = self.capture.grad_hook(param, hook)
@@ -130,11 +167,11 @@ class NeuronFreezer:
     def restore(self) -> None:
         """Write the frozen slices back (call after every optimizer step)."""
         for s in self._slices:
-            s.param.index_copy_(s.dim, s.index, s.value)
+            s.param[s.indexer] = s.value
 
     def verify(self) -> bool:
         """True if every frozen slice is bitwise equal to its value at freeze time."""
-        return all(torch.equal(s.param.detach().index_select(s.dim, s.index), s.value) for s in self._slices)
+        return all(torch.equal(s.param.detach()[s.indexer], s.value) for s in self._slices)
 
     def remove(self) -> None:
         """Remove the gradient hooks (the frozen values and their snapshots stay)."""

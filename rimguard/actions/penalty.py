@@ -5,7 +5,9 @@ On every training forward, for the safety neurons of each layer, the masked max 
 
     P = (1/n) * sum_j ((m_j - r_j) / max(|r_j|, floor))^2
 
-so reasoning training cannot recruit (or silence) those neurons without paying for it. Every
+so reasoning training cannot recruit (or silence) those neurons without paying for it. A MoE unit
+is averaged over the sequences that routed a token to its expert; a unit no sequence of the batch
+routed to has no value and adds nothing (its term is 0; ``n`` still counts it). Every
 regularizer's gradient (this penalty's, the safety anchor's) joins the trainer's own backward pass
 through the last decoder block's output (see :func:`attach_penalty`), whatever loss the trainer
 computes, so no trainer subclass is needed. Custom loops take ``lambda * P`` from
@@ -19,20 +21,22 @@ from typing import Sequence
 import torch
 
 from rimguard import dist
-from rimguard.hooks.reduce import masked_max
+from rimguard.hooks.capture import Activation
+from rimguard.hooks.reduce import present_sum
 
 
 class EntanglementPenalty:
     """Activation-anchoring penalty on the safety neurons; a :class:`~rimguard.hooks.capture.Tap`.
 
     Args:
-        safety_per_layer: per layer, ``[n_l]`` safety neuron ids (empty where none), on the model's device.
-        reference: per layer, ``[n_l]`` base reasoning activations (set by :meth:`set_reference`).
+        safety_per_source: per capture source, ``[n_s]`` safety unit ids (local to the source; empty where
+            none), on the model's device (:meth:`~rimguard.hooks.capture.ActivationCapture.split`).
+        reference: per source, ``[n_s]`` base reasoning activations (set by :meth:`set_reference`).
         floor: lower bound of the scale ``|r_j|``.
     """
 
-    def __init__(self, safety_per_layer: Sequence[torch.Tensor], floor: float = 1e-3) -> None:
-        self.index = list(safety_per_layer)
+    def __init__(self, safety_per_source: Sequence[torch.Tensor], floor: float = 1e-3) -> None:
+        self.index = list(safety_per_source)
         self.total = sum(int(i.numel()) for i in self.index)
         self.reference: list[torch.Tensor] | None = None
         self.floor = floor
@@ -48,13 +52,14 @@ class EntanglementPenalty:
     def active(self) -> bool:
         return self.weight > 0 and self.reference is not None and self.total > 0
 
-    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None, recompute: bool) -> None:
-        if not self.active or self.index[layer].numel() == 0:
+    def __call__(self, source: int, act: Activation, recompute: bool) -> None:
+        if not self.active or self.index[source].numel() == 0:
             return
         assert self.reference is not None
-        peak = masked_max(x, mask, self.index[layer]).float().mean(0)
-        ref = self.reference[layer]
-        term = (((peak - ref) / ref.abs().clamp_min(self.floor)) ** 2).sum()
+        sums, count = present_sum(act.peak(self.index[source]))
+        peak = sums / count.clamp_min(1)
+        ref = self.reference[source]
+        term = torch.where(count > 0, ((peak - ref) / ref.abs().clamp_min(self.floor)) ** 2, torch.zeros_like(peak)).sum()
         if not recompute:  # a checkpoint recomputation replays the ops but must not count twice
             self._terms.append(term)
 

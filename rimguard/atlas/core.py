@@ -58,7 +58,7 @@ class AtlasError(ValueError):
 
 def _weight_sample(layers: Sequence[MLPLayer]) -> torch.Tensor:
     """``[L, 16]`` fp32: the first 16 values of each down projection's base weight (LoRA does not change them)."""
-    return torch.stack([layer.down.base.weight.detach().reshape(-1)[:16].float().cpu() for layer in layers])
+    return torch.stack([layer.weight().detach().reshape(-1)[:16].float().cpu() for layer in layers])
 
 
 def fingerprint(model: nn.Module, layers: Sequence[MLPLayer] | None = None) -> dict[str, Any]:
@@ -76,6 +76,7 @@ def fingerprint(model: nn.Module, layers: Sequence[MLPLayer] | None = None) -> d
         "model_class": type(getattr(model, "get_base_model", lambda: model)()).__name__,
         "model_type": getattr(config, "model_type", None),
         "layer_sizes": [layer.size for layer in layers],
+        "experts": [[layer.experts.num_experts, layer.experts.size] if layer.experts is not None else None for layer in layers],
         "weights_sha256": hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16],
         "weights_sample": sample.tolist(),
     }
@@ -147,6 +148,21 @@ class NeuronAtlas:
             raise AtlasError("this atlas has no ranking of all neurons (saved by an older rimguard); identify it again to use freeze_share")
         return selection.top_share_per_layer(self.ranking, self.layer_sizes, share)
 
+    def per_expert(self) -> dict[int, dict[str, int]]:
+        """For each mixture-of-experts layer holding safety neurons: how many each expert holds
+        (``"e3"``: expert 3; ``"shared"``: the shared expert). Empty for a dense model."""
+        out: dict[int, dict[str, int]] = {}
+        for layer, unit in self.safety_neurons().tolist():
+            experts = (self.model_fingerprint.get("experts") or [None] * len(self.layer_sizes))[layer]
+            if experts is None:
+                continue
+            count, width = experts
+            key = f"e{unit // width}" if unit < count * width else "shared"
+            out.setdefault(layer, {})
+            out[layer][key] = out[layer].get(key, 0) + 1
+        return {layer: dict(sorted(c.items(), key=lambda kv: (kv[0] == "shared", int(kv[0][1:]) if kv[0] != "shared" else 0)))
+                for layer, c in out.items()}
+
     def summary(self) -> str:
         counts = torch.bincount(self.safety_neurons()[:, 0], minlength=len(self.layer_sizes)).tolist()
         fp = self.model_fingerprint
@@ -155,8 +171,12 @@ class NeuronAtlas:
             f"model: {fp['model_class']} ({fp['model_type']}), {len(fp['layer_sizes'])} layers, weights {fp['weights_sha256']}",
             "settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()),
             "neurons per layer: " + " ".join(f"L{i}:{c}" for i, c in enumerate(counts) if c),
-            f"safety probes: {len(self.probe_prompts)}",
         ]
+        experts = self.per_expert()
+        if experts:
+            lines.append("neurons per expert (mixture of experts; e<k>: expert k):")
+            lines += [f"  L{layer}: " + " ".join(f"{k}:{v}" for k, v in c.items()) for layer, c in sorted(experts.items())]
+        lines.append(f"safety probes: {len(self.probe_prompts)}")
         if self.heads is None or not self.num_heads:
             lines.append("refusal heads: " + ("not identified" if self.heads is None else "none eligible"))
         else:
@@ -401,17 +421,21 @@ def activation_moments(
     """Mean and variance over sequences of the per-sequence max-over-tokens activations, accumulated
     batch by batch: memory ``O(N)`` (plus one ``[batch_size, N]`` batch), whatever the number of
     sequences. ``N`` as in :func:`activations`."""
-    total = squares = None
+    total = squares = counts = None
     for group in tqdm(list(chunks(sequences, batch_size)), desc=desc, disable=desc is None, leave=False):
         x = activations(model, capture, group, pad_value, batch_size, full=full).double()
+        has = (~torch.isnan(x)).sum(0)  # a MoE unit counts only the sequences that routed to its expert
+        x = x.nan_to_num(nan=0.0)
         total = x.sum(0) if total is None else total + x.sum(0)
         squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
-    n = len(sequences)
-    if total is None or squares is None:
+        counts = has if counts is None else counts + has
+    if total is None or squares is None or counts is None:
         raise ValueError("activation_moments needs at least one sequence")
+    n = counts.clamp_min(1).double()
     mean = total / n
-    var = (squares - n * mean * mean).clamp_min(0) / max(n - 1, 1)
-    return Moments(mean.float(), var.float(), n)
+    var = (squares - n * mean * mean).clamp_min(0) / (n - 1).clamp_min(1)
+    count: int | torch.Tensor = len(sequences) if bool((counts == len(sequences)).all()) else counts
+    return Moments(mean.float(), var.float(), count)
 
 
 class _Stages:

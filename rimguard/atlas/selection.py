@@ -1,7 +1,9 @@
 """Which neurons are safety-critical: the selection math, pure (no model, no hooks).
 
 Neurons are flat ids over all MLP layers (layer-major: layer ``l``'s unit ``j`` is
-``sum(sizes[:l]) + j``). Activations are per-prompt maxima over tokens, ``[P, N]``.
+``sum(sizes[:l]) + j``). Activations are per-prompt maxima over tokens, ``[P, N]``; a MoE unit
+whose expert got no token of a prompt is NaN there, and the rules below use only the prompts
+(pairs) where it has a value.
 """
 
 from __future__ import annotations
@@ -20,12 +22,18 @@ class Moments(NamedTuple):
 
     mean: torch.Tensor
     var: torch.Tensor
-    count: int
+    count: int | torch.Tensor
 
     @classmethod
     def of(cls, x: torch.Tensor) -> "Moments":
-        """Of a ``[P, N]`` matrix."""
-        return cls(x.mean(0), x.var(0), x.shape[0])
+        """Of a ``[P, N]`` matrix (over the rows with a value, per neuron, where some are NaN: ``count`` is then ``[N]``)."""
+        missing = torch.isnan(x)
+        if not bool(missing.any()):
+            return cls(x.mean(0), x.var(0), x.shape[0])
+        count = (~missing).sum(0)
+        mean = x.nansum(0) / count.clamp_min(1)
+        var = (x - mean).pow(2).nansum(0) / (count - 1).clamp_min(1)
+        return cls(mean, var, count)
 
 
 class Selection(NamedTuple):
@@ -45,27 +53,30 @@ def counterfactual(base: torch.Tensor, other: torch.Tensor, m: int, min_share: f
     (scaled below half a pair, so it never reorders different shares).
     """
     diff = other - base
-    top = diff.topk(m, dim=1).indices
+    top = diff.nan_to_num(nan=float("-inf")).topk(m, dim=1).indices  # a unit without a value in a pair is never its top
     share = torch.zeros(base.shape[1], device=base.device).index_add_(
         0, top.reshape(-1), torch.ones(top.numel(), device=base.device)) / base.shape[0]
     chosen = (share >= min_share - 1e-9).nonzero().squeeze(1)
     if chosen.numel() == 0:
         raise SelectionError(f"no neuron is in the top {m} of at least {min_share:.0%} of the {base.shape[0]} pairs "
                              f"(the best reaches {share.max().item():.0%}); lower min_share or raise top_m")
-    contrast = diff.mean(0)
+    contrast = diff.nanmean(0).nan_to_num(nan=0.0)
     ranking = share + contrast / (2 * base.shape[0] * contrast.abs().max().clamp_min(1e-12))
     return _best_first(chosen, share[chosen], ranking)
 
 
 def cohens_d(a: Moments, b: Moments) -> torch.Tensor:
     """Effect size of ``a`` over ``b`` per neuron: mean difference over the pooled standard deviation. ``[N]``."""
-    pooled = (((a.count - 1) * a.var + (b.count - 1) * b.var) / max(a.count + b.count - 2, 1)).sqrt()
-    return (a.mean - b.mean) / pooled.clamp_min(1e-6)
+    dof = torch.as_tensor(a.count + b.count - 2, dtype=a.var.dtype).clamp_min(1)
+    pooled = (((a.count - 1) * a.var + (b.count - 1) * b.var) / dof).sqrt()
+    d = (a.mean - b.mean) / pooled.clamp_min(1e-6)
+    valid = (torch.as_tensor(a.count) > 0) & (torch.as_tensor(b.count) > 0)  # a MoE unit needs a value on each side
+    return torch.where(valid.to(d.device), d, torch.full_like(d, float("nan")))
 
 
 def effect_size(harmful: Moments, harmless: Moments, m: int) -> Selection:
     """The ``m`` neurons with the largest Cohen's d of harmful over harmless activations."""
-    d = cohens_d(harmful, harmless)
+    d = cohens_d(harmful, harmless).nan_to_num(nan=float("-inf"))  # no value on a side: never chosen
     chosen = d.topk(m).indices
     return _best_first(chosen, d[chosen], d)
 

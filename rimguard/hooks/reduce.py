@@ -5,6 +5,10 @@ Shapes: ``x`` is one layer's intermediate activation ``[B, T, I]``; ``mask`` is 
 for all ``I``. Results are float32 and stay on ``x``'s device: nothing here syncs with the host.
 
 A sequence with no real token has no maximum; its row is 0 and it is not counted.
+
+Mixture-of-experts units (:func:`routed_max`): a unit's activation on a sequence is its max over
+the sequence's real tokens that were routed to its expert. A unit with no such token has *no
+value*: it is NaN (``MISSING``) in a ``[B, n]`` row, never 0, and it is left out of every count.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Callable
 
 import torch
 
+MISSING = float("nan")  # a MoE unit's value on a sequence that routed no token to its expert
 SELECT_FIRST_RATIO = 8  # gather before the max when the tracked neurons are at most 1/8 of I
 Reducer = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -56,6 +61,54 @@ def masked_max_sum(
     else:
         count = mask.to(torch.bool).any(dim=1).sum().float()
     return peak.sum(dim=0), count
+
+
+def routed_max(
+    hidden: torch.Tensor,
+    routes: torch.Tensor,
+    owner: torch.Tensor,
+    pre_gate: torch.Tensor,
+    pre_up: torch.Tensor,
+    activation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    mask: torch.Tensor | None,
+    batch: int,
+    num_experts: int,
+) -> torch.Tensor:
+    """Per-sequence max of expert units over the real tokens routed to each unit's expert.
+
+    Args:
+        hidden: ``[N, H]`` the experts' input, ``N = batch * T`` tokens, sequence-major.
+        routes: ``[N, k]`` each token's experts (long).
+        owner: ``[n]`` the expert of each unit.
+        pre_gate, pre_up: ``[N, n]`` the units' gate and up pre-activations on every token.
+        activation: ``(gate, up) -> [N, n]``, the experts' ``act(gate) * up``.
+        mask: ``[batch, T]`` real tokens, or None.
+        num_experts: ``E``.
+
+    Returns:
+        ``[batch, n]`` in ``hidden``'s dtype, differentiable; ``MISSING`` (NaN) where a sequence routed
+        no real token to the unit's expert. Cost: the ``[N, n]`` pre-activations plus an ``[N, E]``
+        routing table, so ``O(N * (k + n))`` beyond them, whatever the number of experts.
+    """
+    routed = _routing_table(routes, num_experts).index_select(1, owner)  # [N, n]
+    if mask is not None:
+        routed = routed & mask.reshape(-1, 1).to(torch.bool)
+    act = activation(pre_gate, pre_up).masked_fill(~routed, torch.finfo(hidden.dtype).min)
+    peak = act.view(batch, -1, act.shape[-1]).amax(dim=1)
+    present = routed.view(batch, -1, routed.shape[-1]).any(dim=1)
+    return torch.where(present, peak, torch.full_like(peak, MISSING))
+
+
+def _routing_table(routes: torch.Tensor, experts: int) -> torch.Tensor:
+    """``[N, E]`` bool: token ``t`` is routed to expert ``e``."""
+    table = torch.zeros(routes.shape[0], experts, dtype=torch.bool, device=routes.device)
+    return table.scatter_(1, routes, True)
+
+
+def present_sum(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sums [n], count [n])`` over the rows of ``[B, n]`` that have a value (``MISSING`` rows skipped), float32."""
+    present = ~torch.isnan(rows)
+    return torch.where(present, rows, torch.zeros_like(rows)).float().sum(0), present.float().sum(0)
 
 
 _COMPILED: dict[str, Reducer] = {}

@@ -17,6 +17,10 @@ Choices the paper leaves open, fixed here:
 * **RAS at zero.** ``RAS = 0`` when both shifts are 0.
 * **Non-finite inputs.** A NaN or infinite activation makes every shift and RAS it enters NaN
   (never 0): a fault must not read as "no shift". The guard reports it as a ``fault``.
+* **Missing values (mixture-of-experts).** A MoE unit whose expert received no token of any probe
+  has no value. The caller says which entries have one (``present``, ``[..., n]`` bool); the others
+  are left out entirely: out of the sums, out of ``n`` and out of the floor. A set with no present
+  entry has no value (NaN). Entries marked present follow the rule above.
 """
 
 from __future__ import annotations
@@ -26,12 +30,27 @@ import torch
 DEFAULT_REL_FLOOR = 0.05
 
 
-def activation_floor(safe0: torch.Tensor, task0: torch.Tensor, rel_floor: float = DEFAULT_REL_FLOOR) -> torch.Tensor:
+def _mean(x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the last dimension, of the ``present`` entries only (NaN if none)."""
+    if present is None:
+        return x.mean(dim=-1)
+    kept = torch.where(present, x, torch.zeros_like(x)).sum(dim=-1)
+    count = present.sum(dim=-1)
+    return torch.where(count > 0, kept / count.clamp_min(1), torch.full_like(kept, float("nan")))
+
+
+def _fill(x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with its absent entries set to 1 (a neutral value that the masked means then leave out)."""
+    return x if present is None else torch.where(present, x, torch.ones_like(x))
+
+
+def activation_floor(safe0: torch.Tensor, task0: torch.Tensor, rel_floor: float = DEFAULT_REL_FLOOR,
+                     present: torch.Tensor | None = None) -> torch.Tensor:
     """Lower clamp for activations: ``rel_floor`` times the mean absolute base activation.
 
     Returns a ``[...]`` tensor (one floor per set), never below ``1e-8``.
     """
-    scale = 0.5 * (safe0.abs().mean(dim=-1) + task0.abs().mean(dim=-1))
+    scale = 0.5 * (_mean(_fill(safe0, present).abs(), present) + _mean(_fill(task0, present).abs(), present))
     return (rel_floor * scale).clamp_min(1e-8)
 
 
@@ -42,18 +61,22 @@ def _clamp(a: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
     return torch.maximum(a, floor_t)
 
 
-def safety_drop(safe0: torch.Tensor, safet: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
+def safety_drop(safe0: torch.Tensor, safet: torch.Tensor, floor: torch.Tensor | float,
+                present: torch.Tensor | None = None) -> torch.Tensor:
     """delta-minus-safe: ``(1/n) sum_{j: a0 > at} ((a0 - at) / at) * a0``. Shape ``[...]``."""
+    safe0, safet = _fill(safe0, present), _fill(safet, present)
     a0, at = _clamp(safe0, floor), _clamp(safet, floor)
     term = torch.where(a0 > at, (a0 - at) / at * a0, torch.zeros_like(a0))
-    return _poison(term, a0, at, safe0, safet).mean(dim=-1)
+    return _mean(_poison(term, a0, at, safe0, safet), present)
 
 
-def task_rise(task0: torch.Tensor, taskt: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
+def task_rise(task0: torch.Tensor, taskt: torch.Tensor, floor: torch.Tensor | float,
+              present: torch.Tensor | None = None) -> torch.Tensor:
     """delta-plus-task: ``(1/n) sum_{j: at > a0} ((at - a0) / a0) * at``. Shape ``[...]``."""
+    task0, taskt = _fill(task0, present), _fill(taskt, present)
     a0, at = _clamp(task0, floor), _clamp(taskt, floor)
     term = torch.where(at > a0, (at - a0) / a0 * at, torch.zeros_like(a0))
-    return _poison(term, a0, at, task0, taskt).mean(dim=-1)
+    return _mean(_poison(term, a0, at, task0, taskt), present)
 
 
 def _poison(term: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
@@ -77,19 +100,21 @@ def ras(
     task0: torch.Tensor,
     taskt: torch.Tensor,
     rel_floor: float = DEFAULT_REL_FLOOR,
+    present: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Reciprocal Activation Shift of one or many neuron sets.
 
     Args:
         safe0, safet, task0, taskt: ``[..., n]`` activations (see module docstring).
         rel_floor: activation floor relative to the mean base activation of each set.
+        present: ``[..., n]`` bool, the entries that have a value in all four (None: all).
 
     Returns:
         ``{"safety_drop", "task_rise", "ras"}``, each ``[...]``.
     """
-    floor = activation_floor(safe0, task0, rel_floor)
-    drop = safety_drop(safe0, safet, floor)
-    rise = task_rise(task0, taskt, floor)
+    floor = activation_floor(safe0, task0, rel_floor, present)
+    drop = safety_drop(safe0, safet, floor, present)
+    rise = task_rise(task0, taskt, floor, present)
     return {"safety_drop": drop, "task_rise": rise, "ras": harmonic(drop, rise)}
 
 
@@ -161,9 +186,12 @@ def shrink_penalty(ref: torch.Tensor, now: torch.Tensor, rel_floor: float = DEFA
         now: ``[..., n]`` current activations, differentiable.
 
     Returns:
-        ``[]`` mean over all entries (0 for an empty input).
+        ``[]`` mean over all entries (0 for an empty input). A MoE unit without a routed token in
+        ``ref`` or ``now`` (NaN) adds 0 and is still counted.
     """
     if ref.numel() == 0:
         return now.sum() * 0
-    scale = ref.abs().clamp_min(rel_floor * ref.abs().mean().clamp_min(1e-8))
-    return (torch.relu(ref - now) / scale).pow(2).mean()
+    valid = ~(torch.isnan(ref) | torch.isnan(now))
+    ref_v, now_v = torch.where(valid, ref, torch.zeros_like(ref)), torch.where(valid, now, torch.zeros_like(now))
+    scale = ref_v.abs().clamp_min(rel_floor * ref_v.abs().sum().div(valid.sum().clamp_min(1)).clamp_min(1e-8))
+    return (torch.relu(ref_v - now_v) / scale).pow(2).mean()

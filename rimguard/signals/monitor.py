@@ -12,9 +12,19 @@ set to stream the atlas' tracked neurons.
 * **KL(pi_0 || pi_t)** - on reasoning probes: the given ones, or else the first training
   micro-batch (its base log-probs are taken just before that forward runs).
 * **Refusal margin** - teacher-forced log-prob of refusal openings minus compliance openings.
+* **Router share** (mixture-of-experts models) - the share of routing slots (token x top-k, real
+  tokens, all MoE layers) sent to the experts that hold safety neurons: on the safety probes at
+  each check (``router_share``, and ``router_share_drop`` since train start) and on the training
+  batches since the last check (``router_share_train``). Routing away from those experts is a MoE
+  form of the same forgetting.
 
 Under DDP each rank probes its share of the prompts and the sums are all-reduced, so every rank
 gets identical metrics.
+
+Mixture-of-experts units are averaged over the probes (or training sequences) that routed a token
+to their expert. A unit that none did has no value (NaN in the reference and measurement vectors,
+for MoE units only: a NaN of a dense neuron is a fault); the metrics leave it out (see
+:mod:`rimguard.signals.metrics`), and its reasoning EMA keeps its last value.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from rimguard import dist
 from rimguard.atlas import NeuronAtlas
 from rimguard.config import GuardConfig
 from rimguard.hooks.capture import ActivationCapture
-from rimguard.hooks.reduce import get_reducer
+from rimguard.hooks.reduce import get_reducer, present_sum
 from rimguard.probing import (
     Batch,
     activations,
@@ -80,6 +90,9 @@ class EntanglementMonitor:
         self.device = model_device(self.model)
         capture.track([t.to(self.device) for t in atlas.per_layer()])
         capture.reducer = get_reducer(self.device)
+        self.routed = capture.routed_units().to(self.device)  # [N]: MoE units, whose NaN means "no value"
+        if bool(self.routed.any()):
+            capture.watch_experts([t.to(self.device) for t in atlas.safety_per_layer()])
         self.safety_index = atlas.safety.to(self.device)
         self.sets = torch.cat([atlas.safety[None], atlas.controls]).to(self.device)  # [1 + K, n]
         n = min(config.monitor.check_probes, config.atlas.num_safety_probes)
@@ -96,6 +109,7 @@ class EntanglementMonitor:
         self.ref_task: torch.Tensor | None = None
         self.ema_task: torch.Tensor | None = None
         self.ref_margin: float | None = None
+        self.ref_router: float | None = None
         self.safe_now: torch.Tensor | None = None  # safety activations of the last check
         self.kl_ids: torch.Tensor | None = None
         self.kl_mask: torch.Tensor | None = None
@@ -110,7 +124,9 @@ class EntanglementMonitor:
         if restored is not None:
             self.load_state(restored)
         else:
+            self.capture.drain_router("probe")
             self.ref_safe, self.ref_margin = self._safety_pass()
+            self.ref_router = self._router_share("probe") if bool(self.routed.any()) else None
             if self.reasoning_prompts:
                 seqs = tokenize_dialogues(self.tokenizer, self.reasoning_prompts, None, self.config.atlas.max_length)
                 self.ref_task = self._mean_activations(seqs)
@@ -140,14 +156,23 @@ class EntanglementMonitor:
         if drained is None:
             return
         sums, count = drained
-        mean = sums / count.clamp_min(1)
+        mean = self._mean(sums, count)
         if self.ref_task is None:  # first optimizer step: the base reference, averaged over ranks
-            self.ref_task = dist.all_reduce_sum(mean) / dist.world_size()
+            has = ~torch.isnan(mean)
+            self.ref_task = self._mean(dist.all_reduce_sum(torch.where(has, mean, torch.zeros_like(mean))),
+                                       dist.all_reduce_sum(has.float()))
             self.ema_task = mean.clone()
         elif self.ema_task is None:
             self.ema_task = mean
         else:
-            self.ema_task.mul_(self.config.monitor.ema_decay).add_(mean, alpha=1 - self.config.monitor.ema_decay)
+            decay = self.config.monitor.ema_decay
+            blended = torch.where(torch.isnan(self.ema_task), mean, self.ema_task * decay + mean * (1 - decay))
+            self.ema_task = torch.where(torch.isnan(mean) & self.routed, self.ema_task, blended)
+
+    def _mean(self, sums: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """``sums / count`` per tracked neuron, and NaN (no value) for a MoE unit with a zero count."""
+        mean = sums / count.clamp_min(1)
+        return torch.where(self.routed & (count == 0), torch.full_like(mean, float("nan")), mean)
 
     # -- probes ------------------------------------------------------------------------------
     def _plan_safety_pass(self) -> None:
@@ -174,11 +199,13 @@ class EntanglementMonitor:
         and the refusal margin (nats; None without margin prompts or openings). One all-reduce."""
         n_tracked, bs = self.atlas.tracked.shape[0], self.config.monitor.probe_batch_size
         act_sum = torch.zeros(n_tracked, device=self.device)
+        act_count = torch.zeros(n_tracked, device=self.device)
         margins: list[torch.Tensor] = []
+        acts: list[torch.Tensor] = []
         heads, tails = _shard(self.shared_heads), _shard(self.shared_tails)
         if heads:
-            scores, acts = prompt_pass(self.model, heads, self.openings, self._pad, bs, self.capture, tails)
-            act_sum += acts.sum(0)
+            scores, rows = prompt_pass(self.model, heads, self.openings, self._pad, bs, self.capture, tails)
+            acts.append(rows)
             margins.append(metrics.refusal_margin(scores, len(self.refusal_openings)))
         margin_heads = _shard(self.margin_heads)
         if margin_heads:
@@ -186,23 +213,33 @@ class EntanglementMonitor:
             margins.append(metrics.refusal_margin(scores, len(self.refusal_openings)))
         plain = _shard(self.plain_sequences)
         if plain:
-            act_sum += activations(self.model, self.capture, plain, self._pad, bs).sum(0)
+            acts.append(activations(self.model, self.capture, plain, self._pad, bs))
+        for rows in acts:
+            sums, count = self._sum_rows(rows)
+            act_sum, act_count = act_sum + sums, act_count + count
         margin = torch.cat(margins) if margins else torch.zeros(0, device=self.device)
-        counts = torch.tensor([len(heads) + len(plain), len(margin)], dtype=torch.float32, device=self.device)
-        total = dist.all_reduce_sum(torch.cat([act_sum, margin.sum()[None], counts]))
-        mean = total[:n_tracked] / total[-2].clamp_min(1)
+        counts = torch.tensor([float(len(margin))], device=self.device)
+        total = dist.all_reduce_sum(torch.cat([act_sum, act_count, margin.sum()[None], counts]))
+        mean = self._mean(total[:n_tracked], total[n_tracked : 2 * n_tracked])
         has_margin = bool(self.shared_heads or self.margin_heads)
-        return mean, (float(total[n_tracked] / total[-1].clamp_min(1)) if has_margin else None)
+        return mean, (float(total[-2] / total[-1].clamp_min(1)) if has_margin else None)
+
+    def _sum_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sums [N], count [N])`` of per-sequence rows ``[P, N]``; a MoE unit's NaN (no routed token) is skipped."""
+        dense_sums, dense_count = rows.sum(0), torch.full((rows.shape[1],), float(rows.shape[0]), device=rows.device)
+        if not bool(self.routed.any()):
+            return dense_sums, dense_count
+        sums, count = present_sum(rows)
+        return torch.where(self.routed, sums, dense_sums), torch.where(self.routed, count, dense_count)
 
     def _mean_activations(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Mean over ``sequences`` (sharded over ranks) of per-neuron max activations, ``[N]``."""
         mine = _shard(sequences)
         n_tracked = self.atlas.tracked.shape[0]
-        total = torch.zeros(n_tracked, device=self.device)
+        total, count = torch.zeros(n_tracked, device=self.device), torch.zeros(n_tracked, device=self.device)
         if mine:
-            total += activations(self.model, self.capture, mine, self._pad, self.config.monitor.probe_batch_size).sum(0)
-        count = torch.tensor(float(len(mine)), device=self.device)
-        return dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1)
+            total, count = self._sum_rows(activations(self.model, self.capture, mine, self._pad, self.config.monitor.probe_batch_size))
+        return self._mean(dist.all_reduce_sum(total), dist.all_reduce_sum(count))
 
     def _grab_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         """Batch tap: on the first training forward, keep a few of its sequences and their base
@@ -265,8 +302,11 @@ class EntanglementMonitor:
         self.safe_now = safe_now
         task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
         s = self.sets
-        per_set = metrics.ras(self.ref_safe[s], safe_now[s], self.ref_task[s], task_now[s], self.config.monitor.rel_floor)
+        present = self._present(self.ref_safe, safe_now, self.ref_task, task_now)
+        per_set = metrics.ras(self.ref_safe[s], safe_now[s], self.ref_task[s], task_now[s], self.config.monitor.rel_floor,
+                              None if present is None else present[s])
         null = metrics.null_score(per_set["ras"][0], per_set["ras"][1:])
+        idx = self.safety_index
         values = {
             "ras_safe": per_set["ras"][0],
             "ras_control_mean": per_set["ras"][1:].mean(),
@@ -274,8 +314,8 @@ class EntanglementMonitor:
             "task_rise": per_set["task_rise"][0],
             "entanglement_z": null["z"],
             "entanglement_pct": null["percentile"],
-            "safety_act_ratio": safe_now[self.safety_index].mean() / self.ref_safe[self.safety_index].mean(),
-            "task_act_ratio": task_now[self.safety_index].mean() / self.ref_task[self.safety_index].mean(),
+            "safety_act_ratio": self._ratio(safe_now, self.ref_safe, idx, self._present(self.ref_safe, safe_now)),
+            "task_act_ratio": self._ratio(task_now, self.ref_task, idx, self._present(self.ref_task, task_now)),
         }
         out = dict(zip(values, torch.stack(list(values.values())).tolist()))
         if margin is not None and self.ref_margin is not None:
@@ -284,14 +324,44 @@ class EntanglementMonitor:
         kl = self._kl()
         if kl is not None:
             out["kl_task"] = kl
+        if bool(self.routed.any()):
+            share, train = self._router_share("probe"), self._router_share("train")
+            if share is not None:
+                out["router_share"] = share
+                if self.ref_router is not None:
+                    out["router_share_drop"] = self.ref_router - share
+            if train is not None:
+                out["router_share_train"] = train
         return out
 
+    def _router_share(self, kind: str) -> float | None:
+        """Share of routing slots sent to safety experts since the last call, over all ranks (a collective)."""
+        counts = self.capture.drain_router(kind)
+        total = dist.all_reduce_sum(counts if counts is not None else torch.zeros(2, device=self.device))
+        return float(total[0] / total[1]) if float(total[1]) > 0 else None
+
+    def _present(self, *vectors: torch.Tensor) -> torch.Tensor | None:
+        """``[N]`` bool: the tracked neurons with a value in every vector (None for a dense model: all)."""
+        if not bool(self.routed.any()):
+            return None
+        missing = torch.stack([torch.isnan(v) for v in vectors]).any(0) & self.routed
+        return ~missing
+
+    @staticmethod
+    def _ratio(now: torch.Tensor, ref: torch.Tensor, idx: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+        """Mean of ``now`` over mean of ``ref`` on the neurons ``idx`` that have a value in both."""
+        keep = idx if present is None else idx[present[idx]]
+        return now[keep].mean() / ref[keep].mean()
+
     def nonfinite_layers(self) -> list[int]:
-        """Layers whose tracked activations (last safety probe or reasoning stream) hold a NaN or inf."""
+        """Layers whose tracked activations (last safety probe or reasoning stream) hold a NaN or inf
+        (other than a MoE unit's NaN, which means it had no routed token)."""
         bad = torch.zeros(self.atlas.tracked.shape[0], dtype=torch.bool)
+        routed = self.routed.cpu()
         for values in (self.safe_now, self.ema_task):
             if values is not None:
-                bad |= ~torch.isfinite(values.detach().cpu())
+                v = values.detach().cpu()
+                bad |= ~torch.isfinite(v) & ~(routed & torch.isnan(v))
         return sorted(set(self.atlas.tracked[bad, 0].tolist()))
 
     def shift_per_neuron(self) -> torch.Tensor:
@@ -305,17 +375,20 @@ class EntanglementMonitor:
             self.safe_now = self._safety_pass()[0]
         safe_now = self.safe_now[idx]
         task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
-        floor = metrics.activation_floor(self.ref_safe[idx], self.ref_task[idx], self.config.monitor.rel_floor)
+        present = self._present(self.ref_safe, self.ref_task)
+        floor = metrics.activation_floor(self.ref_safe[idx], self.ref_task[idx], self.config.monitor.rel_floor,
+                                         None if present is None else present[idx])
         rise = (task_now[idx] - self.ref_task[idx]) / self.ref_task[idx].clamp_min(floor)
         drop = (self.ref_safe[idx] - safe_now) / safe_now.clamp_min(floor)
-        return rise + drop
+        return torch.nan_to_num(rise + drop, nan=float("-inf"))  # a MoE unit without a value is never the most shifted
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         tensors = {k: getattr(self, k).detach().cpu() for k in STATE_TENSORS if getattr(self, k) is not None}
-        return {"tensors": tensors, "ref_margin": self.ref_margin}
+        return {"tensors": tensors, "ref_margin": self.ref_margin, "ref_router": self.ref_router}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for k, v in state["tensors"].items():
             setattr(self, k, v.to(self.device))
         self.ref_margin = state.get("ref_margin")
+        self.ref_router = state.get("ref_router")

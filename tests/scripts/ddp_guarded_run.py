@@ -17,6 +17,7 @@ from rimguard.testing import (
 )
 
 out = sys.argv[1]
+family = sys.argv[2] if len(sys.argv) > 2 else "llama"
 TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.0004}, "freeze": {"task_rise": 0.0009}, "stop": {}}
 config = GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, probe_batch_size=4,
                      kl_probes=2, max_length=64, probe_every=2, mode="escalate", thresholds=TH, hysteresis=0.0,
@@ -26,7 +27,7 @@ guard = RIMGuard(config)
 args = SFTConfig(output_dir=out, max_steps=6, per_device_train_batch_size=2, learning_rate=2e-3, report_to=[], bf16=False,
                  **no_checkpointing(), save_strategy="no", use_cpu=True, ddp_backend="gloo", max_length=64, seed=0,
                  disable_tqdm=True, logging_steps=100)
-model = tiny_model("llama")
+model = tiny_model(family)
 trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(reasoning_texts(48)), processing_class=tiny_tokenizer(),
                      callbacks=[guard])
 trainer.train()
