@@ -86,6 +86,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "anchor-3": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 3.0},
     "anchor-1-kl-only": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0, "anchor_act_weight": 0.0},
     "anchor-1-every4": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0, "anchor_every": 4},
+    # the anchor's cost curve (issue #14): cheaper than the default, by schedule or by batch
+    "anchor-1-every8": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0, "anchor_every": 8},
+    "anchor-1-every4-bs4": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0, "anchor_every": 4,
+                            "anchor_batch_size": 4},
     "params": {"mode": "regularize", "regularizer": "params", "penalty_weight": 10.0},
     "freeze-0.5%": {"mode": "freeze", "freeze_share": 0.005},
     "freeze-2%": {"mode": "freeze", "freeze_share": 0.02},
@@ -108,10 +112,21 @@ def prevention_plan() -> list[RunSpec]:
     plan += [at(v, 1) for v in ("anchor-0.3", "anchor-3", "activation", "params")]
     plan += [at("anchor-1-every4", 1), at("anchor-1-every4", 0, "lora")]
     plan += [at(v, 0, "lora") for v in ("anchor-0.3", "anchor-3")]
+    plan += [at(v) for v in ("anchor-1-every8", "anchor-1-every4-bs4")]
     return plan
 
 
-PLANS = {"validity": validity_plan, "prevention": prevention_plan}
+HEADS = 8  # refusal heads monitored in the heads preset
+
+
+def heads_plan() -> list[RunSpec]:
+    """The validity preset's 8 conditions at seed 0, monitored with the refusal-head metric (issue #15):
+    does the heads' attention shift onto a reasoning span track refusal loss across runs?"""
+    return [RunSpec(s.condition, s.finetune, seed=0, lr=s.lr, variant="heads", guard={"refusal_heads": HEADS})
+            for s in validity_plan() if s.seed == 0]
+
+
+PLANS = {"validity": validity_plan, "prevention": prevention_plan, "heads": heads_plan}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,13 +175,15 @@ class Study:
         safe = bdata.load_xstest(args.xstest)
         self.xstest = [r["prompt"] for r in bdata.stratified(safe, args.n_xstest, seed=0)]
         self.xstest_small = [r["prompt"] for r in bdata.stratified(safe, 100, seed=0)]  # validity runs: 100, spread over types
-        atlas_dir = args.out / "atlas"
+        heads = HEADS if args.preset == "heads" else 0  # the same neurons, plus refusal heads
+        atlas_dir = args.out / ("atlas-heads" if heads else "atlas")
         if not (atlas_dir / "atlas.json").is_file():
-            say("identifying the atlas (48 pairs, 100 control sets)")
+            say(f"identifying the atlas (48 pairs, 100 control sets{f', {heads} refusal heads' if heads else ''})")
             base = self.model(0)
-            NeuronAtlas.identify(base, self.tok, bundled("harmful")[:48], bundled("intent"), top_m=0.01, min_share=0.5,
-                                 num_controls=100, max_new_tokens=16, max_length=192, batch_size=16, seed=0,
-                                 progress=False).save(atlas_dir)
+            NeuronAtlas.identify(base, self.tok, bundled("harmful")[:48], bundled("intent"),
+                                 bundled("harmless") if heads else (), top_m=0.01, min_share=0.5, num_controls=100,
+                                 max_new_tokens=16, max_length=192, batch_size=16, seed=0, progress=False,
+                                 refusal_heads=heads).save(atlas_dir)
             del base
         self.atlas = NeuronAtlas.load(atlas_dir)
         overlap = set(self.harmful) & set(bundled("anchor_harmful") + bundled("harmful"))
@@ -375,8 +392,10 @@ def run(spec: RunSpec, study: Study) -> dict[str, Any]:
                                "max_length": 192, "probe_batch_size": 16, "probe_every": 10_000, "log_file": "rimguard.jsonl",
                                **spec.guard})
     guard = make_guard_class()(guard_cfg, atlas=study.atlas, check_steps=CHECKS)
-    full = study.args.preset == "validity" or spec.variant == "none"  # baselines and refusal curve for every unguarded run
-    peer = bpeer.Peer(study.tok, workdir / "peer", pairs=16, batch_size=16, max_length=128) if full and bpeer.available()[0] else None
+    # baselines and refusal curve for every unguarded run; the heads preset does without the peer (measured in validity)
+    full = study.args.preset in ("validity", "heads") or spec.variant == "none"
+    with_peer = full and study.args.preset != "heads" and bpeer.available()[0]
+    peer = bpeer.Peer(study.tok, workdir / "peer", pairs=16, batch_size=16, max_length=128) if with_peer else None
     base = Baselines(study, guard, peer, full)
     timer, losses = StepTimer(), LossLog()
     lora = LoraConfig(r=32, lora_alpha=64, use_rslora=True, target_modules="all-linear", lora_dropout=0.0,

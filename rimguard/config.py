@@ -189,6 +189,9 @@ class MonitorConfig(_Section):
     head_probes: int = option(16, "harmful probes, each with a reasoning span, whose refusal-head attention is measured at "
                               "each check (one forward each, up to the last layer with a head)", ge=1)
     kl_top_k: int = option(64, "base log-probs stored per position for KL (the rest is one tail bucket)", ge=1)
+    kl_max_length: int = option(192, "tokens kept of each KL sequence taken from a training batch (its first real ones), "
+                                "so a check costs the same at any training sequence length; 192 is the length the KL "
+                                "noise rule was measured at", ge=1)
     rel_floor: float = option(0.05, "activation floor for RAS, relative to the mean base activation", gt=0)
     log_file: str | None = option("rimguard.jsonl", "JSONL log file name in output_dir (none: no file)")
     on_missing_state: Literal["error", "atlas", "fresh"] = option(

@@ -193,3 +193,32 @@ def test_batched_kl_equals_one_forward_per_probe(monkeypatch, chunk):
             top = next_token_logprobs(base_model, row).topk(8, dim=-1)
             want.append(metrics.topk_kl(top.values, top.indices, next_token_logprobs(model, row), row.attention_mask).item())
     assert got > 0 and got == pytest.approx(sum(want) / 5, rel=1e-4)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_kl_rows_from_a_training_batch_keep_their_first_real_tokens_up_to_kl_max_length(left):
+    import rimguard.signals.monitor as mon
+    from rimguard import GuardConfig, NeuronAtlas
+    from rimguard.hooks.arch import find_mlp_layers
+    from rimguard.hooks.capture import ActivationCapture
+
+    tok, model = tiny_tokenizer(), tiny_model("llama")
+    atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:4], bundled("intent"), top_m=4, min_share=0.25, num_controls=2,
+                                 max_new_tokens=4, max_length=64, progress=False)
+    config = GuardConfig(num_safety_probes=4, margin_probes=0, kl_probes=2, kl_max_length=5, max_length=64)
+    monitor = mon.EntanglementMonitor(ActivationCapture(model, find_mlp_layers(model)), tok, atlas, config)
+    ids = torch.arange(10, 40).view(3, 10)
+    mask = torch.ones_like(ids)
+    if left:
+        mask[0, :3] = 0  # row 0 left-padded: its real tokens are the last 7
+    else:
+        mask[1, 7:] = 0
+    monitor._grabbing = True
+    monitor._grab_first_batch(model, (), {"input_ids": ids, "attention_mask": mask})
+    assert monitor.kl_ids.shape == (2, 5)
+    want = ids[:2, -5:] if left else ids[:2, :5]
+    assert torch.equal(monitor.kl_ids, want) and bool(monitor.kl_mask.all())
+    # a batch no longer than kl_max_length is kept whole
+    monitor._grabbing = True
+    monitor._grab_first_batch(model, (), {"input_ids": ids[:, :4], "attention_mask": mask[:, :4]})
+    assert torch.equal(monitor.kl_ids, ids[:2, :4])

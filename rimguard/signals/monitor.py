@@ -248,10 +248,14 @@ class EntanglementMonitor:
         if not self._grabbing or not isinstance(ids, torch.Tensor):
             return self._grabbing
         self._grabbing = False
-        keep = self.config.monitor.kl_probes
+        keep, width = self.config.monitor.kl_probes, self.config.monitor.kl_max_length
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(ids)
-        self._set_kl_reference(Batch(ids[:keep].detach().clone(), mask[:keep].detach().clone()))
+        ids, mask = ids[:keep], mask[:keep]
+        if ids.shape[1] > width:  # the first real tokens: the leading columns, or the trailing ones under left padding
+            cols = slice(None, width) if bool(mask[:, 0].all()) else slice(-width, None)
+            ids, mask = ids[:, cols], mask[:, cols]
+        self._set_kl_reference(Batch(ids.detach().clone(), mask.detach().clone()))
         return False
 
     def _set_kl_reference(self, batch: Batch) -> None:
