@@ -42,6 +42,10 @@ MOE_FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "olmoe": {**_MOE},
     "qwen2_moe": {**_MOE, "decoder_sparse_step": 1, "mlp_only_layers": [], "shared_expert_intermediate_size": 96},
+    # DeepSeek-V3: layer 0 dense, layer 1 routed experts plus one shared expert; multi-head latent attention
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                    "moe_intermediate_size": 32, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 16, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4},
 }
 
 
@@ -90,8 +94,8 @@ def tiny_config(model_type: str = "llama", layers: int = 2, hidden: int = 64, in
                                     vocab_size=vocab, n_positions=512, **ids)
     return AutoConfig.for_model(
         model_type, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
-        **{**ids, **FAMILIES.get(model_type, MOE_FAMILIES.get(model_type, {}))},
+        vocab_size=vocab, max_position_embeddings=512,
+        **{"num_attention_heads": 4, "num_key_value_heads": 2, **ids, **FAMILIES.get(model_type, MOE_FAMILIES.get(model_type, {}))},
     )
 
 
