@@ -328,3 +328,49 @@ def test_inspect_shows_the_safety_neurons_per_expert(tmp_path, capsys):
     for (lay, unit) in atlas.safety_neurons().tolist():  # the expert of each neuron is its id over the expert width
         key = f"e{unit // width}" if unit < experts * width else "shared"
         assert per_expert[lay][key] >= 1
+
+
+class _HostRead(RuntimeError):
+    pass
+
+
+def _refuse(*args, **kwargs):
+    raise _HostRead("a hook read a tensor on the host")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "llama"])
+def test_training_hooks_never_read_a_tensor_on_the_host(family, monkeypatch):
+    """The stream, the penalty and the router count: no .item(), no bool(), no nonzero() inside a hook (no host sync)."""
+    original = ActivationCapture._source_hook
+
+    def guarded(self, pos):
+        hook = original(self, pos)
+
+        def run(module, args, kwargs):
+            with pytest.MonkeyPatch.context() as mp:
+                for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+                    mp.setattr(torch.Tensor, name, _refuse)
+                return hook(module, args, kwargs)
+
+        return run
+
+    monkeypatch.setattr(ActivationCapture, "_source_hook", guarded)
+    model = tiny_model(family).train()
+    layers = find_mlp_layers(model)
+    tracked = [torch.arange(0, layer.size, 7) for layer in layers]
+    capture = ActivationCapture(model, layers, tracked).attach()
+    if layers[0].experts is not None:
+        capture.watch_experts(tracked)
+    penalty = EntanglementPenalty([ids for ids, _ in capture.split(tracked)])
+    penalty.set_reference([torch.full((ids.numel(),), 0.1) for ids, _ in capture.split(tracked)])
+    penalty.weight = 1.0
+    capture.taps.append(penalty)
+    ids, mask = _batch(4)
+    for _ in range(2):
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        (out.loss + penalty.pop()).backward()
+    sums, count = capture.drain()
+    assert sums.shape == count.shape == (sum(t.numel() for t in tracked),) and bool((count > 0).any())
+    if layers[0].experts is not None:
+        assert capture.drain_router("train") is not None
+    capture.remove()

@@ -102,7 +102,7 @@ class ExpertActivation:
         if gate_b is not None and up_b is not None:
             pre_gate, pre_up = pre_gate + gate_b, pre_up + up_b
         return routed_max(self.hidden, self.routes, units // self.bank.size, pre_gate, pre_up, self.bank.activation,
-                          self.mask, self.batch, self.bank.num_experts)
+                          self.mask, self.batch)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,6 @@ def routed_max(
     activation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     mask: torch.Tensor | None,
     batch: int,
-    num_experts: int,
 ) -> torch.Tensor:
     """Per-sequence max of expert units over the real tokens routed to each unit's expert.
 
@@ -83,26 +82,19 @@ def routed_max(
         pre_gate, pre_up: ``[N, n]`` the units' gate and up pre-activations on every token.
         activation: ``(gate, up) -> [N, n]``, the experts' ``act(gate) * up``.
         mask: ``[batch, T]`` real tokens, or None.
-        num_experts: ``E``.
 
     Returns:
         ``[batch, n]`` in ``hidden``'s dtype, differentiable; ``MISSING`` (NaN) where a sequence routed
-        no real token to the unit's expert. Cost: the ``[N, n]`` pre-activations plus an ``[N, E]``
-        routing table, so ``O(N * (k + n))`` beyond them, whatever the number of experts.
+        no real token to the unit's expert. Cost beyond the ``[N, n]`` pre-activations: ``O(N * k * n)``
+        comparisons of routes with owners, whatever the number of experts.
     """
-    routed = _routing_table(routes, num_experts).index_select(1, owner)  # [N, n]
+    routed = (routes.unsqueeze(-1) == owner).any(dim=1)  # [N, n]: token t was sent to unit j's expert
     if mask is not None:
         routed = routed & mask.reshape(-1, 1).to(torch.bool)
     act = activation(pre_gate, pre_up).masked_fill(~routed, torch.finfo(hidden.dtype).min)
     peak = act.view(batch, -1, act.shape[-1]).amax(dim=1)
     present = routed.view(batch, -1, routed.shape[-1]).any(dim=1)
     return torch.where(present, peak, torch.full_like(peak, MISSING))
-
-
-def _routing_table(routes: torch.Tensor, experts: int) -> torch.Tensor:
-    """``[N, E]`` bool: token ``t`` is routed to expert ``e``."""
-    table = torch.zeros(routes.shape[0], experts, dtype=torch.bool, device=routes.device)
-    return table.scatter_(1, routes, True)
 
 
 def present_sum(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
