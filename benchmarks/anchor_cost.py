@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 from rimbench import data as bdata  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from rimguard import GuardConfig  # noqa: E402
+from rimguard import GuardConfig, NeuronAtlas  # noqa: E402
 from rimguard.actions.anchor import SafetyAnchor, record_anchor  # noqa: E402
 from rimguard.hooks.arch import find_mlp_layers  # noqa: E402
 from rimguard.hooks.capture import ActivationCapture  # noqa: E402
@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--every", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--gsm8k", type=Path, default=SHARED / "gsm8k" / "train.jsonl")
+    p.add_argument("--atlas", type=Path, default=HERE / "results" / "study" / "atlas", help="the study's atlas (its safety neurons)")
     p.add_argument("--step-json", type=Path, default=None, help="an overhead.py --preset user result: its unguarded step time")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -62,11 +63,12 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     capture = ActivationCapture(model, find_mlp_layers(model)).attach()
-    none = [torch.zeros(0, dtype=torch.long)] * len(capture.sources)  # the neuron term is off by default (act_weight 0)
+    # as the guard sets it up: the safety neurons' activations are read (the neuron term's weight is 0 by default)
+    safety = [ids for ids, _ in capture.split(NeuronAtlas.load(args.atlas).safety_per_layer())]
     cfg = GuardConfig().actions
-    record = record_anchor(model, tok, capture, none, bundled("anchor_harmful"), bundled("anchor_harmless"),
+    record = record_anchor(model, tok, capture, safety, bundled("anchor_harmful"), bundled("anchor_harmless"),
                            cfg.anchor_max_new_tokens, 256, cfg.anchor_top_k)
-    anchors = {bs: SafetyAnchor(record, none, batch_size=bs, every=1, act_weight=0.0) for bs in args.sizes}
+    anchors = {bs: SafetyAnchor(record, safety, batch_size=bs, every=1, act_weight=cfg.anchor_act_weight) for bs in args.sizes}
     batches = training_batches(tok, args.gsm8k, args.rounds + 1, 4, 192)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
