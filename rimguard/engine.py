@@ -551,7 +551,7 @@ class GuardEngine:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
         meta = {
             "tensors_sha256": file_sha256(folder / "state.safetensors"), "run_id": self.run_id, "witness": self.witness,
-            "ref_margin": mon["ref_margin"], "frozen": frz["frozen"], "lambda": self.lambda_,
+            "ref_margin": mon["ref_margin"], "ref_router": mon["ref_router"], "frozen": frz["frozen"], "lambda": self.lambda_,
             "policy": {"level": self.policy.level, "streak": self.policy.streak},
             "history": self.history, "checkpointed": self.checkpointed,
             "anchor_prompts": self.anchor.record.prompts if self.anchor is not None else None,
@@ -669,7 +669,8 @@ def read_state(folder: str | Path) -> dict[str, Any]:
         "param": part("param"),
         "heads": heads,
         "atlas": atlas,
-        "monitor": {"tensors": part("monitor"), "ref_margin": r.field(meta, "ref_margin", (int, float), name, optional=True)},
+        "monitor": {"tensors": part("monitor"), "ref_margin": r.field(meta, "ref_margin", (int, float), name, optional=True),
+                    "ref_router": r.field(meta, "ref_router", (int, float), name, optional=True)},
         "freezer": {"frozen": frozen, "merged_base": part("merged")},
         "policy": policy, "history": history, "checkpointed": r.field(meta, "checkpointed", bool, name), "lambda": float(weight),
     }
