@@ -234,8 +234,8 @@ class ActivationCapture:
 
     def routed_units(self) -> torch.Tensor:
         """``[N]`` bool over the tracked neurons (layer-major): True for MoE expert units, which can be ``MISSING``."""
-        parts = [torch.full((self.sources[pos].size if ids is None else ids.numel(),), src.bank is not None)
-                 for pos, (src, ids) in enumerate(zip(self.sources, self.source_tracked))]
+        parts = [torch.full((src.size if ids is None else ids.numel(),), src.bank is not None)
+                 for src, ids in zip(self.sources, self.source_tracked)]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
     def remove(self) -> None:
