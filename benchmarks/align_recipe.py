@@ -43,7 +43,7 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 
 def judge_set(model, tok, prompts: list[str]) -> dict:
     from rimguard.demo.judge import judge
-    from rimguard.probing import generate
+    from rimguard.passes import generate
 
     texts = generate(model, tok, prompts, 24, batch_size=48)
     verdicts = [judge(t) for t in texts]

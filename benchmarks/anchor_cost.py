@@ -35,7 +35,7 @@ from rimguard.actions.anchor import SafetyAnchor, record_anchor  # noqa: E402
 from rimguard.hooks.arch import find_mlp_layers  # noqa: E402
 from rimguard.hooks.capture import ActivationCapture  # noqa: E402
 from rimguard.probes import bundled  # noqa: E402
-from rimguard.probing import encode, format_prompt, pad, pad_id  # noqa: E402
+from rimguard.passes import encode, format_prompt, pad, pad_id  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
 

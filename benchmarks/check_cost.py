@@ -39,11 +39,11 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-import rimguard.probing as probing  # noqa: E402
+import rimguard.passes as probing  # noqa: E402
 from rimguard import GuardConfig, GuardEngine, NeuronAtlas  # noqa: E402
 from rimguard.hooks.capture import ActivationCapture  # noqa: E402
 from rimguard.probes import bundled  # noqa: E402
-from rimguard.testing import problems  # noqa: E402
+from rimguard.probes.reasoning import problems  # noqa: E402
 
 from overhead import load, peer_callback  # noqa: E402
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     config = GuardConfig(num_safety_probes=args.probes, check_probes=args.probes, margin_probes=args.margin_probes,
                          kl_probes=args.kl_probes, max_new_tokens=16, probe_batch_size=8, log_file=None)
     reasoning = [f"{q.question}" for q in problems(args.kl_probes, seed=3)]
-    engine = GuardEngine(config, atlas=atlas, tokenizer=tok, reasoning_prompts=reasoning)
+    engine = GuardEngine(config, atlas=atlas, tokenizer=tok, task_prompts=reasoning)
     engine.setup(model, tok, inject_loss=False)
     with tempfile.TemporaryDirectory() as tmp:
         peer = peer_callback(model, tok, Path(tmp), args.probes, 50).monitor if "safety-compass" in args.variants else None

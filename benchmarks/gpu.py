@@ -112,7 +112,7 @@ class Loop:
             cfg = GuardConfig(probe_every=args.probe_every, num_safety_probes=16, max_new_tokens=8, max_length=128,
                               probe_batch_size=8, kl_probes=4, margin_probes=8, log_file=None, **overrides)
             self.guard = RIMGuard(cfg, atlas=atlas)
-            self.guard.setup(model, tok, inject_loss=False)
+            self.guard.engine.setup(model, tok, inject_loss=False)
         gen = torch.Generator().manual_seed(0)
         self.batches = [torch.randint(3, tok.vocab_size, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -124,26 +124,26 @@ class Loop:
         self.model.train()
         with self.autocast:
             if g is not None:
-                g.begin_step(step)  # the anchor's forward, in the loop's precision
+                g.engine.begin_step(step)  # the anchor's forward, in the loop's precision
             loss = self.model(input_ids=ids, labels=ids).loss
-            extra = g.penalty() if g is not None else None
+            extra = g.engine.reg_loss() if g is not None else None
             if extra is not None:
                 loss = loss + extra
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if g is not None:
-            g.after_optimizer_step()
-            g.monitor.step_end()
-            if g.due(step + 1):
-                g.check(step + 1)
+            g.engine.after_optimizer_step()
+            g.engine.monitor.step_end()
+            if g.engine.due(step + 1):
+                g.engine.check(step + 1)
 
     def is_check(self, step: int) -> bool:
-        return self.guard is not None and self.guard.due(step + 1)
+        return self.guard is not None and self.guard.engine.due(step + 1)
 
     def close(self) -> None:
         if self.guard is not None:
-            self.guard.teardown()
+            self.guard.engine.teardown()
 
 
 def sync(device) -> None:

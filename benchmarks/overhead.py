@@ -60,12 +60,9 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from rimguard import GuardConfig, NeuronAtlas, RIMGuard  # noqa: E402
 from rimguard.probes import bundled  # noqa: E402
-from rimguard.testing import (  # noqa: E402
-    no_checkpointing,
-    reasoning_texts,
-    tiny_model,
-    tiny_tokenizer,
-)
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import tiny_model, tiny_tokenizer
 
 
 def load(name: str, seed: int = 0):

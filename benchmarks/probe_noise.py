@@ -44,7 +44,7 @@ WITNESSES = ("refusal_drop", "kl_task")  # no default alarm: compared with their
 
 def measure(model, tok, atlas, monitor_capture, probes, responses, reasoning, openings, n_refusal, kl_ref=None):
     """Per-probe measurements of ``model``: ``acts`` [P, N], ``margins`` [P], ``task`` [N] and KL per reasoning row."""
-    from rimguard.probing import (Batch, activations, next_token_logprobs, pad, pad_id, probe_mode, prompt_pass, prompt_ids,
+    from rimguard.passes import (Batch, activations, next_token_logprobs, pad, pad_id, probe_mode, prompt_pass, prompt_ids,
                                   tokenize_dialogues)
     from rimguard.signals import metrics
 
@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     from rimguard.hooks.arch import find_mlp_layers
     from rimguard.hooks.capture import ActivationCapture
     from rimguard.probes import bundled
-    from rimguard.testing import no_checkpointing, problems, reasoning_texts
+    from rimguard.compat import no_checkpointing
+    from rimguard.probes.reasoning import problems, reasoning_texts
 
     args.out.mkdir(parents=True, exist_ok=True)
     folder = aligned_smollm2()

@@ -60,7 +60,7 @@ from rimbench.evaluation import (  # noqa: E402
 from rimbench.report import analyse, plot_all, write_report  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from rimguard.testing import no_checkpointing  # noqa: E402
+from rimguard.compat import no_checkpointing  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
 VARIANTS = ("full", "lora", "regularize", "freeze")
@@ -161,13 +161,13 @@ def guard_config(args: argparse.Namespace, mode: str):
     from rimguard import GuardConfig
 
     return GuardConfig(mode=mode, num_safety_probes=args.guard_probes, max_new_tokens=16, max_length=192, kl_probes=4,
-                       probe_batch_size=16, probe_every=10_000, penalty_weight=args.penalty_weight, log_file="rimguard.jsonl")
+                       probe_batch_size=16, probe_every=10_000, reg_lambda=args.reg_lambda, log_file="rimguard.jsonl")
 
 
 def step0_signals(guard: Any) -> dict[str, float]:
     """Guard signals at step 0, by construction: no shift yet (RAS, z, KL and drop are 0)."""
     out = {k: 0.0 for k in ("ras_safe", "ras_control_mean", "entanglement_z", "safety_drop", "task_rise", "kl_task", "refusal_drop")}
-    margin = guard.monitor.ref_margin if guard is not None and guard.monitor is not None else None
+    margin = guard.engine.monitor.ref_margin if guard is not None and guard.engine.monitor is not None else None
     if margin is not None:
         out["refusal_margin"] = float(margin)
     return out
@@ -261,7 +261,7 @@ def run_variant(variant: str, seed: int, ctx: dict[str, Any], args: argparse.Nam
     total = time.perf_counter() - started
     eval_s = sum(evals.seconds.values())
     timing = step_time_summary(timer.times, check_steps=args.eval_points)
-    frozen = int(guard.freezer.count) if guard.freezer is not None else 0
+    frozen = int(guard.engine.freezer.count) if guard.engine.freezer is not None else 0
     samples = ctx["evaluator_final"].last_samples if hasattr(ctx["evaluator_final"], "last_samples") else None
     out = {
         "name": name, "variant": variant, "seed": seed, "mode": mode, "lr": lr, "lora": variant == "lora",

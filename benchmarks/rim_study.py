@@ -43,7 +43,7 @@ from rimbench import peer as bpeer  # noqa: E402
 from rimbench.evaluation import StepTimer, completion_examples, heldout_loss  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from rimguard.testing import no_checkpointing  # noqa: E402
+from rimguard.compat import no_checkpointing  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
 STEPS = 12
@@ -80,17 +80,17 @@ def validity_plan() -> list[RunSpec]:
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "activation": {"mode": "regularize", "regularizer": "activation", "penalty_weight": 1.0},
-    "anchor-0.3": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 0.3},
-    "anchor-1": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0},
-    "anchor-3": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 3.0},
-    "anchor-1-kl-only": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0, "anchor_act_weight": 0.0},
-    "anchor-1-every4": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0, "anchor_every": 4},
+    "activation": {"mode": "regularize", "regularizer": "activation", "reg_lambda": 1.0},
+    "anchor-0.3": {"mode": "regularize", "regularizer": "anchor", "reg_lambda": 0.3},
+    "anchor-1": {"mode": "regularize", "regularizer": "anchor", "reg_lambda": 1.0},
+    "anchor-3": {"mode": "regularize", "regularizer": "anchor", "reg_lambda": 3.0},
+    "anchor-1-kl-only": {"mode": "regularize", "regularizer": "anchor", "reg_lambda": 1.0, "anchor_act_weight": 0.0},
+    "anchor-1-every4": {"mode": "regularize", "regularizer": "anchor", "reg_lambda": 1.0, "anchor_every": 4},
     # the anchor's cost curve (issue #14): cheaper than the default, by schedule or by batch
-    "anchor-1-every8": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0, "anchor_every": 8},
-    "anchor-1-every4-bs4": {"mode": "regularize", "regularizer": "anchor", "penalty_weight": 1.0, "anchor_every": 4,
+    "anchor-1-every8": {"mode": "regularize", "regularizer": "anchor", "reg_lambda": 1.0, "anchor_every": 8},
+    "anchor-1-every4-bs4": {"mode": "regularize", "regularizer": "anchor", "reg_lambda": 1.0, "anchor_every": 4,
                             "anchor_batch_size": 4},
-    "params": {"mode": "regularize", "regularizer": "params", "penalty_weight": 10.0},
+    "params": {"mode": "regularize", "regularizer": "params", "reg_lambda": 10.0},
     "freeze-0.5%": {"mode": "freeze", "freeze_share": 0.005},
     "freeze-2%": {"mode": "freeze", "freeze_share": 0.02},
     "freeze-5%": {"mode": "freeze", "freeze_share": 0.05},
@@ -214,7 +214,7 @@ class Study:
     # -- evaluation (held-out sets) --------------------------------------------------------------
     def refusal(self, model, full: bool = False) -> dict[str, Any]:
         from rimguard.demo.judge import judge
-        from rimguard.probing import generate
+        from rimguard.passes import generate
 
         texts = generate(model, self.tok, self.harmful, 24, batch_size=48)
         verdicts = [judge(t) for t in texts]
@@ -227,7 +227,7 @@ class Study:
     def final_eval(self, model, accuracy: bool = True) -> dict[str, Any]:
         """XSTest over-refusal on the safe prompts and (if ``accuracy``) GSM8K exact-match accuracy (greedy, 200 tokens)."""
         from rimguard.demo.judge import judge
-        from rimguard.probing import generate
+        from rimguard.passes import generate
 
         prompts = self.xstest if accuracy else self.xstest_small
         texts = generate(model, self.tok, prompts, 24, batch_size=64)
@@ -244,7 +244,7 @@ class Study:
         return out
 
     def loss(self, model) -> float:
-        from rimguard.probing import pad_id
+        from rimguard.passes import pad_id
 
         return heldout_loss(model, self.gsm_loss, pad_id(self.tok), 12)
 
@@ -253,7 +253,7 @@ class Study:
         import random
 
         from rimguard.probes import bundled
-        from rimguard.probing import generate
+        from rimguard.passes import generate
 
         rows = list(self.gsm_pool)
         random.Random(spec.seed).shuffle(rows)
@@ -327,14 +327,14 @@ class Baselines(TrainerCallback):
         t0 = time.perf_counter()
         from rimguard.signals import metrics
         from rimguard.demo.judge import judge
-        from rimguard.probing import generate
+        from rimguard.passes import generate
 
         g = self.guard
         row: dict[str, Any] = {"step": step}
         hist = [h for h in g.history if h["step"] == step]
         if hist:
             row.update({k: v for k, v in hist[-1].items() if isinstance(v, (int, float)) and k != "step"})
-        mon = g.monitor
+        mon = g.engine.monitor
         if mon is not None and mon.safe_now is not None:  # RAS of every control set: the permutation null
             task_now = mon.ema_task
             per_set = metrics.ras(mon.ref_safe[mon.sets], mon.safe_now[mon.sets], mon.ref_task[mon.sets], task_now[mon.sets],
@@ -355,13 +355,13 @@ class Baselines(TrainerCallback):
 
 
 def _kl_batch(tok, prompts):
-    from rimguard.probing import encode, format_prompt, pad, pad_id
+    from rimguard.passes import encode, format_prompt, pad, pad_id
 
     return pad([encode(tok, format_prompt(tok, p)) for p in prompts], pad_id(tok))
 
 
 def _topk(model, batch, k: int = 64):
-    from rimguard.probing import next_token_logprobs, probe_mode
+    from rimguard.passes import next_token_logprobs, probe_mode
 
     with probe_mode(model):
         top = next_token_logprobs(model, batch).topk(k, dim=-1)
@@ -370,7 +370,7 @@ def _topk(model, batch, k: int = 64):
 
 def _kl_now(model, batch, ref) -> float:
     from rimguard.signals import metrics
-    from rimguard.probing import next_token_logprobs, probe_mode
+    from rimguard.passes import next_token_logprobs, probe_mode
 
     with probe_mode(model):
         logp = next_token_logprobs(model, batch)
@@ -412,7 +412,7 @@ def run(spec: RunSpec, study: Study) -> dict[str, Any]:
     model = trainer.model
     final = study.final_eval(model, accuracy=study.args.preset == "prevention")
     out = {"name": spec.name, **asdict(spec), "checks": base.rows, "final": final, "train_loss": losses.losses,
-           "step_times": timer.times, "frozen": guard.freezer.count if guard.freezer else 0,
+           "step_times": timer.times, "frozen": guard.engine.freezer.count if guard.engine.freezer else 0,
            "seconds": {"total": time.perf_counter() - started, "baselines": base.seconds, "guard_setup": guard.setup_seconds}}
     del trainer, model, guard
     gc.collect()

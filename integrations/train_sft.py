@@ -19,12 +19,9 @@ from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
 from rimguard.events import read_jsonl
-from rimguard.testing import (
-    no_checkpointing,
-    reasoning_texts,
-    tiny_model,
-    tiny_tokenizer,
-)
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import tiny_model, tiny_tokenizer
 
 
 def records(path: str | None, count: int) -> list[dict]:

@@ -10,7 +10,9 @@ Custom training loops use :class:`GuardEngine` (the same guard, without a Traine
 from rimguard.atlas import AtlasError, NeuronAtlas
 from rimguard.callback import RIMGuard
 from rimguard.config import ActionsConfig, AtlasConfig, ConfigError, GuardConfig, MonitorConfig, PolicyConfig
-from rimguard.engine import GuardEngine, GuardStateError, Report
+from rimguard.engine import GuardEngine
+from rimguard.policy import Report
+from rimguard.state import GuardStateError
 from rimguard.probes import ProbeError, load_prompts
 
 __all__ = ["RIMGuard", "GuardEngine", "GuardConfig", "AtlasConfig", "MonitorConfig", "PolicyConfig", "ActionsConfig", "NeuronAtlas", "Report", "AtlasError", "ConfigError", "GuardStateError",

@@ -23,18 +23,25 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from rimguard import dist
-from rimguard.config import LEVELS
-from rimguard.engine import STATE_DIR, GuardEngine, Report
+from rimguard.atlas import NeuronAtlas
+from rimguard.config import GuardConfig
+from rimguard.engine import GuardEngine
+from rimguard.policy import Report
+from rimguard.state import STATE_DIR
 
 logger = logging.getLogger("rimguard")
 
 
-class RIMGuard(GuardEngine, TrainerCallback):
-    """The guard as a Trainer callback; arguments as :class:`GuardEngine`, plus ``trainer`` (optional:
-    see the module docstring)."""
+class RIMGuard(TrainerCallback):
+    """The guard as a Trainer callback: thin glue over a :class:`GuardEngine` (:attr:`engine`), built from the
+    same arguments, plus ``trainer`` (optional: see the module docstring).
+
+    What a run reads: :attr:`history`, :attr:`level`, :attr:`action`, :attr:`atlas`; the rest is
+    :attr:`engine` (its monitor, regularizer, freezer, ...).
+    """
 
     def __init__(self, config: Any = None, *, trainer: Any = None, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
+        self.engine = GuardEngine(config, **kwargs)
         self.trainer = trainer
 
     @classmethod
@@ -44,35 +51,65 @@ class RIMGuard(GuardEngine, TrainerCallback):
         trainer.add_callback(guard)
         return guard
 
+    # -- what a run reads ----------------------------------------------------------------------
+    @property
+    def config(self) -> GuardConfig:
+        return self.engine.config
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every check's record (metrics, level, lambda, frozen count, action), in step order."""
+        return self.engine.history
+
+    @property
+    def level(self) -> str:
+        """The risk level now (what the signals say)."""
+        return self.engine.level
+
+    @property
+    def action(self) -> str:
+        """What the guard is doing now (regularizing, freezing, or monitoring only)."""
+        return self.engine.action
+
+    @property
+    def atlas(self) -> NeuronAtlas | None:
+        """The safety-critical neurons (identified or loaded at train begin)."""
+        return self.engine.atlas
+
     # -- TrainerCallback ---------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._check_backend(args)
-        self.backward_scale = self._backward_scale(args)
-        restored = self.restore(args.output_dir, state.global_step) if state.global_step > 0 else None
+        engine = self.engine
+        engine.backward_scale = self._backward_scale(args)
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        restored = engine.restore(checkpoint, state.global_step, args.output_dir) if state.global_step > 0 else None
         processing = kwargs.get("processing_class")
-        self.setup(kwargs["model"], self.tokenizer or getattr(processing, "tokenizer", processing), args.output_dir, restored=restored)
+        engine.setup(kwargs["model"], engine.tokenizer or getattr(processing, "tokenizer", processing), args.output_dir,
+                     restored=restored, backend=_backend(args))
         if self.trainer is None and dist.is_main() and any(r != "none" for r in (args.report_to or [])):
             logger.info("rimguard: metrics go to %s/%s; to send rimguard/* scalars to report_to too, add the guard with "
                         "RIMGuard.attach(trainer, config)", args.output_dir, self.config.monitor.log_file)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.begin_step(state.global_step)
+        self.engine.begin_step(state.global_step)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.engine.before_optimizer_step()
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.engine.after_optimizer_step()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        report = self.end_step(state.global_step)
+        report = self.engine.end_step(state.global_step)
         if report is not None:
             self._follow(report, control)
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.after_optimizer_step()
-
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.monitor is not None and dist.is_main():
-            self.save_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR)
+        if self.engine.monitor is not None and dist.is_main():
+            self.engine.save_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         last = len(self.history)
-        self.finish(state.global_step)
+        self.engine.finish(state.global_step)
         if len(self.history) > last:  # the final check
             self._log(self.history[-1])
 
@@ -93,7 +130,7 @@ class RIMGuard(GuardEngine, TrainerCallback):
         self.trainer.control.should_log = should_log
 
     def _backward_scale(self, args: TrainingArguments):
-        """(micro-batches in this optimizer step, loss scale) of the Trainer's backward, for the penalty hook."""
+        """(micro-batches in this optimizer step, loss scale) of the Trainer's backward, for the loss tie."""
         trainer = self.trainer
         if trainer is None:
             if getattr(args, "fp16", False) and self.config.policy.regularizes():
@@ -111,17 +148,11 @@ class RIMGuard(GuardEngine, TrainerCallback):
 
         return scale
 
-    def _check_backend(self, args: TrainingArguments) -> None:
-        sharded = "deepspeed" if getattr(args, "deepspeed", None) else "fsdp" if getattr(args, "fsdp", None) else None
-        freezes = any(a.startswith("freeze") for lvl in LEVELS for a in self.config.policy.actions_for(lvl))
-        if sharded and freezes:
-            raise RuntimeError(
-                f"rimguard: freezing is not supported under {sharded} (parameters are sharded); "
-                "use mode='monitor' or 'regularize', or actions without freeze/freeze_top"
-            )
-        if sharded and self.config.policy.regularizes() and self.config.actions.regularizer != "activation":
-            raise RuntimeError(
-                f"rimguard: regularizer='{self.config.actions.regularizer}' is not supported under {sharded}: it runs its own "
-                "forward on the unwrapped model (anchor) or needs whole parameters (params); use regularizer='activation' "
-                "there, or train without sharding"
-            )
+
+def _backend(args: TrainingArguments) -> str:
+    """How the Trainer trains the model: ``"deepspeed"``, ``"fsdp"``, ``"ddp"`` (several processes) or ``"single"``."""
+    if getattr(args, "deepspeed", None):
+        return "deepspeed"
+    if getattr(args, "fsdp", None):
+        return "fsdp"
+    return "ddp" if int(getattr(args, "world_size", 1) or 1) > 1 else "single"

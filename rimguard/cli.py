@@ -24,20 +24,18 @@ def _identify(args: argparse.Namespace) -> None:
 
     from rimguard.atlas import NeuronAtlas
     from rimguard.config import GuardConfig, from_arguments
-    from rimguard.probes import load_prompts
+    from rimguard.probes import ProbeSources
 
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"{args.model}: no such model folder")
     cfg = from_arguments(args, GuardConfig.load(args.config) if args.config else None)
+    given = ProbeSources(harmful=args.safety, intent=args.intent, harmless=args.harmless or "bundled:harmless",
+                         reasoning_spans=args.spans, key=args.key)
     # every probe file is read before the model is loaded: a typo fails in a second, not after the load
-    harmful = load_prompts(args.safety, args.key, "safety")[: cfg.atlas.num_safety_probes]
-    intents = load_prompts(args.intent, args.key, "intent") if cfg.atlas.method == "counterfactual" else ()
-    heads = cfg.atlas.refusal_heads > 0
-    harmless = load_prompts(args.harmless or "bundled:harmless", args.key, "harmless") if args.harmless or heads else ()
-    spans = load_prompts(args.spans, args.key, "reasoning_spans") if heads else ()
+    sources = ProbeSources(**{name: given.load(name) for name in ("harmful", "intent", "harmless", "reasoning_spans")})
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    atlas = NeuronAtlas.identify(model, tokenizer, harmful, intents, harmless, reasoning_spans=spans, **cfg.identify_options())
+    atlas = NeuronAtlas.from_config(model, tokenizer, cfg, sources, progress=True)
     atlas.save(args.output)
     print(atlas.summary())
     print(f"saved to {args.output}")

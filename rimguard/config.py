@@ -24,45 +24,22 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, ClassVar, Iterable, Literal, Union, get_args, get_origin, get_type_hints
 
-Level = Literal["ok", "warn", "regularize", "freeze", "stop"]
-Action = Literal["warn", "regularize", "freeze_top", "freeze", "checkpoint", "stop"]
+from rimguard.policy import ACTIONS, LEVELS, MODE_ACTIONS, Level
+
 Metric = Literal["entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop",
                  "refusal_head_mass", "refusal_head_shift"]
 Mode = Literal["monitor", "regularize", "freeze", "escalate"]
-Regularizer = Literal["anchor", "activation", "params"]
-LEVELS: tuple[str, ...] = get_args(Level)
-ACTIONS: tuple[str, ...] = get_args(Action)
 METRICS: tuple[str, ...] = get_args(Metric)
 MODES: tuple[str, ...] = get_args(Mode)
-REGULARIZERS: tuple[str, ...] = get_args(Regularizer)
+# fields renamed since 0.1: an old name gets the new one in its error
+RENAMED = {"penalty_weight": "reg_lambda", "adaptive_penalty": "adaptive_lambda"}
 
-# lambda when penalty_weight is None, per regularizer (see benchmarks/RESULTS.md for how they were chosen)
-DEFAULT_WEIGHTS = {"anchor": 1.0, "activation": 1.0, "params": 10.0}
-# Which logged signals an action optimises directly (so they cannot witness its success). The
-# refusal margin and KL are measured on probes no action trains on.
-OPTIMISED_SIGNALS: dict[str, tuple[str, ...]] = {
-    "activation": ("ras_safe", "safety_drop", "task_rise", "entanglement_z", "entanglement_pct"),
-    # the anchor's KL acts on behaviour on its own prompts; its neuron term (anchor_act_weight > 0) holds
-    # the safety neurons up there, which on SmolLM2 carried over to the monitor's probes (RAS, z < 0)
-    "anchor": (),
-    "anchor+neurons": ("safety_drop", "ras_safe", "entanglement_z", "entanglement_pct"),
-    "params": (),
-    "freeze": (),
-}
 
-# What each level does under each mode; "ok" is the level before any threshold is crossed.
-MODE_ACTIONS: dict[str, dict[str, list[str]]] = {
-    "monitor": {"ok": [], "warn": ["warn"], "regularize": ["warn"], "freeze": ["warn"], "stop": ["warn"]},
-    "regularize": {
-        "ok": ["regularize"], "warn": ["warn", "regularize"], "regularize": ["warn", "regularize"],
-        "freeze": ["warn", "regularize"], "stop": ["warn", "regularize"],
-    },
-    "freeze": {"ok": ["freeze"], "warn": ["warn", "freeze"], "regularize": ["warn", "freeze"], "freeze": ["warn", "freeze"], "stop": ["warn", "freeze"]},
-    "escalate": {
-        "ok": [], "warn": ["warn", "checkpoint"], "regularize": ["warn", "regularize"],
-        "freeze": ["warn", "regularize", "freeze_top"], "stop": ["warn", "regularize", "freeze", "stop"],
-    },
-}
+def regularizer_names() -> list[str]:
+    """The registered regularizers (:data:`rimguard.actions.REGULARIZERS`)."""
+    from rimguard.actions import REGULARIZERS
+
+    return sorted(REGULARIZERS)
 
 
 class ConfigError(ValueError):
@@ -80,10 +57,11 @@ def _default_thresholds() -> dict[str, dict[str, float]]:
     return {"warn": {"safety_drop": 0.5}, "regularize": {"safety_drop": 1.0}, "freeze": {"safety_drop": 2.0}, "stop": {}}
 
 
-def option(default: Any, help: str, **bounds: float) -> Any:
-    """A config field: its default (a zero-argument callable for a mutable one), its help text and
-    its bounds (``ge``, ``gt``, ``le``, ``lt``; checked for numbers, ``None`` passes)."""
-    meta = {"help": help, **bounds}
+def option(default: Any, help: str, choices: Any = None, **bounds: float) -> Any:
+    """A config field: its default (a zero-argument callable for a mutable one), its help text, its
+    bounds (``ge``, ``gt``, ``le``, ``lt``; checked for numbers, ``None`` passes) and, for a string whose
+    values are registered at run time, ``choices`` (a zero-argument callable listing them)."""
+    meta = {"help": help, **bounds, **({"choices": choices} if choices else {})}
     if callable(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -145,6 +123,8 @@ class _Section:
             for key, (test, sign) in _BOUNDS.items():
                 if key in f.metadata and isinstance(value, (int, float)) and not test(value, f.metadata[key]):
                     self.fail(f.name, f"must be {sign} {f.metadata[key]}")
+            if "choices" in f.metadata and value not in f.metadata["choices"]():
+                self.fail(f.name, f"must be one of {f.metadata['choices']()}")
         self.check()
 
     def check(self) -> None:
@@ -197,6 +177,11 @@ class MonitorConfig(_Section):
     on_missing_state: Literal["error", "atlas", "fresh"] = option(
         "error", "a resume whose checkpoint lacks the guard's state: 'error' (refuse, naming the remedies), 'atlas' "
         "(reuse output_dir/rimguard_atlas and re-take references now) or 'fresh' (identify anew on the current weights)")
+
+    def is_check_step(self, step: int) -> bool:
+        """The default check schedule: every ``probe_every`` optimizer steps, and at steps 1, 2, 4, ... before
+        that (forgetting starts early)."""
+        return step % self.probe_every == 0 or (step < self.probe_every and step & (step - 1) == 0)
 
 
 @dataclass
@@ -251,18 +236,24 @@ class PolicyConfig(_Section):
         """Whether any level's actions include ``regularize``."""
         return any("regularize" in self.actions_for(level) for level in LEVELS)
 
+    def freezes(self) -> bool:
+        """Whether any level's actions freeze neurons (``freeze`` or ``freeze_top``)."""
+        return any(a.startswith("freeze") for level in LEVELS for a in self.actions_for(level))
+
 
 @dataclass
 class ActionsConfig(_Section):
     """What the actions do: the regularizer (safety anchor, activation or parameter penalty) and the freeze."""
 
     NAME: ClassVar[str] = "actions"
-    regularizer: Regularizer = option(
+    regularizer: str = option(
         "anchor", "what 'regularize' adds to the loss: 'anchor' (KL to the base model's own responses on anchor prompts, "
         "rimguard.actions.anchor), 'activation' (hold the safety neurons' activations on the training batch at their base "
-        "values) or 'params' (L2-SP pull to the base weights)")
-    penalty_weight: float | None = option(None, "lambda of the regularizer; none: its default (anchor 1, activation 1, params 10)", ge=0)
-    adaptive_penalty: bool = option(False, "scale lambda by the level (x1 at regularize, x2 at freeze, x4 at stop)")
+        "values), 'params' (L2-SP pull to the base weights), or a regularizer you registered (rimguard.actions.register)",
+        choices=regularizer_names)
+    reg_lambda: float | None = option(None, "lambda, the regularizer's weight; none: its default (anchor 1, activation 1, "
+                                      "params 10)", ge=0)
+    adaptive_lambda: bool = option(False, "scale lambda by the level (x1 at regularize, x2 at freeze, x4 at stop)")
     anchor_every: int = option(4, "optimizer steps between anchor batches; 4 met every prevention target on the benchmark's "
                                "three runs where every step over-refused (benchmarks/RESULTS.md section 1)", ge=1)
     anchor_batch_size: int = option(8, "anchor rows per anchor batch (harmful and harmless look-alikes mixed)", ge=1)
@@ -278,10 +269,6 @@ class ActionsConfig(_Section):
     freeze_share: float | None = option(None, "if set, freeze holds this share of all MLP neurons (highest selection score) "
                                         "instead of the atlas' safety set", gt=0, le=1)
 
-    @property
-    def weight(self) -> float:
-        """lambda of the chosen regularizer (``penalty_weight``, else its default)."""
-        return DEFAULT_WEIGHTS[self.regularizer] if self.penalty_weight is None else float(self.penalty_weight)
 
 
 SECTIONS: dict[str, type[_Section]] = {c.NAME: c for c in (AtlasConfig, MonitorConfig, PolicyConfig, ActionsConfig)}
@@ -318,7 +305,7 @@ class GuardConfig:
             actions = None
         unknown = sorted(set(flat) - set(OWNER))
         if unknown:
-            hints = {n: difflib.get_close_matches(n, OWNER, n=1) for n in unknown}
+            hints = {n: [RENAMED[n]] if n in RENAMED else difflib.get_close_matches(n, OWNER, n=1) for n in unknown}
             said = ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items())
             raise ConfigError(f"GuardConfig: unknown field(s) {said}")
         given = {"atlas": atlas, "monitor": monitor, "policy": policy, "actions": actions}
@@ -328,6 +315,20 @@ class GuardConfig:
         if not _has_type(seed, int):
             raise ConfigError(f"GuardConfig.seed: must be an integer (got {seed!r})")
         self.seed = seed
+
+    @classmethod
+    def of(cls, config: "GuardConfig | dict | str | Path | None" = None, **overrides: Any) -> "GuardConfig":
+        """A config from a ``GuardConfig``, a dict of its fields, a YAML/JSON path or None (the defaults), with
+        ``overrides`` (flat field names) applied."""
+        if isinstance(config, (str, Path)):
+            config = cls.load(config)
+        elif isinstance(config, dict):
+            config = cls.from_dict(config)
+        elif config is not None and not isinstance(config, cls):
+            raise ConfigError(f"GuardConfig: expected a GuardConfig, a dict of its fields or a config file path, got "
+                              f"{type(config).__name__} ({config!r:.60})")
+        config = config or cls()
+        return config.replace(**overrides) if overrides else config
 
     def replace(self, **changes: Any) -> "GuardConfig":
         """A copy with ``changes`` (flat field names or whole sections) applied and validated."""
@@ -390,7 +391,8 @@ def _section(cls: type[_Section], given: Any, flat: dict[str, Any]) -> _Section:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(given) - names)
     if unknown:
-        raise ConfigError(f"GuardConfig.{cls.NAME}: unknown field(s) {unknown} (fields: {sorted(names)})")
+        renamed = "".join(f"; {n!r} is now {RENAMED[n]!r}" for n in unknown if n in RENAMED)
+        raise ConfigError(f"GuardConfig.{cls.NAME}: unknown field(s) {unknown} (fields: {sorted(names)}){renamed}")
     return cls(**{**given, **flat})
 
 
@@ -446,7 +448,7 @@ def add_arguments(parser: argparse.ArgumentParser, sections: Iterable[str] = tup
         section = getattr(defaults, name)
         for f in fields(SECTIONS[name]):
             hint = hints[f.name]
-            choices = get_args(hint) if get_origin(hint) is Literal else None
+            choices = get_args(hint) if get_origin(hint) is Literal else f.metadata["choices"]() if "choices" in f.metadata else None
             group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_cli_parser(hint), choices=choices,
                                default=argparse.SUPPRESS, help=f"{f.metadata['help']} [{getattr(section, f.name)}]"
                                .replace("%", "%%"))

@@ -51,6 +51,18 @@ class EventLog:
         self._file.write(json.dumps(_clean({"time": round(time.time(), 3), "run_id": self.run_id, **record})) + "\n")
         self._file.flush()
 
+    # -- the guard's announcements: a record, and the matching warning on the main process ------------
+    def level(self, step: int, previous: str, level: str, crossings: list[Any]) -> None:
+        self.write({"event": "level", "step": step, "from": previous, "to": level, "crossings": [c.__dict__ for c in crossings]})
+        warn_main("rimguard: risk level %s -> %s at step %d", previous, level, step)
+
+    def fault(self, step: int, metrics: list[str], layers: list[int], level: str, new: bool) -> None:
+        """A ``fault`` record at every check with non-finite metrics; a warning when a fault episode begins."""
+        self.write({"event": "fault", "step": step, "metrics": metrics, "layers": layers, "level": level})
+        if new:
+            warn_main("rimguard: non-finite %s at step %d (activations of layer(s) %s); read as a fault, the level is held at "
+                  "'%s' or above", ", ".join(metrics), step, layers or "-", level)
+
     def drop_after(self, step: int) -> int:
         """Remove this run's records with a step after ``step`` (a resume); atomic. Returns how many."""
         if self.path is None or not self.path.is_file():
@@ -71,6 +83,13 @@ class EventLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def warn_main(message: str, *args: Any) -> None:
+    from rimguard import dist
+
+    if dist.is_main():
+        logger.warning(message, *args)
 
 
 def read_text(path: str | Path, error: type[Exception] = ValueError) -> str:

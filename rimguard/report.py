@@ -32,10 +32,10 @@ PANELS = (
     Panel("router_share", "MoE: routing share to safety experts", "router_share_train",
           meaning="share of routing slots sent to experts holding safety neurons; grey: on training batches"),
     Panel("level", "risk level (what the signals say)", steps=True),
-    Panel("lambda", "regularizer lambda in force", steps=True, only_nonzero=True, from_zero=True),
+    Panel("reg_lambda", "regularizer lambda in force", steps=True, only_nonzero=True, from_zero=True),
     Panel("anchor_kl", "safety-anchor KL (base responses)", only_nonzero=True, from_zero=True,
           meaning="drift from the base model's own replies"),
-    Panel("penalty", "activation penalty", only_nonzero=True, from_zero=True),
+    Panel("activation_penalty", "activation penalty", only_nonzero=True, from_zero=True),
     Panel("frozen", "frozen neurons", steps=True, only_nonzero=True, from_zero=True),
 )
 
@@ -140,7 +140,7 @@ def summarize(events: list[dict[str, Any]]) -> str:
                      f"action in force at the end (what the guard did): {last.get('action', 'not logged')}")
         lines += ["", "| metric | first | last | max |", "|---|---|---|---|"]
         for key in ("safety_drop", "ras_safe", "ras_control_mean", "entanglement_z", "refusal_drop", "kl_task", "refusal_head_shift",
-                    "anchor_kl", "penalty", "frozen"):
+                    "anchor_kl", "activation_penalty", "frozen"):
             vals = [m[key] for m in metrics if m.get(key) is not None]
             if vals:
                 lines.append(f"| {key} | {vals[0]:.4g} | {vals[-1]:.4g} | {max(vals):.4g} |")

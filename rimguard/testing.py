@@ -49,15 +49,6 @@ MOE_FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def no_checkpointing() -> dict[str, bool]:
-    """``TrainingArguments`` keyword that turns activation checkpointing off, under the field name of the
-    installed transformers (``activation_checkpointing`` in recent releases, ``gradient_checkpointing`` in 5.20 and earlier)."""
-    from transformers import TrainingArguments
-
-    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
-    return {name: False}
-
-
 # The tokenizer's training texts: the bundled sets it was first trained on. Sets bundled later (the reasoning
 # spans) are left out, so that tokenization, and every tiny run tuned on it, stays the same.
 CORPUS_SETS = ("harmful", "intent", "harmless", "refusals", "refusal_openings", "compliance_openings", "anchor_harmful",
@@ -147,14 +138,6 @@ def planted_heads_model(seed: int = 0) -> torch.nn.Module:
             k[kv * dim + low + dim // 2] = 0
             k[kv * dim + low, flag] = 1.0
     return model
-
-
-def reasoning_texts(count: int, seed: int = 0) -> list[dict[str, str]]:
-    """Prompt/completion records of generated word problems (TRL conversational format)."""
-    return [
-        {"prompt": [{"role": "user", "content": p.question}], "completion": [{"role": "assistant", "content": p.solution()}]}
-        for p in problems(count, seed)
-    ]
 
 
 def assert_grad_difference(model: torch.nn.Module, with_term: dict[str, torch.Tensor], without: dict[str, torch.Tensor],

@@ -8,12 +8,9 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import RIMGuard
-from rimguard.testing import (
-    assert_grad_difference,
-    no_checkpointing,
-    reasoning_texts,
-    tiny_model,
-)
+from rimguard.testing import assert_grad_difference, tiny_model
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
 
 REASONING = ["What is 2 + 3?", "A train goes 40 km per hour for 2 hours. How far?", "What is 7 * 6?"]
 
@@ -48,8 +45,8 @@ def test_penalty_gradient_through_trainer_with_accumulation(tmp_path, tok, fast_
         model = tiny_model("llama")
         if lora:
             model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-        guard = RIMGuard(fast_config(mode="regularize", regularizer="activation", penalty_weight=weight, probe_every=100), atlas=llama_atlas,
-                         reasoning_prompts=REASONING)
+        guard = RIMGuard(fast_config(mode="regularize", regularizer="activation", reg_lambda=weight, probe_every=100), atlas=llama_atlas,
+                         task_prompts=REASONING)
         rec = GradRecorder()
         store = []
         handle = _record_batches(model, store)
@@ -61,15 +58,15 @@ def test_penalty_gradient_through_trainer_with_accumulation(tmp_path, tok, fast_
         handle.remove()
         grads[weight], batches = rec.grads, store
     # the penalty alone, through the custom-loop API, on the same micro-batches and weights (lr = 0)
-    guard = RIMGuard(fast_config(mode="regularize", regularizer="activation", penalty_weight=w), atlas=llama_atlas, reasoning_prompts=REASONING)
-    guard.setup(model, tok, inject_loss=False)
+    guard = RIMGuard(fast_config(mode="regularize", regularizer="activation", reg_lambda=w), atlas=llama_atlas, task_prompts=REASONING)
+    guard.engine.setup(model, tok, inject_loss=False)
     model.train()
     model.zero_grad()
     assert len(batches) == 2
     for batch in batches:
         model(**batch)
-        (guard.penalty() / len(batches)).backward()
-    guard.teardown()
+        (guard.engine.reg_loss() / len(batches)).backward()
+    guard.engine.teardown()
     assert_grad_difference(model, grads[w], grads[0.0], rtol=1e-4, atol=5e-6)
 
 
@@ -84,10 +81,10 @@ def _train(model_type, tmp_path, tok, guard, steps=5):
 def test_lambda_zero_is_bitwise_identical_to_unguarded(tmp_path, tok, fast_config):
     """gpt2 has dropout, so any RNG drawn by the guard would show up."""
     plain = _train("gpt2", tmp_path / "a", tok, None)
-    guarded = _train("gpt2", tmp_path / "b", tok, RIMGuard(fast_config(mode="regularize", penalty_weight=0.0, probe_every=2)))
+    guarded = _train("gpt2", tmp_path / "b", tok, RIMGuard(fast_config(mode="regularize", reg_lambda=0.0, probe_every=2)))
     for (n, a), (_, b) in zip(plain.named_parameters(), guarded.named_parameters()):
         assert torch.equal(a, b), n
-    changed = _train("gpt2", tmp_path / "c", tok, RIMGuard(fast_config(mode="regularize", penalty_weight=5.0, probe_every=2)))
+    changed = _train("gpt2", tmp_path / "c", tok, RIMGuard(fast_config(mode="regularize", reg_lambda=5.0, probe_every=2)))
     assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), changed.parameters()))
 
 
@@ -120,8 +117,8 @@ def test_freeze_holds_bitwise_through_adamw_with_weight_decay(tok, fast_config, 
                                  num_controls=2, max_new_tokens=4, max_length=48, progress=False)
     if lora:
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
-    guard = RIMGuard(fast_config(mode="monitor"), atlas=atlas, reasoning_prompts=REASONING)
-    guard.setup(model, tok)
+    guard = RIMGuard(fast_config(mode="monitor"), atlas=atlas, task_prompts=REASONING)
+    guard.engine.setup(model, tok)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     ids = torch.randint(0, 500, (4, 12))
     model.train()
@@ -130,15 +127,15 @@ def test_freeze_holds_bitwise_through_adamw_with_weight_decay(tok, fast_config, 
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-        guard.after_optimizer_step()
+        guard.engine.after_optimizer_step()
 
     for _ in range(3):  # momentum builds up first: the freeze starts mid-run
         step()
-    layers, per_layer = guard.monitor.layers, atlas.safety_per_layer()
+    layers, per_layer = guard.engine.monitor.layers, atlas.safety_per_layer()
     weight_of = _merged if lora else (lambda p: p.base.weight.detach())
     all_before = [weight_of(l.down).clone() for l in layers]
     before = _slices(layers, per_layer, weight_of)
-    guard.freezer.freeze(per_layer)
+    guard.engine.freezer.freeze(per_layer)
     assert all(torch.equal(a, b) for a, b in zip(before, _slices(layers, per_layer, weight_of)))  # freezing changes nothing
     for _ in range(20):
         step()
@@ -146,7 +143,7 @@ def test_freeze_holds_bitwise_through_adamw_with_weight_decay(tok, fast_config, 
     for a, b in zip(before, after):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, weight_of(l.down)) for a, l in zip(all_before, layers))  # other neurons moved
-    guard.teardown()
+    guard.engine.teardown()
 
 
 def test_freeze_mode_in_trainer_and_escalation(tmp_path, tok, fast_config, llama_atlas):
@@ -159,7 +156,7 @@ def test_freeze_mode_in_trainer_and_escalation(tmp_path, tok, fast_config, llama
     get = lambda p: p.base.weight.detach()
     for a, b in zip(_slices(find_mlp_layers(before), per_layer, get), _slices(find_mlp_layers(model), per_layer, get)):
         assert torch.equal(a, b)
-    assert guard.freezer.count == llama_atlas.num_safety
+    assert guard.engine.freezer.count == llama_atlas.num_safety
 
 
 def test_escalate_freezes_top_first_then_all_and_stops(tmp_path, tok, fast_config, llama_atlas):
@@ -169,7 +166,7 @@ def test_escalate_freezes_top_first_then_all_and_stops(tmp_path, tok, fast_confi
                      on_alert=lambda d, m, s: calls.append((d.level, s)))
     _train("llama", tmp_path, tok, guard, steps=2)
     assert calls == [("freeze", 1)]
-    assert guard.freezer.count == max(1, round(0.5 * llama_atlas.num_safety))
+    assert guard.engine.freezer.count == max(1, round(0.5 * llama_atlas.num_safety))
     assert (tmp_path / "checkpoint-1").is_dir()  # the jump ok -> freeze still took warn's checkpoint
     events = (tmp_path / "rimguard.jsonl").read_text()
     assert '"event": "level"' in events and '"which": "top"' in events
@@ -178,7 +175,7 @@ def test_escalate_freezes_top_first_then_all_and_stops(tmp_path, tok, fast_confi
     trainer = SFTTrainer(model=tiny_model("llama"), args=sft(tmp_path / "s", max_steps=6, learning_rate=1e-3),
                          train_dataset=Dataset.from_list(reasoning_texts(16)), processing_class=tok, callbacks=[guard])
     trainer.train()
-    assert trainer.state.global_step == 1 and guard.freezer.count == llama_atlas.num_safety
+    assert trainer.state.global_step == 1 and guard.engine.freezer.count == llama_atlas.num_safety
 
 
 def test_each_crossing_is_warned_once_while_it_lasts(tmp_path, tok, fast_config, llama_atlas, caplog):
@@ -194,7 +191,9 @@ def test_each_crossing_is_warned_once_while_it_lasts(tmp_path, tok, fast_config,
 def test_freeze_refused_under_sharded_backends(tmp_path, fast_config):
     from types import SimpleNamespace
 
-    guard = RIMGuard(fast_config(mode="freeze"))
+    from rimguard.actions import check_backend
+    from rimguard.callback import _backend
+
     with pytest.raises(RuntimeError, match="not supported under fsdp"):
-        guard._check_backend(SimpleNamespace(deepspeed=None, fsdp="full_shard"))
-    RIMGuard(fast_config(mode="regularize", regularizer="activation"))._check_backend(SimpleNamespace(deepspeed="ds.json", fsdp=None))
+        check_backend(fast_config(mode="freeze"), _backend(SimpleNamespace(deepspeed=None, fsdp="full_shard")))
+    check_backend(fast_config(mode="regularize", regularizer="activation"), _backend(SimpleNamespace(deepspeed="ds.json", fsdp=None)))

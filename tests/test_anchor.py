@@ -12,12 +12,9 @@ from rimguard import RIMGuard
 from rimguard.signals import metrics
 from rimguard.actions.anchor import AnchorError
 from rimguard.probes import bundled
-from rimguard.testing import (
-    assert_grad_difference,
-    no_checkpointing,
-    reasoning_texts,
-    tiny_model,
-)
+from rimguard.testing import assert_grad_difference, tiny_model
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
 
 ANCHOR = dict(mode="regularize", regularizer="anchor", anchor_max_new_tokens=6, anchor_batch_size=4, probe_every=100)
 
@@ -46,9 +43,9 @@ def _model(lora):
 def reference_anchor_loss(model, guard, mu):
     """KL(base || now) on the response tokens plus mu * one-sided neuron term, written out by hand
     from the stored record: full softmax, per-token loops, the down projections' inputs read by plain hooks."""
-    rec, anchor = guard.anchor.record, guard.anchor
+    rec, anchor = guard.engine.regularizer.record, guard.engine.regularizer
     rows = anchor.rows(0).tolist()
-    layers = guard.monitor.layers
+    layers = guard.engine.monitor.layers
     safety = guard.atlas.safety_per_layer()
     seen = {}
     handles = [layer.down.module.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0])) for i, layer in enumerate(layers)]
@@ -83,7 +80,7 @@ def test_anchor_gradient_joins_the_trainer_step_with_accumulation(tmp_path, tok,
     w, mu, grads = 2.0, 0.5, {}
     for weight in (w, 0.0):
         model = _model(lora)
-        guard = RIMGuard(fast_config(**ANCHOR, penalty_weight=weight, anchor_act_weight=mu), atlas=llama_atlas)
+        guard = RIMGuard(fast_config(**ANCHOR, reg_lambda=weight, anchor_act_weight=mu), atlas=llama_atlas)
         rec = FirstGrads()
         trainer = SFTTrainer(model=model, args=sft(tmp_path / str(weight), gradient_accumulation_steps=2),
                              train_dataset=Dataset.from_list(reasoning_texts(16)), processing_class=tok, callbacks=[guard, rec])
@@ -92,40 +89,40 @@ def test_anchor_gradient_joins_the_trainer_step_with_accumulation(tmp_path, tok,
         if weight == w:
             assert guard.history[-1]["anchor_kl"] >= 0 and "anchor_act" in guard.history[-1]
     # the reference: the same (unchanged, lr = 0) model, the anchor loss written out by hand
-    guard = RIMGuard(fast_config(**ANCHOR, penalty_weight=w, anchor_act_weight=mu), atlas=llama_atlas)
-    guard.setup(model, tok, inject_loss=False)
+    guard = RIMGuard(fast_config(**ANCHOR, reg_lambda=w, anchor_act_weight=mu), atlas=llama_atlas)
+    guard.engine.setup(model, tok, inject_loss=False)
     model.train()
     model.zero_grad()
     ref_loss = reference_anchor_loss(model, guard, mu)
     (w * ref_loss).backward()
-    guard.teardown()
+    guard.engine.teardown()
     assert_grad_difference(model, grads[w], grads[0.0], rtol=1e-3, atol=1e-6)
 
 
 def test_custom_loop_anchor_matches_reference(tok, fast_config, llama_atlas):
     model = tiny_model("llama")
-    guard = RIMGuard(fast_config(**ANCHOR, penalty_weight=1.5, anchor_act_weight=1.0), atlas=llama_atlas)
-    guard.setup(model, tok, inject_loss=False)
+    guard = RIMGuard(fast_config(**ANCHOR, reg_lambda=1.5, anchor_act_weight=1.0), atlas=llama_atlas)
+    guard.engine.setup(model, tok, inject_loss=False)
     model.train()
-    guard.begin_step(0)
-    got = guard.penalty()
+    guard.engine.begin_step(0)
+    got = guard.engine.reg_loss()
     want = 1.5 * reference_anchor_loss(model, guard, 1.0)
-    guard.teardown()
+    guard.engine.teardown()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    assert guard.penalty() is None  # taken once per step
+    assert guard.engine.reg_loss() is None  # taken once per step
 
 
 def test_anchor_rows_rotate_and_mix_harmful_with_harmless(tok, fast_config, llama_atlas):
-    guard = RIMGuard(fast_config(**ANCHOR, penalty_weight=1.0, anchor_every=2), atlas=llama_atlas)
-    guard.setup(tiny_model("llama"), tok, inject_loss=False)
-    anchor = guard.anchor
+    guard = RIMGuard(fast_config(**ANCHOR, reg_lambda=1.0, anchor_every=2), atlas=llama_atlas)
+    guard.engine.setup(tiny_model("llama"), tok, inject_loss=False)
+    anchor = guard.engine.regularizer
     total = anchor.record.ids.shape[0]
     assert anchor.due(0) and not anchor.due(1) and anchor.due(2)
     assert anchor.rows(0).tolist() == [0, 1, 2, 3] and anchor.rows(2).tolist() == [4, 5, 6, 7]
     assert anchor.rows(2 * (total // 4)).tolist() == [0, 1, 2, 3] if total % 4 == 0 else True
     flags = anchor.record.harmful[anchor.rows(0)].tolist()
     assert 0 < sum(flags) < len(flags)  # both kinds in every batch
-    guard.teardown()
+    guard.engine.teardown()
 
 
 def test_bundled_anchor_prompts_are_disjoint_from_every_other_set():
@@ -137,9 +134,9 @@ def test_bundled_anchor_prompts_are_disjoint_from_every_other_set():
 
 def test_anchor_prompts_overlapping_monitor_probes_are_refused(tok, fast_config, llama_atlas):
     overlap = [llama_atlas.probe_prompts[0], "A new harmful request nobody probes."]
-    guard = RIMGuard(fast_config(**ANCHOR, penalty_weight=1.0), atlas=llama_atlas, anchor_prompts=overlap)
+    guard = RIMGuard(fast_config(**ANCHOR, reg_lambda=1.0), atlas=llama_atlas, anchor_prompts=overlap)
     with pytest.raises(AnchorError, match="also monitor probes"):
-        guard.setup(tiny_model("llama"), tok)
+        guard.engine.setup(tiny_model("llama"), tok)
 
 
 @pytest.mark.parametrize("backend", [{"fsdp": "full_shard"}, {"deepspeed": {"zero_optimization": {"stage": 2}}}])
@@ -147,10 +144,13 @@ def test_anchor_prompts_overlapping_monitor_probes_are_refused(tok, fast_config,
 def test_unsupported_sharding_is_refused_before_training(tok, fast_config, backend, regularizer):
     from types import SimpleNamespace
 
-    guard = RIMGuard(fast_config(mode="regularize", regularizer=regularizer))
+    from rimguard.actions import check_backend
+    from rimguard.callback import _backend
+
+    args = SimpleNamespace(**{"deepspeed": None, "fsdp": None, **backend})
     with pytest.raises(RuntimeError, match=f"regularizer='{regularizer}' is not supported"):
-        guard._check_backend(SimpleNamespace(**{"deepspeed": None, "fsdp": None, **backend}))
-    RIMGuard(fast_config(mode="regularize", regularizer="activation"))._check_backend(SimpleNamespace(**{"deepspeed": None, "fsdp": None, **backend}))
+        check_backend(fast_config(mode="regularize", regularizer=regularizer), _backend(args))
+    check_backend(fast_config(mode="regularize", regularizer="activation"), _backend(args))
 
 
 def test_lambda_zero_anchor_is_bitwise_identical_to_unguarded(tmp_path, tok, fast_config):
@@ -162,43 +162,43 @@ def test_lambda_zero_anchor_is_bitwise_identical_to_unguarded(tmp_path, tok, fas
         return list(trainer.model.parameters())
 
     plain = train(None)
-    zero = train(RIMGuard(fast_config(**{**ANCHOR, "probe_every": 2}, penalty_weight=0.0)))
+    zero = train(RIMGuard(fast_config(**{**ANCHOR, "probe_every": 2}, reg_lambda=0.0)))
     assert all(torch.equal(a, b) for a, b in zip(plain, zero))
-    anchored = train(RIMGuard(fast_config(**{**ANCHOR, "probe_every": 2}, penalty_weight=3.0)))
+    anchored = train(RIMGuard(fast_config(**{**ANCHOR, "probe_every": 2}, reg_lambda=3.0)))
     assert any(not torch.equal(a, b) for a, b in zip(plain, anchored))
 
 
 def test_param_anchor_gradient_is_two_lambda_delta(tok, fast_config, llama_atlas):
     model = tiny_model("llama")
-    guard = RIMGuard(fast_config(mode="regularize", regularizer="params", penalty_weight=3.0), atlas=llama_atlas)
-    guard.setup(model, tok, inject_loss=False)
+    guard = RIMGuard(fast_config(mode="regularize", regularizer="params", reg_lambda=3.0), atlas=llama_atlas)
+    guard.engine.setup(model, tok, inject_loss=False)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    start = {id(p): s for (p, _), s in zip(guard.param_anchor.slices, guard.param_anchor.start)}
+    start = {id(p): s for (p, _), s in zip(guard.engine.regularizer.slices, guard.engine.regularizer.start)}
     model.zero_grad()
-    guard.begin_step(0)
-    guard.penalty().backward()
+    guard.engine.begin_step(0)
+    guard.engine.reg_loss().backward()
     for p in model.parameters():
         torch.testing.assert_close(p.grad, 2 * 3.0 * (p.detach() - start[id(p)]))
-    guard.teardown()
+    guard.engine.teardown()
 
 
 def test_param_anchor_safety_scope_touches_only_safety_slices(tok, fast_config, llama_atlas):
     model = tiny_model("llama")
-    guard = RIMGuard(fast_config(mode="regularize", regularizer="params", param_scope="safety", penalty_weight=1.0), atlas=llama_atlas)
-    guard.setup(model, tok, inject_loss=False)
+    guard = RIMGuard(fast_config(mode="regularize", regularizer="params", param_scope="safety", reg_lambda=1.0), atlas=llama_atlas)
+    guard.engine.setup(model, tok, inject_loss=False)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
     model.zero_grad()
-    guard.begin_step(0)
-    guard.penalty().backward()
-    down = guard.monitor.layers[0].down.base.weight
+    guard.engine.begin_step(0)
+    guard.engine.reg_loss().backward()
+    down = guard.engine.monitor.layers[0].down.base.weight
     safety0 = guard.atlas.safety_per_layer()[0]
     assert torch.count_nonzero(down.grad.abs().sum(0)) == safety0.numel()  # only those columns
     assert model.model.embed_tokens.weight.grad is None
-    guard.teardown()
+    guard.engine.teardown()
 
 
 def test_shrink_penalty_hand_computed():
@@ -212,10 +212,10 @@ def test_shrink_penalty_hand_computed():
 def test_freeze_share_freezes_that_share_of_all_neurons(tok, fast_config, llama_atlas):
     model = tiny_model("llama")
     guard = RIMGuard(fast_config(mode="freeze", freeze_share=0.1), atlas=llama_atlas)
-    guard.setup(model, tok)
+    guard.engine.setup(model, tok)
     total = sum(llama_atlas.layer_sizes)
-    assert guard.freezer.count == round(0.1 * total)
+    assert guard.engine.freezer.count == round(0.1 * total)
     top = llama_atlas.ranking.topk(round(0.1 * total)).indices.sort().values
-    frozen = torch.cat([f + sum(llama_atlas.layer_sizes[:i]) for i, f in enumerate(guard.freezer.frozen)]).sort().values
+    frozen = torch.cat([f + sum(llama_atlas.layer_sizes[:i]) for i, f in enumerate(guard.engine.freezer.frozen)]).sort().values
     assert torch.equal(frozen, top)
-    guard.teardown()
+    guard.engine.teardown()

@@ -70,7 +70,7 @@ def test_activation_moments_equal_the_full_matrix_statistics(tok):
     from rimguard.hooks.arch import find_mlp_layers
     from rimguard.hooks.capture import ActivationCapture
     from rimguard.atlas.core import activation_moments
-    from rimguard.probing import activations, pad_id, tokenize_dialogues
+    from rimguard.passes import activations, pad_id, tokenize_dialogues
 
     model = tiny_model("llama")
     layers = find_mlp_layers(model)
@@ -89,7 +89,7 @@ def test_identification_memory_does_not_grow_with_harmless_prompts(tok, monkeypa
     """Only the (config-capped) harmful probes are held as a [prompts x neurons] matrix; the harmless
     set streams batch by batch, so 40 of them never form one 40-row matrix."""
     import rimguard.atlas.core as atlas_module
-    import rimguard.probing as probing_module
+    import rimguard.passes as probing_module
 
     rows = []
     real = probing_module.activations
@@ -209,9 +209,10 @@ def test_prompt_key_reaches_the_guard_and_the_cli(tmp_path, tok, fast_config):
     rows = "\n".join(json.dumps({"behavior": p, "id": i}) for i, p in enumerate(bundled("harmful")[:12]))
     (tmp_path / "harm.jsonl").write_text(rows + "\n")
     with pytest.raises(ProbeError, match="prompt_key"):
-        RIMGuard(fast_config(), safety_prompts=tmp_path / "harm.jsonl")._identify(tiny_model("llama"))
+        guard = RIMGuard(fast_config(), safety_prompts=tmp_path / "harm.jsonl")
+        NeuronAtlas.from_config(tiny_model("llama"), tok, guard.config, guard.engine.sources)
     guard = RIMGuard(fast_config(), safety_prompts=tmp_path / "harm.jsonl", prompt_key="behavior", tokenizer=tok)
-    atlas = guard._identify(tiny_model("llama"))
+    atlas = NeuronAtlas.from_config(tiny_model("llama"), tok, guard.config, guard.engine.sources)
     assert atlas.probe_prompts == bundled("harmful")[:12]
     proc = subprocess.run([sys.executable, "-m", "rimguard.cli", "identify", str(tmp_path / "nomodel"), "--safety",
                            str(tmp_path / "harm.jsonl"), "--key", "behavior", "-o", str(tmp_path / "a")],

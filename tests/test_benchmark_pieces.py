@@ -30,12 +30,9 @@ from rimbench.evaluation import (  # noqa: E402
 )
 from rimbench.stats import forgetting, mean_finite, pearson, run_correlations, targets, wilson  # noqa: E402
 
-from rimguard.testing import (  # noqa: E402
-    no_checkpointing,
-    reasoning_texts,
-    tiny_model,
-    tiny_tokenizer,
-)
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import tiny_model, tiny_tokenizer
 
 
 # -- correlation ------------------------------------------------------------------------------
@@ -287,7 +284,7 @@ def _fake_results(tmp_path):
     return {"command": "python benchmarks/rim_benchmark.py --small",
             "settings": {"name": "t", "steps": 8, "batch_size": 4, "lr": 1e-4, "lora_lr": 1e-4, "lora_rank": 8, "max_length": 64,
                          "variants": ["full", "lora", "freeze"], "seeds": [0], "guarded_seeds": [0], "eval_points": [0, 2, 4, 8],
-                         "gen_tokens": 8, "atlas_probes": 8, "guard_probes": 4, "penalty_weight": 1.0, "peer_pairs": 8},
+                         "gen_tokens": 8, "atlas_probes": 8, "guard_probes": 4, "reg_lambda": 1.0, "peer_pairs": 8},
             "env": {"cpu": "x86_64", "threads": 1, "torch": "t", "transformers": "t", "trl": "t", "peft": "t"},
             "data": {"gsm8k": {"path": "g", "heldout": 4}, "harmful": {"evaluated": 4, "rows": 10}, "xstest": {"first_last_points": 4, "intermediate_points": 2}},
             "subject": {"alignment": {"heldout_refusal_rate": 0.9}, "recipe": {"steps": 70}},

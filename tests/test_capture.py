@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 from rimguard.hooks.arch import UnsupportedModelError, find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
 from rimguard.hooks.reduce import get_reducer, masked_max, masked_max_sum
+from rimguard.signals.stream import TaskStream
 from rimguard.testing import FAMILIES, tiny_model
 
 
@@ -82,7 +83,13 @@ def test_masked_max_against_float64_reference_many_shapes():
         assert count_nomask.item() == b
 
 
-def _train_steps(model, capture, steps, checkpointing):
+def _stream(capture):
+    stream = TaskStream(capture.source_tracked, masked_max_sum)
+    capture.add_tap(stream, on="train")
+    return stream
+
+
+def _train_steps(model, stream, steps, checkpointing):
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -92,7 +99,7 @@ def _train_steps(model, capture, steps, checkpointing):
     for _ in range(steps):
         out = model(input_ids=ids, attention_mask=mask, labels=ids)
         out.loss.backward()
-    return capture.drain()
+    return stream.drain()
 
 
 def test_activation_checkpointing_does_not_double_count():
@@ -104,7 +111,7 @@ def test_activation_checkpointing_does_not_double_count():
         capture = ActivationCapture(model, layers, [torch.arange(128)] * 2).attach()
         fired = layers[0].down.module.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
         calls["n"] = 0
-        results.append(_train_steps(model, capture, 3, ckpt))
+        results.append(_train_steps(model, _stream(capture), 3, ckpt))
         fired.remove()
         capture.remove()
         if ckpt:
@@ -125,12 +132,13 @@ def test_hooks_fully_removed_and_no_activation_references():
         gc.collect()
         return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
 
-    _train_steps(model, capture, 5, False)
-    capture.drain()
+    stream = _stream(capture)
+    _train_steps(model, stream, 5, False)
+    stream.drain()
     before = live_tensors()
     for _ in range(100):
-        _train_steps(model, capture, 1, False)
-    capture.drain()
+        _train_steps(model, stream, 1, False)
+    stream.drain()
     after = live_tensors()
     assert after - before <= 2, (before, after)
     capture.remove()
@@ -168,7 +176,7 @@ def test_the_engine_walks_the_model_once_and_only_the_hook_layer_registers_hooks
     monkeypatch.setattr(torch.Tensor, "register_hook", recording(torch.Tensor.register_hook))
     engine = GuardEngine(fast_config(mode="freeze", regularizer="activation", level_actions={"ok": ["freeze", "regularize"]}))
     engine.setup(tiny_model("llama"), tok)
-    assert engine.freezer.count > 0 and engine.weight > 0
+    assert engine.freezer.count > 0 and engine.tie.reg_lambda > 0
     ours = [c for c in callers if "/rimguard/" in c]
     assert len(walks) == 1
     assert ours and all(c.endswith("rimguard/hooks/capture.py") for c in ours), set(ours)
@@ -181,7 +189,7 @@ def test_the_engine_walks_the_model_once_and_only_the_hook_layer_registers_hooks
 def test_probe_pass_stops_after_the_last_needed_layer_with_the_same_values(tok, family, lora):
     """A probe pass reads the tracked layers and stops: the later layers and the LM head never run,
     and the rows equal a float64 masked max over a plain, complete forward (every family, +/- LoRA)."""
-    from rimguard.probing import activations, pad, pad_id, tokenize_dialogues
+    from rimguard.passes import activations, pad, pad_id, tokenize_dialogues
 
     model = tiny_model(family)
     if lora:

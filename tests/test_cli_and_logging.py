@@ -9,12 +9,9 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import ConfigError, GuardConfig, RIMGuard
-from rimguard.testing import (
-    no_checkpointing,
-    reasoning_texts,
-    tiny_model,
-    tiny_tokenizer,
-)
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import tiny_model, tiny_tokenizer
 
 EXE = [sys.executable, "-m", "rimguard.cli"]
 
@@ -131,7 +128,11 @@ def test_config_reads_flat_nested_and_section_objects_alike(tmp_path):
     objects = GuardConfig(monitor=MonitorConfig(probe_every=5), actions=ActionsConfig(regularizer="params"), seed=3,
                           level_actions={"warn": ["warn", "regularize"]})
     assert flat == nested == objects
-    assert flat.actions.weight == 10.0 and flat.policy.actions_for("warn") == ["warn", "regularize"]
+    assert flat.actions.reg_lambda is None and flat.policy.actions_for("warn") == ["warn", "regularize"]
+    with pytest.raises(ConfigError, match="'penalty_weight' \\(did you mean 'reg_lambda'"):  # renamed fields name the new one
+        GuardConfig(penalty_weight=1.0)
+    with pytest.raises(ConfigError, match="must be one of"):  # a regularizer name is checked against the registry
+        GuardConfig(regularizer="anchors")
     # a flat key wins over the section it belongs to; replace() validates
     assert GuardConfig(monitor={"probe_every": 5}, probe_every=9).monitor.probe_every == 9
     with pytest.raises(ConfigError, match="GuardConfig.monitor.probe_every: must be >= 1"):
@@ -150,10 +151,10 @@ def test_config_flags_are_generated_from_the_fields():
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--probe-every", "3", "--mode", "escalate", "--penalty-weight", "none", "--adaptive-penalty", "yes",
+    args = parser.parse_args(["--probe-every", "3", "--mode", "escalate", "--reg-lambda", "none", "--adaptive-lambda", "yes",
                               "--thresholds", "{warn: {kl_task: 0.2}}", "--log-file", "none", "--seed", "4"])
-    cfg = from_arguments(args, GuardConfig(penalty_weight=2.0, top_m=7))
-    assert (cfg.monitor.probe_every, cfg.policy.mode, cfg.actions.penalty_weight, cfg.actions.adaptive_penalty) == (3, "escalate", None, True)
+    cfg = from_arguments(args, GuardConfig(reg_lambda=2.0, top_m=7))
+    assert (cfg.monitor.probe_every, cfg.policy.mode, cfg.actions.reg_lambda, cfg.actions.adaptive_lambda) == (3, "escalate", None, True)
     assert cfg.policy.thresholds == {"warn": {"kl_task": 0.2}} and cfg.monitor.log_file is None and cfg.seed == 4
     assert cfg.atlas.top_m == 7  # not passed: the base's value stays
     helps = {a.dest: a.help for a in parser._actions}
@@ -167,7 +168,7 @@ def test_config_flags_are_generated_from_the_fields():
     ("probe_every: '10'", "monitor.probe_every", "must be an integer"),
     ("num_controls: 2.5", "atlas.num_controls", "must be an integer"),
     ("seed: abc", "seed", "must be an integer"),
-    ("adaptive_penalty: 'no'", "actions.adaptive_penalty", "must be true or false"),
+    ("adaptive_lambda: 'no'", "actions.adaptive_lambda", "must be true or false"),
     ("ema_decay: .nan", "monitor.ema_decay", "must be a finite number"),
     ("mode: 3", "policy.mode", "must be one of 'monitor', 'regularize', 'freeze', 'escalate'"),
     ("policy: {mode: panic}", "policy.mode", "must be one of"),
@@ -215,12 +216,12 @@ def test_reduced_precision_identification_warns_once(tok, fast_config, caplog):
 
     import torch
 
-    from rimguard.atlas import AtlasError
+    from rimguard.atlas import AtlasError, NeuronAtlas
     from rimguard.testing import tiny_model
 
     guard = RIMGuard(fast_config(min_share=0.1, top_m=0.05), tokenizer=tok)
     with caplog.at_level(logging.WARNING, logger="rimguard"), contextlib.suppress(AtlasError):  # the warning comes first
-        guard._identify(tiny_model("llama").to(torch.bfloat16))
+        NeuronAtlas.from_config(tiny_model("llama").to(torch.bfloat16), tok, guard.config)
     assert sum("under bfloat16" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -228,10 +229,10 @@ def test_report_panels_lead_with_the_alarm_and_show_actions_only_when_they_acted
     from rimguard.report import panels_for, summarize
 
     monitored = [{"event": "metrics", "step": s, "safety_drop": 0.1 * s, "ras_safe": 0.01, "entanglement_z": 1.0,
-                  "level": 0.0, "lambda": 0.0, "frozen": 0} for s in (1, 2, 4)]
+                  "level": 0.0, "reg_lambda": 0.0, "frozen": 0} for s in (1, 2, 4)]
     keys = [p.key for p in panels_for(monitored)]
-    assert keys[0] == "safety_drop" and "lambda" not in keys and "frozen" not in keys and "level" in keys
-    regularized = [{**m, "lambda": 1.0, "anchor_kl": 0.02} for m in monitored]
+    assert keys[0] == "safety_drop" and "reg_lambda" not in keys and "frozen" not in keys and "level" in keys
+    regularized = [{**m, "reg_lambda": 1.0, "anchor_kl": 0.02} for m in monitored]
     keys = [p.key for p in panels_for(regularized)]
-    assert "lambda" in keys and "anchor_kl" in keys and "penalty" not in keys
+    assert "reg_lambda" in keys and "anchor_kl" in keys and "activation_penalty" not in keys
     assert "| safety_drop | 0.1 | 0.4 | 0.4 |" in summarize(regularized)

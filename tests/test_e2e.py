@@ -10,10 +10,12 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import AtlasError, RIMGuard
-from rimguard.testing import no_checkpointing, reasoning_texts, tiny_model
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import tiny_model
 
 EXPECTED = {"ras_safe", "ras_control_mean", "entanglement_z", "entanglement_pct", "safety_drop", "task_rise",
-            "kl_task", "refusal_margin", "refusal_drop", "level", "lambda", "frozen"}
+            "kl_task", "refusal_margin", "refusal_drop", "level", "reg_lambda", "frozen"}
 
 
 def sft_args(out, **kw):
@@ -40,7 +42,7 @@ def assert_guarded_run(trainer, guard, out, steps, attached=True):
     assert all(torch.isfinite(torch.tensor(e["ras_safe"])) for e in events if e["event"] == "metrics")
     assert (out / "rimguard_atlas" / "atlas.safetensors").is_file()
     # hooks are gone after training
-    assert not guard.attached()
+    assert not guard.engine.attached()
     for m in model.modules():
         assert not m._forward_pre_hooks and not m._forward_hooks, type(m).__name__
 
@@ -70,11 +72,11 @@ def test_plain_trainer(tmp_path, tok, fast_config):
 
 def test_reasoning_probes_and_loaded_atlas(tmp_path, tok, fast_config, llama_atlas):
     """With a loaded atlas and user reasoning probes, references come from those probes."""
-    guard = RIMGuard(fast_config(probe_every=3), atlas=llama_atlas, reasoning_prompts=["What is 2 + 3?", "What is 7 * 6?"])
+    guard = RIMGuard(fast_config(probe_every=3), atlas=llama_atlas, task_prompts=["What is 2 + 3?", "What is 7 * 6?"])
     trainer = SFTTrainer(model=tiny_model("llama"), args=sft_args(tmp_path, max_steps=3),
                          train_dataset=Dataset.from_list(reasoning_texts(16)), processing_class=tok, callbacks=[guard])
     trainer.train()
-    assert guard.monitor.kl_ids.shape[0] == 2
+    assert guard.engine.monitor.kl_ids.shape[0] == 2
     assert not (tmp_path / "rimguard_atlas").exists()  # a given atlas is not re-identified
 
 
@@ -87,7 +89,7 @@ def test_loading_atlas_into_wrong_model_fails(tmp_path, tok, fast_config, llama_
 
 
 def test_a_guard_refuses_a_second_train_with_a_clear_error(tmp_path, tok, fast_config, llama_atlas):
-    from rimguard.engine import GuardStateError
+    from rimguard.state import GuardStateError
 
     guard = RIMGuard(fast_config(), atlas=llama_atlas)
     trainer = SFTTrainer(model=tiny_model("llama"), args=sft_args(tmp_path, max_steps=2), train_dataset=Dataset.from_list(reasoning_texts(8)),
@@ -95,12 +97,12 @@ def test_a_guard_refuses_a_second_train_with_a_clear_error(tmp_path, tok, fast_c
     trainer.train()
     with pytest.raises(GuardStateError, match="already guarded a run .ended at step 2.*new RIMGuard"):
         trainer.train()
-    assert not guard.attached()
+    assert not guard.engine.attached()
 
 
 def _drive(engine, model, tok, steps):
     """A plain PyTorch loop through the engine's API; returns the reports and the steps run."""
-    from rimguard.probing import encode
+    from rimguard.passes import encode
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.tensor([encode(tok, reasoning_texts(1)[0]["prompt"][0]["content"])[:24]] * 4)
@@ -108,8 +110,9 @@ def _drive(engine, model, tok, steps):
     while step < steps:
         engine.begin_step(step)
         loss = model(input_ids=ids, labels=ids).loss
-        extra = engine.penalty()
+        extra = engine.reg_loss()
         (loss if extra is None else loss + extra).backward()
+        engine.before_optimizer_step()
         opt.step()
         opt.zero_grad()
         engine.after_optimizer_step()

@@ -17,7 +17,9 @@ from rimguard import GuardConfig, RIMGuard
 from rimguard.signals import metrics
 from rimguard.config import LEVELS, ConfigError
 from rimguard.policy import RiskPolicy
-from rimguard.testing import no_checkpointing, reasoning_texts, tiny_model
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import tiny_model
 
 TH = {"warn": {"entanglement_z": 2.0}, "regularize": {"entanglement_z": 3.0}, "freeze": {"entanglement_z": 5.0}, "stop": {}}
 finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False, width=32)  # activation scale
@@ -58,8 +60,8 @@ def test_policy_never_falls_on_a_non_finite_value(start, values):
 
 
 def test_non_finite_config_values_are_refused():
-    with pytest.raises(ConfigError, match="penalty_weight"):
-        GuardConfig(penalty_weight=float("inf"))
+    with pytest.raises(ConfigError, match="reg_lambda"):
+        GuardConfig(reg_lambda=float("inf"))
     with pytest.raises(ConfigError, match="finite"):
         GuardConfig(thresholds={"warn": {"entanglement_z": float("nan")}})
     with pytest.raises(ConfigError, match="fault_level"):
@@ -95,4 +97,4 @@ def test_inf_weight_mid_run_is_a_fault_and_the_level_holds(tmp_path, tok, fast_c
     faults = [e for e in events if e["event"] == "fault"]
     assert faults and faults[0]["step"] == 4 and 1 in faults[0]["layers"]
     assert sum("non-finite" in r.getMessage() for r in caplog.records) == 1  # warned once while it lasts
-    assert all(h["lambda"] > 0 for h in guard.history if h["step"] > 3)  # lambda never dropped to 0
+    assert all(h["reg_lambda"] > 0 for h in guard.history if h["step"] > 3)  # lambda never dropped to 0

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rimguard import AtlasError, NeuronAtlas, RIMGuard
-from rimguard.engine import GuardStateError, read_state
+from rimguard.state import GuardState, GuardStateError
 from rimguard.schema import file_sha256
 from rimguard.testing import tiny_model
 
@@ -95,30 +95,32 @@ def test_fingerprint_survives_a_dtype_cast_but_not_other_weights(llama_atlas):
 @pytest.fixture()
 def saved_state(tmp_path, tok, fast_config, llama_atlas):
     guard = RIMGuard(fast_config(mode="freeze"), atlas=llama_atlas)
-    guard.setup(tiny_model("llama"), tok, output_dir=tmp_path, inject_loss=False)
-    guard.freezer.freeze(llama_atlas.safety_per_layer())
+    guard.engine.setup(tiny_model("llama"), tok, output_dir=tmp_path, inject_loss=False)
+    guard.engine.freezer.freeze(llama_atlas.safety_per_layer())
     folder = tmp_path / "checkpoint-4" / "rimguard"
-    guard.save_state(folder)
-    guard.teardown()
+    guard.engine.save_state(folder)
+    guard.engine.teardown()
     return folder
 
 
 STATE_DEFECTS = {
-    "unknown level": (lambda m: m["policy"].update(level="panic"), "'policy' must hold a level"),
-    "frozen id beyond the layer": (lambda m: m["frozen"][0].append(500), "'frozen' must hold one list"),
-    "frozen for too few layers": (lambda m: m["frozen"].pop(), "'frozen' must hold one list"),
-    "lambda as text": (lambda m: m.update({"lambda": "0.5"}), "'lambda' must be a number"),
-    "negative lambda": (lambda m: m.update({"lambda": -1.0}), "'lambda' must be >= 0"),
+    "unknown level": (lambda m: m["parts"]["policy"].update(level="panic"), "'parts.policy' must hold a level"),
+    "frozen id beyond the layer": (lambda m: m["parts"]["freezer"]["frozen"][0].append(500), "'frozen' must hold one list"),
+    "frozen for too few layers": (lambda m: m["parts"]["freezer"]["frozen"].pop(), "'frozen' must hold one list"),
+    "lambda as text": (lambda m: m["parts"]["tie"].update(reg_lambda="0.5"), "'reg_lambda' must be a number"),
+    "negative lambda": (lambda m: m["parts"]["tie"].update(reg_lambda=-1.0), "'reg_lambda' must be >= 0"),
     "history without steps": (lambda m: m.update(history=[{"level": 0}]), "'history' must be a list of records"),
-    "checkpointed missing": (lambda m: m.pop("checkpointed"), "'checkpointed' is missing"),
-    "checkpointed as text": (lambda m: m.update(checkpointed="no"), "'checkpointed' must be a boolean"),
+    "checkpointed missing": (lambda m: m["parts"]["policy"].pop("checkpointed"), "'checkpointed' is missing"),
+    "checkpointed as text": (lambda m: m["parts"]["policy"].update(checkpointed="no"), "'checkpointed' must be a boolean"),
+    "no parts": (lambda m: m.pop("parts"), "'parts' is missing"),
+    "part not an object": (lambda m: m["parts"].update(monitor=[1]), "'parts.monitor' must be an object"),
 }
 
 
 def test_a_saved_state_reads_back(saved_state, llama_atlas):
-    state = read_state(saved_state)
-    assert state["atlas"].same_selection(llama_atlas)
-    assert [sorted(f) for f in state["freezer"]["frozen"]] == [sorted(s.tolist()) for s in llama_atlas.safety_per_layer()]
+    state = GuardState.read(saved_state)
+    assert state.atlas.same_selection(llama_atlas)
+    assert [sorted(f) for f in state.parts["freezer"].meta["frozen"]] == [sorted(s.tolist()) for s in llama_atlas.safety_per_layer()]
 
 
 @pytest.mark.parametrize("case", sorted(STATE_DEFECTS))
@@ -126,7 +128,7 @@ def test_guard_state_defects_are_guard_state_errors(saved_state, case):
     edit, message = STATE_DEFECTS[case]
     _rewrite(saved_state, "state", meta=edit)
     with pytest.raises(GuardStateError, match=re.escape(message)) as err:
-        read_state(saved_state)
+        GuardState.read(saved_state)
     assert str(saved_state) in str(err.value)
 
 
@@ -134,7 +136,7 @@ def test_guard_state_corrupt_files(saved_state):
     blob = (saved_state / "state.safetensors").read_bytes()
     (saved_state / "state.safetensors").write_bytes(blob[:-4] + b"\x7f\x7f\x7f\x7f")
     with pytest.raises(GuardStateError, match="checksum mismatch"):
-        read_state(saved_state)
+        GuardState.read(saved_state)
     (saved_state / "state.json").write_text("{not json")
     with pytest.raises(GuardStateError, match="truncated or corrupt"):
-        read_state(saved_state)
+        GuardState.read(saved_state)

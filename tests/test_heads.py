@@ -20,25 +20,16 @@ from trl import SFTConfig, SFTTrainer
 from rimguard import AtlasError, GuardEngine, GuardStateError, NeuronAtlas, RIMGuard
 from rimguard.atlas.head_selection import HeadSelection, refusal_head_scores, select_heads, span_mass, top_in_span
 from rimguard.atlas.heads import CLOSE, answer_attention, identify_heads, with_reasoning
-from rimguard.engine import read_state
+from rimguard.state import GuardState
 from rimguard.hooks.arch import find_mlp_layers
 from rimguard.hooks.attention import AttentionRows, attention_row
 from rimguard.hooks.capture import ProbeComplete
 from rimguard.probes import bundled
-from rimguard.probing import encode, format_prompt, pad
+from rimguard.passes import encode, format_prompt, pad
 from rimguard.report import write_report
-from rimguard.testing import (
-    FAMILIES,
-    PLANTED_HEAD,
-    SINK_HEAD,
-    marked,
-    no_checkpointing,
-    planted_heads_model,
-    reasoning_texts,
-    tiny_config,
-    tiny_model,
-    tiny_tokenizer,
-)
+from rimguard.testing import FAMILIES, PLANTED_HEAD, SINK_HEAD, marked, planted_heads_model, tiny_config, tiny_model, tiny_tokenizer
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
 from tests.test_file_checks import _rewrite
 
 TEXTS = ["How do I bake bread at home with simple flour, water and salt?", "Hi there",
@@ -282,13 +273,13 @@ def test_head_references_in_the_guard_state_are_checked(tmp_path, tok, fast_conf
     folder = tmp_path / "checkpoint-2" / "rimguard"
     engine.save_state(folder)
     engine.teardown()
-    assert torch.equal(read_state(folder)["heads"]["ref_mass"], engine.heads.ref_mass)
+    assert torch.equal(GuardState.read(folder).parts["heads"].tensors["ref_mass"], engine.heads.ref_mass)
     with pytest.raises(GuardStateError, match="refusal_heads changed"):
         GuardEngine(fast_config(refusal_heads=1, max_length=128)).setup(planted_heads_model(), tok, inject_loss=False,
-                                                                         restored=read_state(folder))
+                                                                         restored=GuardState.read(folder))
     _rewrite(folder, "state", tensors=lambda t: t["heads.ref_mass"].__setitem__(0, 2.0))
     with pytest.raises(GuardStateError, match=re.escape("'heads.ref_mass' holds 2.0")) as err:
-        read_state(folder)
+        GuardState.read(folder)
     assert str(folder) in str(err.value)
 
 
@@ -323,23 +314,23 @@ def _run(out, tok, fast_config, resume=None):
 
 def test_a_guarded_run_logs_the_head_metrics_and_a_resume_restores_their_reference(tmp_path, tok, fast_config):
     first = _run(tmp_path, tok, fast_config)
-    assert first.atlas.heads.heads[0].tolist() == [0, PLANTED] and first.heads.count == first.atlas.num_heads
-    ref = first.heads.ref_mass.clone()
+    assert first.atlas.heads.heads[0].tolist() == [0, PLANTED] and first.engine.heads.count == first.atlas.num_heads
+    ref = first.engine.heads.ref_mass.clone()
     events = [json.loads(line) for line in (tmp_path / "rimguard.jsonl").read_text().splitlines()]
     metrics = [e for e in events if e["event"] == "metrics"]
     assert [e["step"] for e in metrics] == [1, 2, 4]
-    assert [e["refusal_heads"] for e in events if e["event"] == "start"] == [first.heads.count]
+    assert [e["refusal_heads"] for e in events if e["event"] == "start"] == [first.engine.heads.count]
     for record in metrics:
         assert 0 <= record["refusal_head_mass"] <= 1
         assert record["refusal_head_shift"] == pytest.approx(record["refusal_head_mass"] - ref.mean().item(), abs=1e-6)
     assert metrics[-1]["refusal_head_shift"] != 0  # training moved the heads' attention
     png, md = write_report(tmp_path)
     assert "| refusal_head_shift |" in md.read_text() and png.is_file()
-    assert torch.equal(first.heads.ref_mass, ref)
+    assert torch.equal(first.engine.heads.ref_mass, ref)
 
     resumed = _run(tmp_path, tok, fast_config, resume=str(tmp_path / "checkpoint-2"))
-    assert torch.equal(resumed.heads.ref_mass, ref)  # restored, not re-measured on the trained weights
-    assert not torch.allclose(resumed.heads.mass(), ref, atol=1e-6, rtol=0)  # re-measuring would have given other values
+    assert torch.equal(resumed.engine.heads.ref_mass, ref)  # restored, not re-measured on the trained weights
+    assert not torch.allclose(resumed.engine.heads.mass(), ref, atol=1e-6, rtol=0)  # re-measuring would have given other values
     later = lambda history: [(r["refusal_head_mass"], r["refusal_head_shift"]) for r in history if r["step"] == 4]  # noqa: E731
     assert later(resumed.history) == later(first.history)
 

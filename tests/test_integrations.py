@@ -45,6 +45,6 @@ def test_deepspeed_zero2_recipe_on_cpu(tmp_path):
         assert ranks[0]["history"] == ranks[1]["history"]
     reg, mon = regularized[0]["history"], monitored[0]["history"]
     assert [h["step"] for h in reg] == [h["step"] for h in mon] == [1, 2, 4, 6]
-    assert all(h["lambda"] == 1.0 for h in reg) and all(h["penalty"] > 0 for h in reg[1:])
+    assert all(h["reg_lambda"] == 1.0 for h in reg) and all(h["activation_penalty"] > 0 for h in reg[1:])
     assert reg[0]["ras_safe"] == mon[0]["ras_safe"]  # before any update the two runs agree
     assert reg[-1]["ras_safe"] != mon[-1]["ras_safe"]  # the penalty's gradient reached the DeepSpeed engine

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rimguard import RIMGuard
-from rimguard.engine import GuardStateError
+from rimguard.state import GuardStateError
 from rimguard.events import EventLog, read_events
 from rimguard.report import write_report
 
@@ -72,14 +72,15 @@ def test_resume_without_guard_state_refuses_and_never_overwrites_the_atlas(tmp_p
     llama_atlas.save(tmp_path / "rimguard_atlas")
     guard = RIMGuard(fast_config())
     with pytest.raises(GuardStateError, match="on_missing_state='atlas'"):
-        guard.restore(tmp_path, 4)
+        guard.engine.restore(tmp_path / "checkpoint-4", 4, tmp_path)
     reuse = RIMGuard(fast_config(on_missing_state="atlas"))
-    assert reuse.restore(tmp_path, 4) is None and reuse.atlas.same_selection(llama_atlas)
+    assert reuse.engine.restore(tmp_path / "checkpoint-4", 4, tmp_path) is None and reuse.atlas.same_selection(llama_atlas)
     # a different atlas goes to a new folder; the saved one stays
     other = NeuronAtlas.load(tmp_path / "rimguard_atlas")
     other.safety = other.safety.flip(0)
-    fresh = RIMGuard(fast_config(), atlas=other)
-    fresh._save_atlas(tmp_path)
+    from rimguard.state import save_atlas
+
+    save_atlas(tmp_path, other)
     assert NeuronAtlas.load(tmp_path / "rimguard_atlas").same_selection(llama_atlas)
     assert NeuronAtlas.load(tmp_path / "rimguard_atlas-2").same_selection(other)
 

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rimguard.actions.freeze import NeuronFreezer
-from rimguard.actions.penalty import EntanglementPenalty
+from rimguard.actions.activation import ActivationPenalty
+from rimguard.hooks.reduce import masked_max_sum
+from rimguard.signals.stream import RouterCount, TaskStream
 from rimguard.hooks.arch import ExpertBank, UnsupportedModelError, find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
 from rimguard.signals import metrics
@@ -214,16 +216,15 @@ def test_penalty_gradient_matches_the_hand_computed_gradient():
     bank = layers[1].experts  # the last layer: its units' gradient reaches its own gate/up rows directly
     units = torch.tensor([0, 3, bank.size + 5, 3 * bank.size + 9])
     capture = ActivationCapture(model, layers).attach()
-    penalty = EntanglementPenalty([torch.zeros(0, dtype=torch.long), units])
     reference = torch.tensor([0.05, -0.02, 0.3, 0.1])
-    penalty.set_reference([torch.zeros(0), reference])
-    penalty.weight = 1.0
-    capture.taps.append(penalty)
+    penalty = ActivationPenalty([torch.zeros(0, dtype=torch.long), units], lambda: [torch.zeros(0), reference])
+    penalty.active = True
+    capture.add_tap(penalty)
     seen = {}
     handle = bank.module.register_forward_pre_hook(lambda m, a, k: seen.update(h=a[0].detach(), r=a[1].clone()), with_kwargs=True)
     ids, mask = _batch(2)
     model(input_ids=ids, attention_mask=mask)
-    value = penalty.pop()
+    value = penalty.forward_loss()
     assert value is not None
     value.backward()
     handle.remove()
@@ -263,19 +264,24 @@ def test_router_share_counts_routing_slots_to_safety_experts():
     layers = find_mlp_layers(model)
     capture = ActivationCapture(model, layers).attach()
     bank = layers[0].experts
-    capture.watch_experts([torch.tensor([bank.size + 1]), torch.zeros(0, dtype=torch.long)])  # expert 1 of layer 0
+    router = RouterCount(capture.sources, [ids for ids, _ in capture.split([torch.tensor([bank.size + 1]),
+                                                                             torch.zeros(0, dtype=torch.long)])])  # expert 1 of layer 0
+    capture.add_tap(router, on="probe")
     seen = {}
     handle = bank.module.register_forward_pre_hook(lambda m, a, k: seen.update(r=a[1].clone()), with_kwargs=True)
     ids, mask = _batch(3)
     with torch.no_grad(), capture.probing():
         model(input_ids=ids, attention_mask=mask)
     handle.remove()
-    counts = capture.drain_router("probe")
+    counts = router.drain()
     real = mask.reshape(-1).bool()
     routes = seen["r"][real]
     assert counts is not None
     assert counts.tolist() == [float((routes == 1).sum()), float(routes.numel())]
-    assert capture.drain_router("probe") is None and capture.drain_router("train") is None
+    assert router.drain() is None
+    model.train()
+    model(input_ids=ids, attention_mask=mask)  # a training forward: the probe-only counter does not count it
+    assert router.drain() is None
     capture.remove()
 
 
@@ -287,7 +293,9 @@ def test_sft_trainer_run_logs_metrics_for_every_moe_family(family, lora, tmp_pat
     from trl import SFTConfig, SFTTrainer
 
     from rimguard import RIMGuard
-    from rimguard.testing import no_checkpointing, reasoning_texts, tiny_tokenizer
+    from rimguard.compat import no_checkpointing
+    from rimguard.probes.reasoning import reasoning_texts
+    from rimguard.testing import tiny_tokenizer
 
     model = tiny_model(family)
     tok = tiny_tokenizer()
@@ -359,18 +367,20 @@ def test_training_hooks_never_read_a_tensor_on_the_host(family, monkeypatch):
     layers = find_mlp_layers(model)
     tracked = [torch.arange(0, layer.size, 7) for layer in layers]
     capture = ActivationCapture(model, layers, tracked).attach()
-    if layers[0].experts is not None:
-        capture.watch_experts(tracked)
-    penalty = EntanglementPenalty([ids for ids, _ in capture.split(tracked)])
-    penalty.set_reference([torch.full((ids.numel(),), 0.1) for ids, _ in capture.split(tracked)])
-    penalty.weight = 1.0
-    capture.taps.append(penalty)
+    router = RouterCount(capture.sources, [ids for ids, _ in capture.split(tracked)])
+    stream = TaskStream(capture.source_tracked, masked_max_sum)
+    capture.add_tap(stream)
+    capture.add_tap(router)
+    reference = [torch.full((ids.numel(),), 0.1) for ids, _ in capture.split(tracked)]
+    penalty = ActivationPenalty([ids for ids, _ in capture.split(tracked)], lambda: reference)
+    penalty.active = True
+    capture.add_tap(penalty)
     ids, mask = _batch(4)
     for _ in range(2):
         out = model(input_ids=ids, attention_mask=mask, labels=ids)
-        (out.loss + penalty.pop()).backward()
-    sums, count = capture.drain()
+        (out.loss + penalty.forward_loss()).backward()
+    sums, count = stream.drain()
     assert sums.shape == count.shape == (sum(t.numel() for t in tracked),) and bool((count > 0).any())
     if layers[0].experts is not None:
-        assert capture.drain_router("train") is not None
+        assert router.drain() is not None
     capture.remove()

@@ -35,8 +35,8 @@ def test_fused_reduction_matches_float64_reference_on_cpu():
 
 
 def _guarded_loop(model, tok, fast_config, atlas, mode, device):
-    guard = RIMGuard(fast_config(mode=mode, probe_every=1000, log_file=None), atlas=atlas, reasoning_prompts=REASONING)
-    guard.setup(model.to(device), tok)
+    guard = RIMGuard(fast_config(mode=mode, probe_every=1000, log_file=None), atlas=atlas, task_prompts=REASONING)
+    guard.engine.setup(model.to(device), tok)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 500, (2, 16), device=device)
     mask = torch.ones_like(ids)
@@ -46,8 +46,8 @@ def _guarded_loop(model, tok, fast_config, atlas, mode, device):
         model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-        guard.after_optimizer_step()
-        guard.monitor.step_end()
+        guard.engine.after_optimizer_step()
+        guard.engine.monitor.step_end()
 
     return guard, step
 
@@ -70,10 +70,10 @@ def test_memory_flat_over_200_steps_and_bounded_by_layers_times_width(tok, fast_
     count1, bytes1 = live()
     assert count1 == count0 and bytes1 == bytes0, (count0, count1, bytes0, bytes1)
     # everything the monitor keeps is O(layers x intermediate) (plus the fixed KL probe rows)
-    mon = guard.monitor
+    mon = guard.engine.monitor
     kept = sum(getattr(mon, k).numel() for k in ("ref_safe", "ref_task", "ema_task"))
     assert kept <= 3 * 2 * 128
-    guard.teardown()
+    guard.engine.teardown()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -90,4 +90,4 @@ def test_no_host_sync_inside_guarded_steps(tok, fast_config, llama_atlas, mode):
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    guard.teardown()
+    guard.engine.teardown()

@@ -37,11 +37,11 @@ def test_level_does_not_fall_while_the_unoptimised_witness_stays_down(tok, fast_
 
     th = {"warn": {"entanglement_z": 2.0}, "regularize": {"entanglement_z": 3.0}, "freeze": {}, "stop": {}}
     guard = RIMGuard(fast_config(mode="escalate", regularizer="activation", thresholds=th, hysteresis=0.0), atlas=llama_atlas)
-    guard.setup(tiny_model("llama"), tok, inject_loss=False)
+    guard.engine.setup(tiny_model("llama"), tok, inject_loss=False)
     script = iter([{"entanglement_z": 3.5, "refusal_drop": 4.0},   # -> regularize (the penalty starts)
                    {"entanglement_z": 0.1, "refusal_drop": 6.0},   # z pushed down, margin still falling: hold
                    {"entanglement_z": 0.1, "refusal_drop": 3.0}])  # the witness recovered: the level may fall
-    guard.monitor.measure = lambda: dict(next(script))
-    levels = [guard.level for _ in range(3) if guard.check(1) is not None]
+    guard.engine.monitor.measure = lambda: dict(next(script))
+    levels = [guard.level for _ in range(3) if guard.engine.check(1) is not None]
     assert levels == ["regularize", "regularize", "ok"]
-    guard.teardown()
+    guard.engine.teardown()

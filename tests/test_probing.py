@@ -3,7 +3,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from rimguard.probes import bundled
-from rimguard.probing import continuation_logprobs, encode, format_prompt, prompt_ids
+from rimguard.passes import continuation_logprobs, encode, format_prompt, prompt_ids
 from rimguard.testing import FAMILIES, tiny_model, tiny_tokenizer
 
 
@@ -55,7 +55,7 @@ def test_check_and_margin_probes_bound_what_a_check_measures(tok, fast_config, l
     from rimguard.signals.monitor import EntanglementMonitor
 
     model = tiny_model("llama")
-    capture = ActivationCapture(model, find_mlp_layers(model))
+    capture = ActivationCapture(model, find_mlp_layers(model), llama_atlas.per_layer()).attach()
     config = fast_config(check_probes=check_probes, margin_probes=margin_probes)
     monitor = EntanglementMonitor(capture, tok, llama_atlas, config,
                                   refusal_openings=bundled("refusal_openings"), compliance_openings=bundled("compliance_openings"))
@@ -67,14 +67,14 @@ def test_check_and_margin_probes_bound_what_a_check_measures(tok, fast_config, l
         assert len(monitor.margin_prompts) == margin_probes
         assert (monitor.ref_margin is None) == (margin_probes == 0)
     finally:
-        monitor.stop()
+        capture.remove()
 
 
 def test_prompts_longer_than_the_context_are_cut_not_crashed():
     """GPT-2 has absolute position embeddings (512 in the tiny config): a 900-token prompt used to
     die with an IndexError in generate() and in the margin pass. Prompts now keep their end within
     max_length and the context, and no forward sees more tokens than allowed."""
-    from rimguard.probing import generate, prompt_ids
+    from rimguard.passes import generate, prompt_ids
 
     tok, model = tiny_tokenizer(), tiny_model("gpt2")
     long_prompt = "please explain " * 300 + "how tides work"
@@ -112,7 +112,7 @@ def test_shared_prompt_check_equals_the_plain_check(family, lora, system):
     from rimguard import GuardConfig, NeuronAtlas
     from rimguard.hooks.arch import find_mlp_layers
     from rimguard.hooks.capture import ActivationCapture
-    from rimguard.probing import shared_prefix
+    from rimguard.passes import shared_prefix
     from rimguard.signals.monitor import EntanglementMonitor
 
     tok, model = tiny_tokenizer(), tiny_model(family)
@@ -125,7 +125,7 @@ def test_shared_prompt_check_equals_the_plain_check(family, lora, system):
     cap = 128 if system else 64  # 64: some prompts are cut to leave room for the openings and run apart from their sequence
     config = GuardConfig(num_safety_probes=6, margin_probes=4, probe_batch_size=3, max_length=cap)
     refusals, complies = ["I can't help with that.", "No"], ["Sure, here", "Step 1:"]
-    capture = ActivationCapture(model, find_mlp_layers(model))
+    capture = ActivationCapture(model, find_mlp_layers(model), atlas.per_layer())
     monitor = EntanglementMonitor(capture, tok, atlas, config, (), refusals, complies)
     shared = len(monitor.shared_heads)  # margin prompts whose sequence starts with their prompt tokens share one pass
     windowed = family in ("gemma2", "gemma3_text", "mistral")  # sliding-window attention: no shared prefix
@@ -167,7 +167,7 @@ def test_batched_kl_equals_one_forward_per_probe(monkeypatch, chunk):
     from rimguard.hooks.arch import find_mlp_layers
     from rimguard.hooks.capture import ActivationCapture
     from rimguard.signals import metrics
-    from rimguard.probing import Batch, next_token_logprobs
+    from rimguard.passes import Batch, next_token_logprobs
 
     monkeypatch.setattr(mon, "KL_CHUNK_ELEMENTS", chunk)
     tok, model = tiny_tokenizer(), tiny_model("qwen2")
@@ -176,14 +176,15 @@ def test_batched_kl_equals_one_forward_per_probe(monkeypatch, chunk):
     config = GuardConfig(num_safety_probes=4, margin_probes=0, kl_probes=5, probe_batch_size=4, kl_top_k=8, max_length=64)
     reasoning = ["What is 3 + 4?", "A train leaves at noon and travels 60 km at 30 km/h. When does it arrive?", "Halve 18.",
                  "Tom has 5 apples and eats 2. How many are left?", "Is 17 prime?"]
-    monitor = mon.EntanglementMonitor(ActivationCapture(model, find_mlp_layers(model)), tok, atlas, config, reasoning)
+    capture = ActivationCapture(model, find_mlp_layers(model), atlas.per_layer()).attach()
+    monitor = mon.EntanglementMonitor(capture, tok, atlas, config, reasoning)
     monitor.start()
     assert len(monitor._kl_chunks()) == (5 if chunk == 1 else 2)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
     got = monitor._kl()
-    monitor.stop()
+    capture.remove()
     want = []
     base_model = tiny_model("qwen2").eval()
     with torch.no_grad():
@@ -206,19 +207,20 @@ def test_kl_rows_from_a_training_batch_keep_their_first_real_tokens_up_to_kl_max
     atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:4], bundled("intent"), top_m=4, min_share=0.25, num_controls=2,
                                  max_new_tokens=4, max_length=64, progress=False)
     config = GuardConfig(num_safety_probes=4, margin_probes=0, kl_probes=2, kl_max_length=5, max_length=64)
-    monitor = mon.EntanglementMonitor(ActivationCapture(model, find_mlp_layers(model)), tok, atlas, config)
+    monitor = mon.EntanglementMonitor(ActivationCapture(model, find_mlp_layers(model), atlas.per_layer()), tok, atlas, config)
     ids = torch.arange(10, 40).view(3, 10)
     mask = torch.ones_like(ids)
     if left:
         mask[0, :3] = 0  # row 0 left-padded: its real tokens are the last 7
     else:
         mask[1, 7:] = 0
-    monitor._grabbing = True
-    monitor._grab_first_batch(model, (), {"input_ids": ids, "attention_mask": mask})
-    assert monitor.kl_ids.shape == (2, 5)
+    assert monitor._keep_first_batch(model, (), {"input_ids": ids, "attention_mask": mask}) is False
+    assert monitor.kl_ids is None  # kept only: no forward inside the training forward's hook
+    monitor.before_update()  # after the step's backward, before its update: the base log-probs
+    assert monitor.kl_ids.shape == (2, 5) and monitor.kl_base_logp.shape[:2] == (2, 5)
     want = ids[:2, -5:] if left else ids[:2, :5]
     assert torch.equal(monitor.kl_ids, want) and bool(monitor.kl_mask.all())
     # a batch no longer than kl_max_length is kept whole
-    monitor._grabbing = True
-    monitor._grab_first_batch(model, (), {"input_ids": ids[:, :4], "attention_mask": mask[:, :4]})
+    monitor._keep_first_batch(model, (), {"input_ids": ids[:, :4], "attention_mask": mask[:, :4]})
+    monitor.before_update()
     assert torch.equal(monitor.kl_ids, ids[:2, :4])

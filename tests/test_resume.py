@@ -9,14 +9,16 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import RIMGuard
-from rimguard.testing import no_checkpointing, reasoning_texts, tiny_model
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import tiny_model
 
 # low thresholds so the run escalates (and freezes) before and after the checkpoint
 TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.002}, "freeze": {"task_rise": 0.004}, "stop": {}}
 
 
 def run(out, tok, fast_config, max_steps, resume=None, family="llama"):
-    guard = RIMGuard(fast_config(mode="escalate", thresholds=TH, probe_every=2, penalty_weight=0.5, hysteresis=0.0, anchor_every=1))
+    guard = RIMGuard(fast_config(mode="escalate", thresholds=TH, probe_every=2, reg_lambda=0.5, hysteresis=0.0, anchor_every=1))
     args = SFTConfig(output_dir=str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-3, report_to=[],
                      bf16=False, **no_checkpointing(), save_strategy="steps", save_steps=4, use_cpu=True,
                      max_length=64, seed=0, disable_tqdm=True, logging_steps=100)
@@ -53,18 +55,18 @@ def test_resume_reproduces_metrics_and_decisions(tmp_path, tok, fast_config, fam
         # match exactly. What the guard owns must: its restored references (NaN = an unrouted unit, kept
         # as such), and the MoE metrics go on after the resume.
         for key in ("ref_safe", "ref_task"):
-            torch.testing.assert_close(getattr(resumed.monitor, key), getattr(part.monitor, key), rtol=0, atol=0, equal_nan=True)
-        assert resumed.monitor.ref_router == part.monitor.ref_router is not None
+            torch.testing.assert_close(getattr(resumed.engine.monitor, key), getattr(part.engine.monitor, key), rtol=0, atol=0, equal_nan=True)
+        assert resumed.engine.monitor.ref_router == part.engine.monitor.ref_router is not None
         assert all("router_share" in r and "router_share_train" in r for r in b)
         return
     for x, y in zip(a, b):
-        for key in ("ras_safe", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "level", "lambda", "frozen", "anchor_kl"):
+        for key in ("ras_safe", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "level", "reg_lambda", "frozen", "anchor_kl"):
             assert x.get(key) == y.get(key), (key, x.get(key), y.get(key))
     assert max(r["level"] for r in full.history) >= 2  # the run really took decisions
-    assert full.freezer.frozen[0].tolist() == resumed.freezer.frozen[0].tolist()
+    assert full.engine.freezer.frozen[0].tolist() == resumed.engine.freezer.frozen[0].tolist()
     # the safety anchor (escalate's regularizer) took part, and its recorded base distributions came back exactly
     assert any(r.get("anchor_kl", 0) > 0 for r in a)
-    saved, back = full.anchor.record.tensors(), resumed.anchor.record.tensors()
-    assert all(torch.equal(saved[k], back[k]) for k in saved) and full.anchor.record.prompts == resumed.anchor.record.prompts
+    saved, back = full.engine.regularizer.record.tensors(), resumed.engine.regularizer.record.tensors()
+    assert all(torch.equal(saved[k], back[k]) for k in saved) and full.engine.regularizer.record.prompts == resumed.engine.regularizer.record.prompts
     events = [json.loads(l) for l in (tmp_path / "part" / "rimguard.jsonl").read_text().splitlines()]
     assert [e["resumed"] for e in events if e["event"] == "start"] == [False, True]

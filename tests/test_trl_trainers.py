@@ -10,7 +10,8 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 from rimguard import RIMGuard
 from rimguard.hooks.arch import find_mlp_layers
 from rimguard.probes.reasoning import problems
-from rimguard.testing import no_checkpointing, tiny_model
+from rimguard.compat import no_checkpointing
+from rimguard.testing import tiny_model
 
 COMMON = dict(report_to=[], bf16=False, use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, logging_steps=100)
 
@@ -25,7 +26,7 @@ def _check(guard, out, steps):
     metrics = [e for e in events if e["event"] == "metrics"]
     assert metrics and metrics[-1]["step"] == steps
     assert all(e["ras_safe"] is not None and e["refusal_margin"] is not None for e in metrics)
-    assert not guard.attached()
+    assert not guard.engine.attached()
 
 
 @pytest.mark.parametrize("mode", ["regularize", "freeze"])

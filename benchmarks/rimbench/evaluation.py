@@ -69,9 +69,9 @@ def completion_examples(tokenizer: Any, records: Sequence[dict[str, Any]], max_l
 def heldout_loss(model: torch.nn.Module, examples: Sequence[tuple[list[int], int]], pad_value: int, batch_size: int = 8) -> float:
     """Mean next-token NLL over all completion tokens of ``examples`` (token-weighted), in nats.
 
-    Runs under :func:`rimguard.probing.probe_mode` (eval mode, no grad, RNG forked, mode restored).
+    Runs under :func:`rimguard.passes.probe_mode` (eval mode, no grad, RNG forked, mode restored).
     """
-    from rimguard.probing import model_device, pad, probe_mode
+    from rimguard.passes import model_device, pad, probe_mode
 
     device = model_device(model)
     total, count = 0.0, 0
@@ -127,7 +127,7 @@ class Evaluator:
 
     def __call__(self, model: torch.nn.Module, full_xstest: bool = True) -> dict[str, Any]:
         from rimguard.demo.judge import refusal_rate
-        from rimguard.probing import generate, pad_id
+        from rimguard.passes import generate, pad_id
 
         start = time.perf_counter()
         out: dict[str, Any] = {}

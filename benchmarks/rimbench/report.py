@@ -262,7 +262,7 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
       "token-weighted NLL of the solution given the question.")
     w(f"- rimguard: one atlas identified on the aligned model ({results['atlas']['num_safety']} safety neurons, "
       f"{st['atlas_probes']} counterfactual pairs, 32 control sets) shared by all guards; each check probes "
-      f"{st['guard_probes']} harmful prompts. Regularize: lambda {st['penalty_weight']:g}.")
+      f"{st['guard_probes']} harmful prompts. Regularize: lambda {st['reg_lambda']:g}.")
     peer = results["peer"]
     w(f"- Peer: safety-compass {'(' + peer['note'] + '), refusal concept from ' + str(st['peer_pairs']) + ' bundled harmful/harmless pairs, middle layer, measured at the same steps' if peer['available'] else 'SKIPPED: ' + peer['note']}.")
     w(f"- Aligned model at step 0: refusal **{_pct(base['refusal_rate'])}**, over-refusal **{_pct(base['over_refusal'])}** "

@@ -1,6 +1,6 @@
-"""Actions that hold the model to its own base behaviour: the safety anchor and parameter anchoring.
+"""The safety anchor (``regularizer="anchor"``, the default ``regularize`` action).
 
-**Safety anchor** (the default ``regularize`` action). At train start the guard records the base
+At train start the guard records the base
 model's own greedy responses to a set of *anchor prompts* (harmful requests, plus harmless
 look-alikes so that the anchor does not teach blanket refusal), the base model's top-k
 log-probabilities on those response tokens, and the safety neurons' activations on the harmful
@@ -14,13 +14,9 @@ is added to the step's loss with weight lambda (``shrink`` is :func:`rimguard.si
 the delta-minus-safe half of RAS, one-sided). The anchor prompts are disjoint from the monitor's
 probe prompts, so the monitor's behavioural signals stay a witness that the action never trained on.
 
-**Parameter anchoring** (L2-SP). ``lambda * sum (theta - theta_0)^2`` over the trainable parameters
-(under LoRA, the adapter factors, pulled back to their initial values), or only over the safety
-neurons' slices. It keeps a copy of the anchored parameters.
-
-Both are *loss terms of an optimizer step*: the guard computes them once per step (before the
-first micro-batch's forward) and ties them into that micro-batch's backward pass, so their
-gradient joins the trainer's own optimizer step with no trainer subclass, whatever the gradient
+It is a *step loss* (:mod:`rimguard.actions.regularizer`): computed once per optimizer step (before
+the first micro-batch's forward) and tied into that micro-batch's backward pass, so its gradient
+joins the trainer's own optimizer step with no trainer subclass, whatever the gradient
 accumulation. Under DDP each rank runs its share of the anchor rows and DDP's gradient average
 makes the update the mean over all rows; every rank applies the same update.
 """
@@ -35,9 +31,11 @@ import torch
 from torch import nn
 
 from rimguard import dist
+from rimguard.actions.regularizer import BuildContext, Regularizer
 from rimguard.hooks.capture import Activation, ActivationCapture
-from rimguard.probing import encode, forked_rng, format_prompt, generate_ids, model_device, pad, pad_id, probe_mode
+from rimguard.passes import encode, forked_rng, format_prompt, generate_ids, model_device, pad, pad_id, probe_mode
 from rimguard.signals import metrics
+from rimguard.saved import Saved
 
 RECORD_TENSORS = ("ids", "attn", "pos", "resp_mask", "base_logp", "base_index", "act_ref", "harmful")
 
@@ -186,10 +184,17 @@ def response_logprobs(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return picked.float().log_softmax(-1)
 
 
-class SafetyAnchor:
+# the monitor's signals the neuron term drives (anchor_act_weight > 0): it holds the safety neurons up on the
+# anchor's prompts, which on SmolLM2 carried over to the monitor's probes (RAS, z < 0); the KL term acts on
+# behaviour on the anchor's own prompts only
+NEURON_SIGNALS = ("safety_drop", "ras_safe", "entanglement_z", "entanglement_pct")
+
+
+class SafetyAnchor(Regularizer):
     """The self-distilled safety anchor's loss, batch schedule and logged terms.
 
     Args:
+        model, capture: the model the training loop calls, and the hook layer on it.
         record: the base record (see :func:`record_anchor`).
         safety_per_source: per capture source, ``[n_s]`` safety unit ids local to it.
         batch_size: anchor rows per anchor step (over all ranks).
@@ -198,13 +203,43 @@ class SafetyAnchor:
         rel_floor: activation floor of the neuron term, relative to the mean base activation.
     """
 
-    def __init__(self, record: AnchorRecord, safety_per_source: Sequence[torch.Tensor], batch_size: int = 8, every: int = 1,
-                 act_weight: float = 1.0, rel_floor: float = metrics.DEFAULT_REL_FLOOR) -> None:
-        self.record = record
+    name = "anchor"
+
+    def __init__(self, model: nn.Module, capture: ActivationCapture, record: AnchorRecord, safety_per_source: Sequence[torch.Tensor],
+                 batch_size: int = 8, every: int = 1, act_weight: float = 1.0, rel_floor: float = metrics.DEFAULT_REL_FLOOR) -> None:
+        self.model, self.capture, self.record = model, capture, record
         self.tap = SafetyTap(safety_per_source)
         self.batch_size, self.every, self.act_weight, self.rel_floor = batch_size, every, act_weight, rel_floor
+        self.optimises = NEURON_SIGNALS if act_weight > 0 else ()
         self._lengths = record.attn.sum(1).cpu()  # row lengths on the host: trimming a batch needs no device sync
         self._logged: torch.Tensor | None = None  # [3]: sum kl, sum act, count (device, no sync)
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> "SafetyAnchor":
+        """Record the base model's responses to the anchor prompts (or restore the record), after checking that
+        the prompts are disjoint from the monitor's probes."""
+        cfg, per_source = ctx.config, ctx.safety_per_source()
+        if ctx.restored is not None:
+            if not ctx.restored.tensors:
+                raise AnchorError("the checkpoint's guard state has no anchor record (it was saved without the safety "
+                                  "anchor); resume with the configuration it was trained with")
+            record = AnchorRecord.from_tensors(ctx.restored.tensors, ctx.restored.meta.get("prompts") or [])
+        else:
+            harmful = ctx.sources.load("anchor_harmful")
+            harmless = ctx.sources.load("anchor_harmless") if cfg.actions.anchor_harmless else []
+            probes = set(ctx.monitor.probe_prompts())
+            overlap = [p for p in harmful + harmless if p in probes]
+            if overlap:
+                raise AnchorError(f"{len(overlap)} anchor prompt(s) are also monitor probes (e.g. {overlap[0]!r}); the "
+                                  "monitor must measure prompts the anchor never trains on: pass disjoint anchor_prompts=")
+            record = None
+            if dist.is_main():
+                record = record_anchor(ctx.model, ctx.tokenizer, ctx.capture, per_source, harmful, harmless,
+                                       cfg.actions.anchor_max_new_tokens, cfg.atlas.max_length, cfg.actions.anchor_top_k,
+                                       cfg.monitor.probe_batch_size)
+            record = dist.broadcast(record)
+        return cls(ctx.model, ctx.capture, record.to(ctx.monitor.device), per_source, cfg.actions.anchor_batch_size,
+                   cfg.actions.anchor_every, cfg.actions.anchor_act_weight, cfg.monitor.rel_floor)
 
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (0-based: steps completed before it) carries the anchor."""
@@ -217,14 +252,18 @@ class SafetyAnchor:
         window = (start + torch.arange(self.batch_size)) % total
         return window[dist.rank() :: dist.world_size()]
 
-    def loss(self, model: nn.Module, capture: ActivationCapture, step: int) -> torch.Tensor:
-        """``KL + mu * shrink`` on this step's anchor rows, differentiable (a forward with gradient)."""
-        rec = self.record
+    def step_loss(self, step: int) -> torch.Tensor | None:
+        """``KL + mu * shrink`` on this step's anchor rows, differentiable (a forward with gradient), when due."""
+        return self.loss(step) if self.due(step) else None
+
+    def loss(self, step: int) -> torch.Tensor:
+        """``KL + mu * shrink`` on the anchor rows of optimizer step ``step`` (a forward with gradient)."""
+        rec, model = self.record, self.model
         host_rows = self.rows(step)
         width = int(self._lengths[host_rows].max())
         rows = host_rows.to(rec.ids.device)
         attn = rec.attn[rows]
-        with forked_rng(), checkpointing_off(model), capture.routed(self.tap):
+        with forked_rng(), checkpointing_off(model), self.capture.routed(self.tap):
             logits = model(input_ids=rec.ids[rows, :width], attention_mask=attn[:, :width]).logits
         logp = response_logprobs(logits, rec.pos[rows].clamp_max(width - 1))
         kl = metrics.topk_kl(rec.base_logp[rows], rec.base_index[rows], logp, rec.resp_mask[rows])
@@ -235,46 +274,12 @@ class SafetyAnchor:
         self._logged = logged if self._logged is None else self._logged + logged
         return kl + self.act_weight * act
 
-    def drain_logged(self) -> dict[str, float]:
+    def logged(self) -> dict[str, float]:
         """Mean ``anchor_kl`` and ``anchor_act`` since the last call, over ranks (a collective)."""
         stats = self._logged.cpu() if self._logged is not None else torch.zeros(3)
         self._logged = None
         kl, act, count = dist.all_reduce_sum(stats).tolist()
         return {"anchor_kl": kl / count, "anchor_act": act / count} if count else {}
 
-
-class ParamAnchor:
-    """L2-SP: ``sum (theta - theta_0)^2`` over the anchored parameters or parameter slices.
-
-    Args:
-        slices: ``(param, indexer)`` pairs: ``param[indexer]`` is anchored (``()``: the whole parameter).
-    """
-
-    def __init__(self, slices: Sequence[tuple[nn.Parameter, tuple]]) -> None:
-        self.slices = [(p, tuple(i.to(p.device) if isinstance(i, torch.Tensor) else i for i in at))
-                       for p, at in slices if p.requires_grad]
-        self.start = [p[at].detach().clone() for p, at in self.slices]
-        self._logged: torch.Tensor | None = None
-
-    def loss(self) -> torch.Tensor:
-        """Differentiable ``sum (theta - theta_0)^2``, a ``[]`` tensor."""
-        terms = [(p[at] - s).pow(2).sum() for (p, at), s in zip(self.slices, self.start)]
-        value = torch.stack(terms).sum()
-        logged = torch.stack([value.detach().float(), torch.ones((), device=value.device)])
-        self._logged = logged if self._logged is None else self._logged + logged
-        return value
-
-    def drain_logged(self) -> dict[str, float]:
-        """Mean ``param_dist2`` (the unweighted sum of squares) since the last call, over ranks."""
-        stats = self._logged.cpu() if self._logged is not None else torch.zeros(2)
-        self._logged = None
-        total, count = dist.all_reduce_sum(stats).tolist()
-        return {"param_dist2": total / count} if count else {}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {str(k): s.cpu() for k, s in enumerate(self.start)}
-
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        if len(tensors) != len(self.start):
-            raise AnchorError(f"parameter-anchor state has {len(tensors)} tensors, the model {len(self.start)}")
-        self.start = [tensors[str(k)].to(s.device, s.dtype) for k, s in enumerate(self.start)]
+    def state_dict(self) -> Saved:
+        return Saved(self.record.tensors(), {"prompts": self.record.prompts})

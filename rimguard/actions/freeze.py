@@ -22,13 +22,14 @@ full slices), so one mechanism covers rows, columns and per-expert slices.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from rimguard.hooks.arch import MLPLayer, Projection, UnsupportedModelError
 from rimguard.hooks.capture import ActivationCapture
+from rimguard.saved import Saved
 
 Indexer = tuple  # of index tensors and full slices: param[indexer]
 EVERY = slice(None)
@@ -67,6 +68,8 @@ class NeuronFreezer:
         capture: the hook layer (its layers are the MLPs; the gradient masks are registered through it).
     """
 
+    backends = ("single", "ddp")  # the training backends it works under (sharded parameters: not yet)
+
     def __init__(self, capture: ActivationCapture) -> None:
         self.capture = capture
         self.layers = list(capture.layers)
@@ -75,6 +78,10 @@ class NeuronFreezer:
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._grad_index: dict[int, list[Indexer]] = {}
         self.merged_base: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def supports(cls, backend: str) -> bool:
+        return backend in cls.backends
 
     @property
     def count(self) -> int:
@@ -181,15 +188,15 @@ class NeuronFreezer:
         self._grad_index.clear()
 
     # -- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"frozen": [f.tolist() for f in self.frozen], "merged_base": dict(self.merged_base)}
+    def state_dict(self) -> Saved:
+        return Saved(dict(self.merged_base), {"frozen": [f.tolist() for f in self.frozen]})
 
     @torch.no_grad()
-    def load_state(self, state: dict[str, Any], model: nn.Module) -> None:
+    def load_state_dict(self, state: Saved) -> None:
         """Re-apply merged LoRA base weights, then re-freeze the saved neurons at their current values."""
-        params = dict(model.named_modules())
-        for name, value in state.get("merged_base", {}).items():
-            base = getattr(params[name], "get_base_layer", lambda: params[name])()
+        modules = dict(self.capture.model.named_modules())
+        for name, value in state.tensors.items():
+            base = getattr(modules[name], "get_base_layer", lambda: modules[name])()
             base.weight.copy_(value.to(base.weight.device, base.weight.dtype))
             self.merged_base[name] = value
-        self.freeze([torch.tensor(f, dtype=torch.long) for f in state["frozen"]])
+        self.freeze([torch.tensor(f, dtype=torch.long) for f in state.meta["frozen"]])

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -44,9 +45,14 @@ from rimguard.atlas.selection import Moments
 from rimguard.hooks.arch import MLPLayer, find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
 from rimguard.probes import bundled
-from rimguard.probing import activations, chunks, generate, pad_id, tokenize_dialogues
+from rimguard.passes import activations, chunks, generate, pad_id, tokenize_dialogues
 from rimguard.schema import Reader, file_sha256
 
+if TYPE_CHECKING:
+    from rimguard.config import GuardConfig
+    from rimguard.probes import ProbeSources
+
+logger = logging.getLogger("rimguard")
 FORMAT_VERSION = 3
 READABLE_FORMATS = (1, 2, 3)
 METHODS = ("counterfactual", "effect_size")
@@ -267,6 +273,29 @@ class NeuronAtlas:
         )
 
     # -- identification ----------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, model: nn.Module, tokenizer, config: "GuardConfig", sources: "ProbeSources | None" = None,
+                    capture: ActivationCapture | None = None, progress: bool = False) -> "NeuronAtlas":
+        """:meth:`identify` with the settings of ``config`` (:meth:`GuardConfig.identify_options`) on the prompt
+        sets of ``sources`` (bundled by default): its first ``num_safety_probes`` harmful prompts, the intent
+        sentences (counterfactual method) and harmless prompts (effect size, or refusal heads)."""
+        from rimguard.probes import ProbeSources
+
+        sources = sources or ProbeSources()
+        method, heads = config.atlas.method, config.atlas.refusal_heads
+        logger.info("rimguard: identifying safety-critical neurons on %d prompts", config.atlas.num_safety_probes)
+        dtype = next(model.parameters()).dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            logger.warning("rimguard: identifying the safety neurons under %s; the selection can differ from an fp32 one. "
+                           "Identify once in fp32 (rimguard identify MODEL_DIR -o atlas/) and pass atlas='atlas/' to reuse it.",
+                           str(dtype).replace("torch.", ""))
+        harmful = sources.load("harmful")[: config.atlas.num_safety_probes]
+        intents = sources.load("intent") if method == "counterfactual" else []
+        harmless = sources.load("harmless") if method == "effect_size" or heads > 0 else []
+        spans = sources.load("reasoning_spans") if heads else []
+        return cls.identify(model, tokenizer, harmful, intents, harmless, capture=capture, reasoning_spans=spans,
+                            progress=progress, **config.identify_options())
+
     @classmethod
     def identify(
         cls,

@@ -25,7 +25,7 @@ from rimguard.atlas.head_selection import HeadSelection, span_mass, top_in_span
 from rimguard.hooks.arch import MLPLayer
 from rimguard.hooks.attention import AttentionRows
 from rimguard.hooks.capture import ProbeComplete
-from rimguard.probing import chunks, model_device, pad, pad_id, probe_mode, prompt_ids
+from rimguard.passes import chunks, model_device, pad, pad_id, probe_mode, prompt_ids
 
 CLOSE = "\n\n"  # between the reasoning span and the answer; its last token is the answer position
 
@@ -49,7 +49,7 @@ def with_reasoning(model: nn.Module, tokenizer, prompts: Sequence[str], reasonin
     """Chat-formatted ``prompts``, each followed by reasoning passage ``k % len(reasoning)`` and :data:`CLOSE`.
 
     The pieces are tokenized separately (so the span's tokens are exact); a span longer than half of
-    ``max_length`` is cut to it, and a long prompt keeps its end (as :func:`rimguard.probing.prompt_ids`).
+    ``max_length`` is cut to it, and a long prompt keeps its end (as :func:`rimguard.passes.prompt_ids`).
     """
     if not reasoning:
         raise ValueError("no reasoning passages given")

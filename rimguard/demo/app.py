@@ -42,8 +42,9 @@ from rimguard.config import LEVELS, add_arguments, from_arguments
 from rimguard.events import read_events
 from rimguard.report import plot_run
 from rimguard.demo.judge import judge, refusal_rate
-from rimguard.probing import generate
-from rimguard.testing import no_checkpointing, reasoning_texts
+from rimguard.passes import generate
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
 from rimguard.demo.zoo import EVAL_MAX_NEW_TOKENS, aligned_smollm2, alignment_split
 
 COLUMNS = ("step", "safety_drop", "ras_safe", "entanglement_z", "refusal_drop", "level", "frozen")
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mode": config.policy.mode, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "model": str(folder),
         "alignment": recipe.get("measured", {}) | {"recipe": recipe.get("recipe")},
         "heldout_harmful_before": before, "heldout_harmful_after": after,
-        "final_level": guard.level, "final_action": guard.action, "frozen": int(guard.freezer.count) if guard.freezer else 0,
+        "final_level": guard.level, "final_action": guard.action, "frozen": int(guard.engine.freezer.count) if guard.engine.freezer else 0,
         "num_safety_neurons": guard.atlas.num_safety, "history": guard.history,
         "samples": [{"prompt": p, "before": b, "after": a, "judged_after": judge(a)}
                     for p, b, a in zip(heldout, before_texts, after_texts)],
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     title = (f"rimguard demo ({folder.name}), mode={config.policy.mode}: held-out refusal {before['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}"
              f" ({len(heldout)} prompts, lr {args.lr:g}, {args.steps} steps)")
-    events = ([e for e in read_events(args.out / config.monitor.log_file) if e.get("run_id") == guard.run_id] if config.monitor.log_file
+    events = ([e for e in read_events(args.out / config.monitor.log_file) if e.get("run_id") == guard.engine.run_id] if config.monitor.log_file
               else guard.history)
     plot_run(events, args.out / "rimguard_demo.png", config.policy.thresholds, losses=table.losses, title=title)
 

@@ -216,7 +216,7 @@ def evaluate_refusals(model: Any, tokenizer: Any, max_new_tokens: int = EVAL_MAX
     dict; the refusal rate of the second one is the over-refusal.
     """
     from rimguard.demo.judge import refusal_rate
-    from rimguard.probing import generate
+    from rimguard.passes import generate
 
     out = {}
     for name, prompts in (("heldout_harmful", alignment_split()[1]), ("heldout_harmless", harmless_split()[1])):
@@ -227,7 +227,7 @@ def evaluate_refusals(model: Any, tokenizer: Any, max_new_tokens: int = EVAL_MAX
 
 def _alignment_examples(tokenizer: Any, distilled: Sequence[tuple[str, str, bool]], recipe: dict[str, Any]) -> list[dict[str, list[int]]]:
     """Token ids and labels (prompt masked) of the refusal and self-distillation examples."""
-    from rimguard.probing import encode, format_prompt
+    from rimguard.passes import encode, format_prompt
 
     rng = random.Random(recipe["seed"])
     refusals = bundled("refusals")
@@ -287,7 +287,7 @@ def aligned_smollm2(cache_dir: str | Path | None = None, steps: int = ALIGN_DEFA
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from rimguard.demo.judge import judge
-    from rimguard.probing import generate, pad_id
+    from rimguard.passes import generate, pad_id
 
     recipe = align_recipe(steps, **overrides)
     final = cache_root(cache_dir) / f"smollm2-135m-aligned-{recipe_digest(recipe)}"

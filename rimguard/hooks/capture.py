@@ -10,22 +10,20 @@ reduces the activation at once, so no activation tensor outlives its forward pas
 on parameters (the freeze) are registered through :meth:`ActivationCapture.grad_hook`, so that
 :meth:`ActivationCapture.remove` takes every hook off.
 
-Hook points and their sinks (each sink returns what the hook point needs):
+The capture only dispatches; what is computed from an activation belongs to its taps, all with
+one signature, ``tap(source, act, recompute)`` (:class:`Tap`), registered for a kind of forward:
 
-* **batch taps** - ``tap(module, args, kwargs) -> keep``, at the start of a training forward,
-  before anything else is recorded for it (the monitor keeps its first batch for KL); a tap that
-  returns False is dropped.
-* **output taps** - ``tap(block, output) -> output``, on the last decoder block's output of every
-  forward: the regularizer ties its loss into the backward pass there.
+* ``"train"`` taps - every training forward (model in train mode, grad enabled): the monitor's
+  reasoning stream and router count (:mod:`rimguard.signals.stream`), the activation penalty;
+* ``"probe"`` taps - every forward inside :meth:`ActivationCapture.probing`, which also collects
+  per-sequence rows of the tracked neurons and returns them when the block ends;
+* a routed tap - inside :meth:`ActivationCapture.routed`, the given tap alone (the safety anchor's
+  forward with gradient, which is neither training data nor a probe).
 
-Three activation sinks, chosen per call:
-
-* **stream** - a training forward (model in train mode, grad enabled): masked-max sums of the
-  tracked neurons accumulate on the device, with no host sync.
-* **probe** - inside :meth:`ActivationCapture.probing`: per-sequence rows are collected and
-  returned when the block ends.
-* **taps** - callables run on every training forward with the live (differentiable) activation;
-  the entanglement penalty is one.
+Two more hook points on training forwards: **batch taps**, ``tap(module, args, kwargs) -> keep``,
+at the start of the forward (the monitor keeps its first batch for KL; a tap that returns False is
+dropped; a batch tap must not run forwards), and **output taps**, ``tap(block, output) -> output``,
+on the last decoder block's output (the regularizers' loss tie, :mod:`rimguard.actions.tie`).
 
 Every sink sees a source's activation through one interface, ``act.peak(index) -> [B, n]`` (the
 per-sequence max over real tokens of the source's units ``index``; MoE units with no routed token
@@ -34,7 +32,7 @@ are numbered in model order; within a layer they hold increasing unit ids, so th
 concatenated, are layer-major like the atlas.
 
 Activation checkpointing re-runs a layer's forward during backward. The model-level pre-hook does
-not fire then, so every layer hook sees the same forward id again and skips the statistics; taps
+not fire then, so every layer hook sees the same forward id again; taps
 are re-run with ``recompute=True`` so that they can replay their ops (non-reentrant checkpointing
 checks that the recomputation saves the same tensors) without double counting.
 """
@@ -43,13 +41,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from rimguard.hooks.arch import ExpertBank, MLPLayer
-from rimguard.hooks.reduce import Reducer, masked_max, masked_max_sum, present_sum, routed_max
+from rimguard.hooks.reduce import masked_max, routed_max
 
 # units per chunk when a probe reads every unit of a MoE layer ([tokens, chunk] pre-activations at a time)
 EXPERT_CHUNK = 4096
@@ -147,38 +145,41 @@ def split_per_source(sources: Sequence[Source], per_layer: Sequence[torch.Tensor
 
 
 class Tap(Protocol):
+    """The one hook signature: source ``source``'s activation ``act`` in one forward; ``recompute`` is True
+    when an activation-checkpointed layer is re-run during backward (replay ops, do not count again)."""
+
     def __call__(self, source: int, act: Activation, recompute: bool) -> None: ...
 
 
 BatchTap = Callable[[nn.Module, tuple, dict], bool]
 OutputTap = Callable[[nn.Module, Any], Any]
+ForwardKind = Literal["train", "probe"]
 
 
 class ActivationCapture:
-    """Hooks a model's MLPs and reduces their activations.
+    """Hooks a model's MLPs and dispatches their activations to taps. It computes nothing itself.
 
     Args:
         model: the module the training loop calls (bare or PEFT-wrapped).
         layers: from :func:`rimguard.hooks.arch.find_mlp_layers`.
-        tracked: per layer, the ``[n_l]`` long tensor of neurons (layer ids, increasing) to stream (None = all); default all.
-        reducer: the dense stream reduction, see :func:`rimguard.hooks.reduce.get_reducer`.
+        tracked: per layer, the ``[n_l]`` long tensor of neurons (layer ids, increasing) that a probe pass
+            collects (None = all); default all. The guard's owner sets it once the atlas is known (:meth:`track`).
 
-    Taps, probe rows and the stream are indexed by source (:attr:`sources`), not by layer.
+    Taps, probe rows and every index are per source (:attr:`sources`), not per layer. A forward is one of:
+
+    * a **training forward** (the model in train mode, grad enabled, outside the blocks below): the
+      ``"train"`` taps run (the reasoning stream, the activation penalty, the router count), then the
+      batch taps before it and the output taps after the last block;
+    * a **probe forward**, inside :meth:`probing`: rows are collected and the ``"probe"`` taps run;
+    * a **routed forward**, inside :meth:`routed`: the one given tap alone runs (the anchor's batch).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: Sequence[MLPLayer],
-        tracked: Sequence[torch.Tensor | None] | None = None,
-        reducer: Reducer = masked_max_sum,
-    ) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[MLPLayer], tracked: Sequence[torch.Tensor | None] | None = None) -> None:
         self.model = model
         self.layers = list(layers)
         self.sources = sources_of(self.layers)
         self.track(tracked if tracked is not None else [None] * len(self.layers))
-        self.reducer = reducer
-        self.taps: list[Tap] = []
+        self.taps: dict[str, list[Tap]] = {"train": [], "probe": []}
         self.batch_taps: list[BatchTap] = []
         self.output_taps: list[OutputTap] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -186,16 +187,12 @@ class ActivationCapture:
         self._seen = [-1] * len(self.sources)
         self._mask: torch.Tensor | None = None
         self._batch = 1
-        self._streaming = False
+        self._training = False
         self._probe_rows: list[list[torch.Tensor]] | None = None
         self._probe_full = False
         self._probe_last: set[int] = set()
         self._probe_read: set[int] = set()
-        self._sums: list[torch.Tensor | None] | None = None
-        self._counts: list[torch.Tensor | None] | None = None
         self._route: Tap | None = None
-        self._watched: list[torch.Tensor | None] = [None] * len(self.sources)
-        self._router: dict[str, torch.Tensor] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -211,6 +208,11 @@ class ActivationCapture:
         self._handles.append(self.layers[-1].block.register_forward_hook(self._on_last_block))
         return self
 
+    def add_tap(self, tap: Tap, on: ForwardKind | Sequence[ForwardKind] = "train") -> None:
+        """Run ``tap`` on every source of every forward of the given kind(s)."""
+        for kind in (on,) if isinstance(on, str) else on:
+            self.taps[kind].append(tap)
+
     def grad_hook(self, param: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.utils.hooks.RemovableHandle:
         """Register ``fn(grad) -> grad`` on ``param``; :meth:`remove` takes it off with the rest."""
         handle = param.register_hook(fn)
@@ -218,7 +220,7 @@ class ActivationCapture:
         return handle
 
     def track(self, tracked: Sequence[torch.Tensor | None]) -> None:
-        """Set the neurons each layer streams and probes (``[n_l]`` increasing layer ids, or None for all)."""
+        """Set the neurons a probe pass collects per layer (``[n_l]`` increasing layer ids, or None for all)."""
         if len(tracked) != len(self.layers):
             raise ValueError(f"tracked has {len(tracked)} entries for {len(self.layers)} layers")
         self.tracked = list(tracked)
@@ -239,15 +241,18 @@ class ActivationCapture:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
     def remove(self) -> None:
+        """Take every hook off the model (forward hooks and gradient hooks) and drop every tap."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.taps = {"train": [], "probe": []}
+        self.batch_taps, self.output_taps = [], []
         self._mask = None
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         training = self._probe_rows is None and self._route is None and module.training and torch.is_grad_enabled()
-        if training and self.batch_taps:  # first: a tap may run its own forwards, which must not clobber this one's state
+        if training and self.batch_taps:
             self.batch_taps = [tap for tap in self.batch_taps if tap(module, args, kwargs)]
         # the mask is kept after the forward: a checkpointed layer recomputed during backward
         # belongs to the latest forward and must replay with its mask (same ops, same saved tensors)
@@ -261,9 +266,11 @@ class ActivationCapture:
             mask = mask[:, -ids.shape[1] :]  # a forward on a KV cache: the mask spans the cached tokens, then this call's
         self._mask = mask
         self._batch = ids.shape[0] if isinstance(ids, torch.Tensor) else (mask.shape[0] if mask is not None else 1)
-        self._streaming = training
+        self._training = training
 
     def _on_last_block(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if not self._training or not module.training or not torch.is_grad_enabled():
+            return output
         for tap in self.output_taps:
             output = tap(module, output)
         return output
@@ -279,81 +286,31 @@ class ActivationCapture:
         return ExpertActivation(src.bank, hidden, routes, self._mask, self._batch)
 
     def _source_hook(self, pos: int) -> Callable[[nn.Module, tuple, dict], None]:
-        src = self.sources[pos]
-
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            act = self._activation(src, args, kwargs)
+            act = self._activation(self.sources[pos], args, kwargs)
             recompute = self._seen[pos] == self._forward_id
             self._seen[pos] = self._forward_id
             if self._route is not None:
                 self._route(pos, act, recompute)
                 return
-            if self._streaming:
-                for tap in self.taps:
-                    tap(pos, act, recompute)
-            if recompute:
+            probing = self._probe_rows is not None
+            if not probing and not self._training:
                 return
-            if self._watched[pos] is not None and (self._probe_rows is not None or self._streaming):
-                self._count_routes(pos, act, "probe" if self._probe_rows is not None else "train")
-            if self._probe_rows is not None:
-                index = None if self._probe_full else self.source_tracked[pos]
-                with torch.no_grad():
-                    self._probe_rows[pos].append(act.peak(index).float())
-                self._probe_read.add(pos)
-                if self._probe_last and self._probe_last <= self._probe_read:
-                    raise ProbeComplete
-            elif self._streaming:
-                self._accumulate(pos, act)
+            for tap in self.taps["probe" if probing else "train"]:
+                tap(pos, act, recompute)
+            if probing and not recompute:
+                self._collect(pos, act)
 
         return hook
 
-    def _accumulate(self, pos: int, act: Activation) -> None:
-        index = self.source_tracked[pos]
+    def _collect(self, pos: int, act: Activation) -> None:
+        assert self._probe_rows is not None
+        index = None if self._probe_full else self.source_tracked[pos]
         with torch.no_grad():
-            if isinstance(act, DenseActivation):
-                sums, count = self.reducer(act.x, act.mask, index)
-                count = count.expand_as(sums)
-            else:
-                sums, count = present_sum(act.peak(index))
-        if self._sums is None or self._counts is None:
-            self._sums, self._counts = [None] * len(self.sources), [None] * len(self.sources)
-        held, held_count = self._sums[pos], self._counts[pos]
-        self._sums[pos] = sums if held is None else held + sums
-        self._counts[pos] = count if held_count is None else held_count + count
-
-    # -- router ------------------------------------------------------------------------------
-    def watch_experts(self, per_layer: Sequence[torch.Tensor]) -> None:
-        """Count the routing slots that go to the experts holding ``per_layer`` neurons (layer ids), on
-        probe and training forwards; read with :meth:`drain_router`."""
-        for pos, (src, (ids, _)) in enumerate(zip(self.sources, self.split(per_layer))):
-            if src.bank is not None and ids.numel():
-                watched = torch.zeros(src.bank.num_experts, dtype=torch.bool, device=ids.device)
-                self._watched[pos] = watched.index_fill_(0, ids // src.bank.size, True)
-
-    def _count_routes(self, pos: int, act: Activation, kind: str) -> None:
-        assert isinstance(act, ExpertActivation)
-        watched = self._watched[pos]
-        assert watched is not None
-        with torch.no_grad():
-            hits = watched.to(act.routes.device)[act.routes].float()  # [N, k]: slot goes to a watched expert
-            real = act.mask.reshape(-1, 1).float() if act.mask is not None else torch.ones_like(hits[:, :1])
-            counts = torch.stack([(hits * real).sum(), real.sum() * hits.shape[1]])
-        self._router[kind] = counts if kind not in self._router else self._router[kind] + counts
-
-    def drain_router(self, kind: str) -> torch.Tensor | None:
-        """``[2]`` float32 (slots routed to watched experts, all slots) over real tokens since the last call,
-        on ``"probe"`` or ``"train"`` (training) forwards; None if none were counted."""
-        return self._router.pop(kind, None)
-
-    # -- stream ------------------------------------------------------------------------------
-    def drain(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Return and reset the stream: ``(sums [N], count [N])`` float32 over tracked neurons, layer-major:
-        per neuron, the sum of its per-sequence maxima and how many sequences had a value. None if nothing streamed."""
-        sums, counts = self._sums, self._counts
-        self._sums, self._counts = None, None
-        if sums is None or counts is None or any(s is None for s in sums) or any(c is None for c in counts):
-            return None
-        return torch.cat(sums), torch.cat(counts)  # type: ignore[arg-type]
+            self._probe_rows[pos].append(act.peak(index).float())
+        self._probe_read.add(pos)
+        if self._probe_last and self._probe_last <= self._probe_read:
+            raise ProbeComplete
 
     # -- routed forwards ---------------------------------------------------------------------
     @property
@@ -388,7 +345,7 @@ class ActivationCapture:
         With ``stop_early``, once every source of the last layer that holds a neuron to collect has
         been read, the hook raises :class:`ProbeComplete`: the rest of the forward (later layers,
         the final norm, the LM head) is not computed; the caller catches it around each forward
-        (:func:`rimguard.probing.activations` does).
+        (:func:`rimguard.passes.activations` does).
         """
         if self._probe_rows is not None:
             raise RuntimeError("probing() is not re-entrant")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -120,3 +121,23 @@ def load_prompts(source: str | Path | Sequence[str] | Any, key: str | None = Non
     if not prompts:
         raise ProbeError(f"{where}: holds no prompts")
     return prompts
+
+
+@dataclass
+class ProbeSources:
+    """Where each of the guard's prompt sets comes from: anything :func:`load_prompts` takes (the bundled
+    sets by default; ``task``: none, so the training data is used), and the column ``key`` of table sources."""
+
+    harmful: Any = "bundled:harmful"
+    intent: Any = "bundled:intent"
+    harmless: Any = "bundled:harmless"
+    anchor_harmful: Any = "bundled:anchor_harmful"
+    anchor_harmless: Any = "bundled:anchor_harmless"
+    reasoning_spans: Any = "bundled:reasoning_spans"
+    task: Any = None
+    key: str | None = None
+
+    def load(self, name: str) -> list[str]:
+        """The prompts of set ``name`` (a field of this class); ``[]`` for a set that is not given."""
+        source = getattr(self, name)
+        return [] if source is None else load_prompts(source, self.key, name)

@@ -109,3 +109,12 @@ def problems(count: int, seed: int = 0) -> list[Problem]:
     """``count`` problems, cycling through the templates, deterministic for ``seed``."""
     rng = random.Random(seed)
     return [TEMPLATES[i % len(TEMPLATES)](rng) for i in range(count)]
+
+
+def reasoning_texts(count: int, seed: int = 0, style: str = "plain") -> list[dict[str, list[dict[str, str]]]]:
+    """``count`` prompt/completion records of generated word problems, in TRL's conversational format
+    (``{"prompt": [user turn], "completion": [assistant turn]}``), for a reasoning SFT."""
+    return [
+        {"prompt": [{"role": "user", "content": p.question}], "completion": [{"role": "assistant", "content": p.solution(style)}]}
+        for p in problems(count, seed)
+    ]

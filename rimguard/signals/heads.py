@@ -16,6 +16,8 @@ all-reduced, so every rank logs the same values.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -24,7 +26,11 @@ from rimguard.atlas import NeuronAtlas
 from rimguard.atlas.heads import answer_attention, with_reasoning
 from rimguard.config import GuardConfig
 from rimguard.hooks.arch import MLPLayer
-from rimguard.probing import model_device, pad_id
+from rimguard.passes import model_device, pad_id
+from rimguard.saved import Saved
+from rimguard.state import GuardStateError
+
+logger = logging.getLogger("rimguard")
 
 
 class RefusalHeadMonitor:
@@ -53,14 +59,35 @@ class RefusalHeadMonitor:
         self._pad = pad_id(tokenizer)
         self.ref_mass: torch.Tensor | None = None
 
+    @classmethod
+    def build(cls, model: nn.Module, layers: list[MLPLayer], tokenizer, atlas: NeuronAtlas, config: GuardConfig,
+              restored: Saved | None, resumed: bool) -> "RefusalHeadMonitor | None":
+        """The started monitor when ``refusal_heads > 0`` and the atlas holds heads, else None (with a warning
+        when heads were asked for). Its reference comes from ``restored`` if it holds one, else it is taken now."""
+        if not config.atlas.refusal_heads:
+            return None
+        if not atlas.num_heads:
+            why = ("no head was eligible when it was identified" if atlas.heads is not None else
+                   "it was identified without them; identify it again with refusal_heads > 0")
+            logger.warning("rimguard: refusal_heads=%d, but the atlas holds no refusal heads (%s): the heads are not monitored",
+                           config.atlas.refusal_heads, why)
+            return None
+        heads = cls(model, layers, tokenizer, atlas, config)
+        saved = restored.tensors.get("ref_mass") if restored is not None else None
+        if saved is not None and saved.numel() != heads.count:
+            raise GuardStateError(f"the checkpoint's guard state holds references of {saved.numel()} refusal heads; "
+                                  f"this configuration monitors {heads.count} (refusal_heads changed): resume with the "
+                                  "refusal_heads it was trained with")
+        if resumed and saved is None:
+            logger.warning("rimguard: the checkpoint's guard state has no refusal-head reference (saved without "
+                           "refusal_heads); it is taken now, so refusal_head_shift measures drift since this resume")
+        heads.ref_mass = saved.to(heads.device) if saved is not None else heads.mass()
+        return heads
+
     @property
     def count(self) -> int:
         """Number of monitored heads."""
         return int(self.head.numel())
-
-    def start(self, restored: dict[str, torch.Tensor] | None = None) -> None:
-        """Take the base reference (or restore it from a checkpoint's state)."""
-        self.ref_mass = restored["ref_mass"].to(self.device) if restored else self.mass()
 
     def mass(self) -> torch.Tensor:
         """``[k]`` float32: each monitored head's attention mass on the span at the answer position, averaged
@@ -81,7 +108,7 @@ class RefusalHeadMonitor:
         values = torch.stack([now.mean(), (now - self.ref_mass).mean()]).tolist()
         return {"refusal_head_mass": values[0], "refusal_head_shift": values[1]}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """What a resume needs: ``ref_mass`` ``[k]`` float32 on the CPU (what :meth:`start` takes back)."""
+    def state_dict(self) -> Saved:
+        """What a resume needs: ``ref_mass`` ``[k]`` float32 on the CPU (what :meth:`build` takes back)."""
         assert self.ref_mass is not None
-        return {"ref_mass": self.ref_mass.detach().cpu()}
+        return Saved({"ref_mass": self.ref_mass.detach().cpu()})

@@ -1,16 +1,18 @@
-"""Online entanglement measurement: base references, the reasoning stream and probe checks.
+"""Online entanglement measurement: base references, the task stream and probe checks.
 
-The monitor reads the guard's :class:`~rimguard.hooks.capture.ActivationCapture` (the hook layer),
-set to stream the atlas' tracked neurons.
+The monitor reads the guard's :class:`~rimguard.hooks.capture.ActivationCapture` (the hook layer)
+through its taps (:mod:`rimguard.signals.stream`); the capture's owner (the engine) sets it to the
+atlas' tracked neurons and attaches it.
 
-* **Reasoning side** - streamed from the training forwards themselves (no extra forward): each
-  optimizer step's masked-max means are folded into an EMA on the device. Unless reasoning
-  probes are given, the base reference is the first optimizer step's stream (measured before
+* **Task side** (the reasoning data) - streamed from the training forwards themselves (no extra
+  forward): each optimizer step's masked-max means are folded into an EMA on the device. Unless
+  task probes are given, the base reference is the first optimizer step's stream (measured before
   the first update).
 * **Safety side** - a probe pass over the atlas' safety probes (prompt + the base model's own
   greedy response) at each check.
-* **KL(pi_0 || pi_t)** - on reasoning probes: the given ones, or else the first training
-  micro-batch (its base log-probs are taken just before that forward runs).
+* **KL(pi_0 || pi_t)** - on task probes: the given ones, or else a few rows of the first training
+  micro-batch (kept by a batch tap; their base log-probs are taken in :meth:`EntanglementMonitor.before_update`,
+  after that step's backward and before its optimizer step, outside any training forward).
 * **Refusal margin** - teacher-forced log-prob of refusal openings minus compliance openings.
 * **Router share** (mixture-of-experts models) - the share of routing slots (token x top-k, real
   tokens, all MoE layers) sent to the experts that hold safety neurons: on the safety probes at
@@ -24,12 +26,13 @@ gets identical metrics.
 Mixture-of-experts units are averaged over the probes (or training sequences) that routed a token
 to their expert. A unit that none did has no value (NaN in the reference and measurement vectors,
 for MoE units only: a NaN of a dense neuron is a fault); the metrics leave it out (see
-:mod:`rimguard.signals.metrics`), and its reasoning EMA keeps its last value.
+:mod:`rimguard.signals.metrics`), and its task EMA keeps its last value.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -39,7 +42,7 @@ from rimguard.atlas import NeuronAtlas
 from rimguard.config import GuardConfig
 from rimguard.hooks.capture import ActivationCapture
 from rimguard.hooks.reduce import get_reducer, present_sum
-from rimguard.probing import (
+from rimguard.passes import (
     Batch,
     activations,
     model_device,
@@ -53,7 +56,10 @@ from rimguard.probing import (
     tokenize_dialogues,
 )
 from rimguard.signals import metrics
+from rimguard.signals.stream import RouterCount, TaskStream
+from rimguard.saved import Saved
 
+logger = logging.getLogger("rimguard")
 # the KL probes run in chunks whose [rows, T, vocab] log-probs hold at most this many floats (256 MB in fp32)
 KL_CHUNK_ELEMENTS = 1 << 26
 STATE_TENSORS = ("ref_safe", "ref_task", "ema_task", "kl_base_logp", "kl_base_index", "kl_ids", "kl_mask")
@@ -71,7 +77,7 @@ class EntanglementMonitor:
         tokenizer: its tokenizer.
         atlas: the neuron atlas (checked against ``model``).
         config: guard configuration.
-        reasoning_prompts: optional reasoning probes; else the training data is used.
+        task_prompts: optional task (reasoning) probes; else the training data is used.
         refusal_openings, compliance_openings: response openings for the refusal margin.
     """
 
@@ -81,18 +87,21 @@ class EntanglementMonitor:
         tokenizer,
         atlas: NeuronAtlas,
         config: GuardConfig,
-        reasoning_prompts: Sequence[str] = (),
+        task_prompts: Sequence[str] = (),
         refusal_openings: Sequence[str] = (),
         compliance_openings: Sequence[str] = (),
     ) -> None:
         self.capture, self.tokenizer, self.atlas, self.config = capture, tokenizer, atlas, config
         self.model, self.layers = capture.model, capture.layers
         self.device = model_device(self.model)
-        capture.track([t.to(self.device) for t in atlas.per_layer()])
-        capture.reducer = get_reducer(self.device)
         self.routed = capture.routed_units().to(self.device)  # [N]: MoE units, whose NaN means "no value"
-        if bool(self.routed.any()):
-            capture.watch_experts([t.to(self.device) for t in atlas.safety_per_layer()])
+        self.stream = TaskStream(capture.source_tracked, get_reducer(self.device))
+        safety = [ids for ids, _ in capture.split([t.to(self.device) for t in atlas.safety_per_layer()])]
+        self.routers = {kind: RouterCount(capture.sources, safety) for kind in ("train", "probe")}
+        capture.add_tap(self.stream, on="train")
+        if self.routers["train"].active:
+            for kind, counter in self.routers.items():
+                capture.add_tap(counter, on=kind)
         self.safety_index = atlas.safety.to(self.device)
         self.sets = torch.cat([atlas.safety[None], atlas.controls]).to(self.device)  # [1 + K, n]
         n = min(config.monitor.check_probes, config.atlas.num_safety_probes)
@@ -103,7 +112,7 @@ class EntanglementMonitor:
         self.margin_prompts = atlas.probe_prompts[: min(n, config.monitor.margin_probes)]
         self.refusal_openings = list(refusal_openings)
         self.compliance_openings = list(compliance_openings)
-        self.reasoning_prompts = list(reasoning_prompts)
+        self.task_prompts = list(task_prompts)
         self._plan_safety_pass()
         self.ref_safe: torch.Tensor | None = None
         self.ref_task: torch.Tensor | None = None
@@ -115,44 +124,46 @@ class EntanglementMonitor:
         self.kl_mask: torch.Tensor | None = None
         self.kl_base_logp: torch.Tensor | None = None
         self.kl_base_index: torch.Tensor | None = None
-        self._grabbing = False
+        self._kl_batch: Batch | None = None  # the first training rows, until their base log-probs are taken
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, restored: dict[str, Any] | None = None) -> None:
-        """Attach hooks and take base references (or restore them from a checkpoint)."""
-        self.capture.attach()
+    def start(self, restored: Saved | None = None) -> None:
+        """Take base references (or restore them from a checkpoint); the capture must be attached."""
         if restored is not None:
-            self.load_state(restored)
+            self.load_state_dict(restored)
         else:
-            self.capture.drain_router("probe")
+            self.routers["probe"].drain()
             self.ref_safe, self.ref_margin = self._safety_pass()
-            self.ref_router = self._router_share("probe") if bool(self.routed.any()) else None
-            if self.reasoning_prompts:
-                seqs = tokenize_dialogues(self.tokenizer, self.reasoning_prompts, None, self.config.atlas.max_length)
+            self.ref_router = self._router_share("probe")
+            if self.task_prompts:
+                seqs = tokenize_dialogues(self.tokenizer, self.task_prompts, None, self.config.atlas.max_length)
                 self.ref_task = self._mean_activations(seqs)
                 self.ema_task = self.ref_task.clone()
                 if self.config.monitor.kl_probes:
                     self._set_kl_reference(pad(seqs[: self.config.monitor.kl_probes], self._pad))
         if self.config.monitor.kl_probes and self.kl_base_logp is None:
-            self._grabbing = True
-            self.capture.batch_taps.append(self._grab_first_batch)
-
-    def stop(self) -> None:
-        self.capture.remove()
-        self._grabbing = False
-
-    @property
-    def attached(self) -> bool:
-        return self.capture.attached
+            self.capture.batch_taps.append(self._keep_first_batch)
 
     def probe_prompts(self) -> list[str]:
         """Every prompt the monitor measures (safety probes; the margin's prompts are among them)."""
         return list(self.atlas.probe_prompts[: len(self.safety_sequences)])
 
-    # -- reasoning stream --------------------------------------------------------------------
+    # -- task stream -------------------------------------------------------------------------
+    def before_update(self) -> None:
+        """After a step's backward, before its optimizer step (the weights are still the base ones on the
+        first step): take the base log-probs of the kept KL rows, if any are waiting."""
+        if self._kl_batch is not None:
+            batch, self._kl_batch = self._kl_batch, None
+            self._set_kl_reference(batch)
+
     def step_end(self) -> None:
         """Fold this optimizer step's streamed activations into the EMA (on device, no sync)."""
-        drained = self.capture.drain()
+        if self._kl_batch is not None:  # kept, but never taken before the update: KL stays off
+            self._kl_batch = None
+            logger.warning("rimguard: KL to the base model is off: the first training rows were kept but their base "
+                           "log-probs were never taken before the optimizer step. A custom loop calls "
+                           "engine.before_optimizer_step() before optimizer.step() (or passes task_prompts=)")
+        drained = self.stream.drain()
         if drained is None:
             return
         sums, count = drained
@@ -179,7 +190,7 @@ class EntanglementMonitor:
         """Tokenize once: which safety probes share one prompt pass with the refusal margin.
 
         A margin prompt whose safety sequence starts with the margin's own prompt tokens runs once
-        (:func:`rimguard.probing.prompt_pass`): its response runs on from the KV cache for the
+        (:func:`rimguard.passes.prompt_pass`): its response runs on from the KV cache for the
         activations, its openings for the margin. The other probes run as whole sequences
         (activations) or as prompts alone (margin), so every probe is measured exactly as before.
         """
@@ -241,13 +252,12 @@ class EntanglementMonitor:
             total, count = self._sum_rows(activations(self.model, self.capture, mine, self._pad, self.config.monitor.probe_batch_size))
         return self._mean(dist.all_reduce_sum(total), dist.all_reduce_sum(count))
 
-    def _grab_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
-        """Batch tap: on the first training forward, keep a few of its sequences and their base
-        log-probs. Returns whether it still waits for one."""
+    def _keep_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
+        """Batch tap: on the first training forward, keep a copy of a few of its sequences (no forward here;
+        see :meth:`before_update`). Returns whether it still waits for one."""
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if not self._grabbing or not isinstance(ids, torch.Tensor):
-            return self._grabbing
-        self._grabbing = False
+        if not isinstance(ids, torch.Tensor):
+            return True
         keep, width = self.config.monitor.kl_probes, self.config.monitor.kl_max_length
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(ids)
@@ -255,7 +265,7 @@ class EntanglementMonitor:
         if ids.shape[1] > width:  # the first real tokens: the leading columns, or the trailing ones under left padding
             cols = slice(None, width) if bool(mask[:, 0].all()) else slice(-width, None)
             ids, mask = ids[:, cols], mask[:, cols]
-        self._set_kl_reference(Batch(ids.detach().clone(), mask.detach().clone()))
+        self._kl_batch = Batch(ids.detach().clone(), mask.detach().clone())
         return False
 
     def _set_kl_reference(self, batch: Batch) -> None:
@@ -282,7 +292,7 @@ class EntanglementMonitor:
     def _kl(self) -> float | None:
         if self.kl_base_logp is None or self.kl_ids is None or self.kl_mask is None:
             return None
-        # each rank scores its own probe rows (from its own first batch, or the shared reasoning probes)
+        # each rank scores its own probe rows (from its own first batch, or the shared task probes)
         total = torch.zeros((), device=self.device)
         with probe_mode(self.model):
             for rows in self._kl_chunks():
@@ -328,7 +338,7 @@ class EntanglementMonitor:
         kl = self._kl()
         if kl is not None:
             out["kl_task"] = kl
-        if bool(self.routed.any()):
+        if self.routers["train"].active:
             share, train = self._router_share("probe"), self._router_share("train")
             if share is not None:
                 out["router_share"] = share
@@ -339,8 +349,11 @@ class EntanglementMonitor:
         return out
 
     def _router_share(self, kind: str) -> float | None:
-        """Share of routing slots sent to safety experts since the last call, over all ranks (a collective)."""
-        counts = self.capture.drain_router(kind)
+        """Share of routing slots sent to safety experts since the last call, over all ranks (a collective;
+        None without MoE units)."""
+        if not self.routers[kind].active:
+            return None
+        counts = self.routers[kind].drain()
         total = dist.all_reduce_sum(counts if counts is not None else torch.zeros(2, device=self.device))
         return float(total[0] / total[1]) if float(total[1]) > 0 else None
 
@@ -358,7 +371,7 @@ class EntanglementMonitor:
         return now[keep].mean() / ref[keep].mean()
 
     def nonfinite_layers(self) -> list[int]:
-        """Layers whose tracked activations (last safety probe or reasoning stream) hold a NaN or inf
+        """Layers whose tracked activations (last safety probe or task stream) hold a NaN or inf
         (other than a MoE unit's NaN, which means it had no routed token)."""
         bad = torch.zeros(self.atlas.tracked.shape[0], dtype=torch.bool)
         routed = self.routed.cpu()
@@ -387,12 +400,12 @@ class EntanglementMonitor:
         return torch.nan_to_num(rise + drop, nan=float("-inf"))  # a MoE unit without a value is never the most shifted
 
     # -- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> Saved:
         tensors = {k: getattr(self, k).detach().cpu() for k in STATE_TENSORS if getattr(self, k) is not None}
-        return {"tensors": tensors, "ref_margin": self.ref_margin, "ref_router": self.ref_router}
+        return Saved(tensors, {"ref_margin": self.ref_margin, "ref_router": self.ref_router})
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        for k, v in state["tensors"].items():
+    def load_state_dict(self, state: Saved) -> None:
+        for k, v in state.tensors.items():
             setattr(self, k, v.to(self.device))
-        self.ref_margin = state.get("ref_margin")
-        self.ref_router = state.get("ref_router")
+        self.ref_margin = state.meta.get("ref_margin")
+        self.ref_router = state.meta.get("ref_router")

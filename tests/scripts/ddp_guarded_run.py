@@ -9,12 +9,9 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
-from rimguard.testing import (
-    no_checkpointing,
-    reasoning_texts,
-    tiny_model,
-    tiny_tokenizer,
-)
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import tiny_model, tiny_tokenizer
 
 out = sys.argv[1]
 family = sys.argv[2] if len(sys.argv) > 2 else "llama"
@@ -35,9 +32,9 @@ rank = dist.get_rank()
 record = {
     "rank": rank,
     "history": guard.history,
-    "frozen": [f.tolist() for f in guard.freezer.frozen],
-    "frozen_intact": guard.freezer.verify(),
-    "frozen_checksum": [s.value.double().sum().item() for s in guard.freezer._slices],
+    "frozen": [f.tolist() for f in guard.engine.freezer.frozen],
+    "frozen_intact": guard.engine.freezer.verify(),
+    "frozen_checksum": [s.value.double().sum().item() for s in guard.engine.freezer._slices],
     "weights_checksum": sum(p.double().sum().item() for p in trainer.model.parameters()),
 }
 with open(f"{out}/rank{rank}.json", "w") as fh:

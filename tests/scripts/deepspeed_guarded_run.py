@@ -13,7 +13,8 @@ from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from rimguard import GuardConfig, RIMGuard
-from rimguard.testing import reasoning_texts, tiny_model, tiny_tokenizer
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import tiny_model, tiny_tokenizer
 
 out, ds_config, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 tok = tiny_tokenizer()

@@ -12,12 +12,9 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
-from rimguard.testing import (
-    no_checkpointing,
-    reasoning_texts,
-    tiny_model,
-    tiny_tokenizer,
-)
+from rimguard.compat import no_checkpointing
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import tiny_model, tiny_tokenizer
 
 out, kill_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
 

@@ -1,0 +1,167 @@
+"""The guard's checkpoint state: what a checkpoint holds of the guard, and how it is written and read back.
+
+A :class:`GuardState` is the run's id, its atlas, its metric history and one :class:`Saved` per
+part (``policy``, ``monitor``, ``freezer``, ``regularizer``, ``heads``): tensors, and plain data.
+On disk (``checkpoint-N/rimguard/``): ``atlas/``, ``state.safetensors`` (every part's tensors, as
+``part.name``) and ``state.json`` (the rest, with the tensors' SHA-256). Reading checks every field
+the guard relies on; any defect is one :class:`GuardStateError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from rimguard.atlas import AtlasError, NeuronAtlas
+from rimguard.policy import LEVELS
+from rimguard.saved import Saved
+from rimguard.schema import Reader, file_sha256
+
+logger = logging.getLogger("rimguard")
+
+STATE_DIR = "rimguard"  # inside a checkpoint folder
+ATLAS_DIR = "rimguard_atlas"  # inside output_dir
+FORMAT = 2
+
+
+class GuardStateError(RuntimeError):
+    """The guard's checkpoint state is missing or unusable; the message names the path and the remedies."""
+
+
+@dataclass
+class GuardState:
+    """Everything needed to resume a guarded run.
+
+    Attributes:
+        run_id: the guarded run's id (every log record carries it).
+        atlas: the run's neuron atlas.
+        history: the metric records logged so far.
+        parts: per part name, its :class:`Saved` state.
+        step: the optimizer step of the checkpoint (set when it is read for a resume).
+    """
+
+    run_id: str
+    atlas: NeuronAtlas
+    history: list[dict[str, Any]]
+    parts: dict[str, Saved]
+    step: int = 0
+
+    def part(self, name: str) -> Saved | None:
+        return self.parts.get(name)
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.atlas.save(folder / "atlas")
+        tensors = {f"{name}.{key}": t.detach().cpu().contiguous() for name, saved in self.parts.items() for key, t in saved.tensors.items()}
+        save_file(tensors, str(folder / "state.safetensors"))
+        meta = {"format": FORMAT, "tensors_sha256": file_sha256(folder / "state.safetensors"), "run_id": self.run_id,
+                "history": self.history, "parts": {name: saved.meta for name, saved in self.parts.items()}}
+        (folder / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "GuardState":
+        """Read a guard state folder, checking every field; any defect is a :class:`GuardStateError` (or the
+        atlas' :class:`AtlasError`) naming the file and the field."""
+        r, name = Reader(folder, GuardStateError), "state.json"
+        meta = r.json(name)
+        tensors = r.tensors("state.safetensors", meta.get("tensors_sha256"))
+        atlas = NeuronAtlas.load(r.folder / "atlas")
+        metas = r.field(meta, "parts", dict, name)
+        parts: dict[str, Saved] = {}
+        for part, data in metas.items():
+            if not isinstance(data, dict):
+                r.fail(r.folder / name, f"field 'parts.{part}' must be an object")
+            prefix = part + "."
+            parts[part] = Saved({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, data)
+        _check_parts(r, name, parts, atlas)
+        history = r.field(meta, "history", list, name)
+        if not all(isinstance(h, dict) and isinstance(h.get("step"), int) for h in history):
+            r.fail(r.folder / name, "field 'history' must be a list of records with an integer 'step'")
+        return cls(r.field(meta, "run_id", str, name, optional=True) or "", atlas, history, parts)
+
+
+def _check_parts(r: Reader, name: str, parts: dict[str, Saved], atlas: NeuronAtlas) -> None:
+    """The fields of each part that the guard reads back."""
+    where = r.folder / name
+    policy = parts.get("policy")
+    if policy is None:
+        r.fail(where, "field 'parts.policy' is missing")
+    if policy.meta.get("level") not in LEVELS or not isinstance(policy.meta.get("streak"), int):
+        r.fail(where, f"field 'parts.policy' must hold a level in {LEVELS} and an integer streak, found {policy.meta}")
+    r.field(policy.meta, "checkpointed", bool, name)
+    tie = parts.get("tie")
+    if tie is None:
+        r.fail(where, "field 'parts.tie' is missing")
+    weight = r.field(tie.meta, "reg_lambda", (int, float), name)
+    if weight < 0:
+        r.fail(where, f"field 'reg_lambda' must be >= 0, found {weight}")
+    freezer = parts.get("freezer")
+    if freezer is not None:
+        frozen, sizes = freezer.meta.get("frozen"), atlas.layer_sizes
+        if not (isinstance(frozen, list) and len(frozen) == len(sizes) and all(
+                isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in ids)
+                for ids, n in zip(frozen, sizes))):
+            r.fail(where, f"field 'frozen' must hold one list of neuron ids per layer ({len(sizes)} layers) within the "
+                          "layer sizes of the atlas")
+    heads = parts.get("heads")
+    if heads is not None and heads.tensors:
+        ref = r.tensor(heads.tensors, "ref_mass", "state.safetensors", True, (None,))
+        r.values(ref, "heads.ref_mass", "state.safetensors", 0.0, 1.0)
+        if ref.numel() > atlas.num_heads:
+            r.fail(r.folder / "state.safetensors", f"tensor 'heads.ref_mass' has {ref.numel()} entries for the atlas' "
+                                                   f"{atlas.num_heads} refusal heads")
+
+
+def find_state(checkpoint: str | Path) -> Path | None:
+    """The guard state folder inside a Trainer checkpoint folder, or None if the checkpoint has none."""
+    folder = Path(checkpoint) / STATE_DIR
+    return folder if (folder / "state.json").is_file() else None
+
+
+def save_atlas(output_dir: Path, atlas: NeuronAtlas) -> Path:
+    """Save to ``output_dir/rimguard_atlas``; an existing, different atlas there is never overwritten
+    (the new one goes to ``rimguard_atlas-2``, ``-3``, ...). Returns the folder."""
+    folder, n = output_dir / ATLAS_DIR, 1
+    while (folder / "atlas.json").is_file():
+        try:
+            if NeuronAtlas.load(folder).same_selection(atlas):
+                return folder
+        except AtlasError:
+            pass
+        n += 1
+        folder = output_dir / f"{ATLAS_DIR}-{n}"
+    atlas.save(folder)
+    if n > 1:
+        logger.warning("rimguard: %s holds a different atlas; this run's atlas is saved to %s", output_dir / ATLAS_DIR, folder)
+    return folder
+
+
+def resume_state(checkpoint: str | Path, step: int, on_missing: str, output_dir: str | Path) -> tuple[GuardState | None, NeuronAtlas | None]:
+    """The guard state saved in the Trainer checkpoint ``checkpoint`` (of optimizer step ``step``), for a resume.
+
+    A checkpoint without guard state follows ``on_missing`` (``MonitorConfig.on_missing_state``), never a silent
+    re-identification: ``"error"`` raises, naming the remedies; ``"atlas"`` returns ``output_dir``'s saved atlas
+    (references are then re-taken now); ``"fresh"`` returns neither (identify anew). Returns ``(state, atlas)``.
+    """
+    folder = find_state(checkpoint)
+    if folder is not None:
+        state = GuardState.read(folder)
+        state.step = step
+        return state, None
+    saved = Path(output_dir) / ATLAS_DIR
+    where = Path(checkpoint) / STATE_DIR
+    if on_missing == "error":
+        raise GuardStateError(
+            f"resuming at step {step}, but {where} holds no guard state. Either resume from a checkpoint saved with "
+            f"the guard attached, or set GuardConfig(on_missing_state='atlas') to reuse the saved atlas {saved} with "
+            "references re-taken now (the metrics then measure drift since this resume), or on_missing_state='fresh' "
+            "to identify anew on the current weights")
+    logger.warning("rimguard: resuming at step %d without guard state (%s); on_missing_state=%r: %s", step, where, on_missing,
+                   f"reusing {saved}, references re-taken now" if on_missing == "atlas" else "identifying anew")
+    return None, NeuronAtlas.load(saved) if on_missing == "atlas" else None
