@@ -54,14 +54,14 @@ VARIANTS = ("rimguard", "no-prefix", "no-prefix-no-sharing", "no-prefix-no-shari
 def ablation(engine: GuardEngine, name: str):
     """Switch one speed-up off (or inference mode on) for the block; restore after."""
     monitor = engine.monitor
-    saved = (monitor.shared_heads, monitor.shared_tails, monitor.margin_heads, monitor.plain_sequences)
+    saved = (monitor.shared_prompts, monitor.shared_responses, monitor.margin_only, monitor.plain_sequences)
     probing_fn, mode_fn, prefix_fn = ActivationCapture.probing, probing.probe_mode, probing.shared_prefix
     if name.startswith("no-prefix"):
         probing.shared_prefix = lambda model, sequences: 0
     if "no-sharing" in name:
-        monitor.margin_heads = monitor.shared_heads + monitor.margin_heads
+        monitor.margin_only = monitor.shared_prompts + monitor.margin_only
         monitor.plain_sequences = monitor.safety_sequences
-        monitor.shared_heads, monitor.shared_tails = [], []
+        monitor.shared_prompts, monitor.shared_responses = [], []
     if name.endswith("no-exit"):
         ActivationCapture.probing = lambda self, full=False, stop_early=False: probing_fn(self, full, False)
     if name == "inference-mode":
@@ -78,7 +78,7 @@ def ablation(engine: GuardEngine, name: str):
     try:
         yield
     finally:
-        monitor.shared_heads, monitor.shared_tails, monitor.margin_heads, monitor.plain_sequences = saved
+        monitor.shared_prompts, monitor.shared_responses, monitor.margin_only, monitor.plain_sequences = saved
         ActivationCapture.probing, probing.probe_mode, probing.shared_prefix = probing_fn, mode_fn, prefix_fn
 
 

@@ -264,8 +264,8 @@ def continuation_logprobs(
     :func:`prompt_pass` for how each prompt runs once.
     """
     conts = token_lists(tokenizer, continuations)
-    heads = prompt_ids(model, tokenizer, prompts, max(len(c) for c in conts), max_length)
-    return prompt_pass(model, heads, conts, pad_id(tokenizer), batch_size)[0]
+    tokens = prompt_ids(model, tokenizer, prompts, max(len(c) for c in conts), max_length)
+    return prompt_pass(model, tokens, conts, pad_id(tokenizer), batch_size)[0]
 
 
 def token_lists(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -278,27 +278,27 @@ def token_lists(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 def prompt_pass(
     model: nn.Module,
-    heads: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
     pad_value: int,
     batch_size: int = 8,
     capture: ActivationCapture | None = None,
-    tails: Sequence[Sequence[int]] | None = None,
+    responses: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run each prompt once and read two things from its KV cache.
 
     Args:
-        heads: ``P`` prompts as token ids (chat-formatted).
+        prompts: ``P`` prompts as token ids (chat-formatted).
         continuations: ``K`` token lists scored after every prompt.
-        capture, tails: with both, prompt ``p``'s ``tails[p]`` (e.g. the model's own response) also
-            runs on from the cache, and the capture's per-sequence maxima over prompt plus tail are
-            returned: the activations of the sequence ``heads[p] + tails[p]`` without running its
-            prompt twice. The tail's forward stops after the last layer the capture needs.
+        capture, responses: with both, prompt ``p``'s ``responses[p]`` (e.g. the model's own response) also
+            runs on from the cache, and the capture's per-sequence maxima over prompt plus response are
+            returned: the activations of the sequence ``prompts[p] + responses[p]`` without running its
+            prompt twice. The response's forward stops after the last layer the capture needs.
 
     Returns:
         ``(scores, activations)``: ``scores`` ``[P, K]`` float32 is the teacher-forced
         ``log p(continuation | prompt)`` summed over its tokens; ``activations`` ``[P, N]`` float32
-        (``N`` tracked neurons) or None without ``capture`` and ``tails``.
+        (``N`` tracked neurons) or None without ``capture`` and ``responses``.
 
     Prompts run in batches of similar length, left-padded with explicit position ids, so a row does
     not depend on the other rows of its batch. A continuation's first token is scored from the
@@ -306,30 +306,30 @@ def prompt_pass(
     continuation length (no padding; a continuation's last token is never fed).
     """
     device = model_device(model)
-    order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     groups: dict[int, list[int]] = {}
     for j, cont in enumerate(continuations):
         if len(cont) > 1:
             groups.setdefault(len(cont), []).append(j)
     firsts = torch.tensor([c[0] for c in continuations], device=device)
-    probe = capture is not None and tails is not None
-    width = shared_prefix(model, heads)
+    probe = capture is not None and responses is not None
+    width = shared_prefix(model, prompts)
     scores, acts = [], []
     with probe_mode(model):
-        prefix = _Prefix.run(model, capture if probe else None, heads, width)
+        prefix = _Prefix.run(model, capture if probe else None, prompts, width)
         for lo in range(0, len(order), batch_size):
             rows = order[lo : lo + batch_size]
-            inputs = prefix.inputs(pad([heads[i][width:] for i in rows], pad_value, left=True).to(device), left=True, use_cache=True)
+            inputs = prefix.inputs(pad([prompts[i][width:] for i in rows], pad_value, left=True).to(device), left=True, use_cache=True)
             mask = inputs["attention_mask"]  # [B, prefix + suffix]
             start = mask.sum(-1, keepdim=True)  # [B, 1]: the first position after the prompt
-            with capture.probing() if probe else nullcontext([]) as head_rows:  # type: ignore[union-attr]
+            with capture.probing() if probe else nullcontext([]) as prompt_rows:  # type: ignore[union-attr]
                 out = model(**inputs, logits_to_keep=1)
             key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.x
             cache = out[key]
-            if head_rows:
-                assert capture is not None and tails is not None
-                acts.append(_tail_maxima(model, capture, copy.deepcopy(cache), key, mask, start, prefix.combine(head_rows[0]),
-                                         pad([tails[i] for i in rows], pad_value).to(device)))
+            if prompt_rows:
+                assert capture is not None and responses is not None
+                acts.append(_response_maxima(model, capture, copy.deepcopy(cache), key, mask, start, prefix.combine(prompt_rows[0]),
+                                         pad([responses[i] for i in rows], pad_value).to(device)))
             score = out.logits[:, -1].float().log_softmax(-1)[:, firsts]  # [B, K]: each continuation's first token
             for n, (length, members) in enumerate(groups.items()):
                 held = cache if n == len(groups) - 1 else copy.deepcopy(cache)
@@ -339,21 +339,21 @@ def prompt_pass(
     return torch.cat(scores)[unsort], (torch.cat(acts)[unsort] if acts else None)
 
 
-def _tail_maxima(model: nn.Module, capture: ActivationCapture, cache: Any, key: str, mask: torch.Tensor, start: torch.Tensor,
-                 head_max: torch.Tensor, tail: Batch) -> torch.Tensor:
-    """``[B, N]``: per-row maxima over prompt and tail tokens, the tail run on from the prompt's ``cache``
-    (``mask`` ``[B, T]`` covers its tokens; a row with an empty tail keeps its prompt maxima)."""
-    if tail.input_ids.shape[1] == 0:
-        return head_max
-    positions = start + torch.arange(tail.input_ids.shape[1], device=start.device)
-    with capture.probing(stop_early=True) as tail_rows:
+def _response_maxima(model: nn.Module, capture: ActivationCapture, cache: Any, key: str, mask: torch.Tensor, start: torch.Tensor,
+                     prompt_max: torch.Tensor, response: Batch) -> torch.Tensor:
+    """``[B, N]``: per-row maxima over prompt and response tokens, the response run on from the prompt's ``cache``
+    (``mask`` ``[B, T]`` covers its tokens; a row with an empty response keeps its prompt maxima)."""
+    if response.input_ids.shape[1] == 0:
+        return prompt_max
+    positions = start + torch.arange(response.input_ids.shape[1], device=start.device)
+    with capture.probing(stop_early=True) as response_rows:
         try:
-            model(input_ids=tail.input_ids, attention_mask=torch.cat([mask, tail.attention_mask], 1), position_ids=positions,
+            model(input_ids=response.input_ids, attention_mask=torch.cat([mask, response.attention_mask], 1), position_ids=positions,
                   use_cache=True, **{key: cache})
         except ProbeComplete:
             pass
-    has_tail = tail.attention_mask.any(-1, keepdim=True)
-    return torch.where(has_tail, torch.fmax(head_max, tail_rows[0]), head_max)
+    has_response = response.attention_mask.any(-1, keepdim=True)
+    return torch.where(has_response, torch.fmax(prompt_max, response_rows[0]), prompt_max)
 
 
 def _later_tokens(model: nn.Module, cache: Any, key: str, mask: torch.Tensor, start: torch.Tensor,

@@ -63,7 +63,7 @@ def test_check_and_margin_probes_bound_what_a_check_measures(tok, fast_config, l
     try:
         measured = min(check_probes, config.atlas.num_safety_probes)
         assert monitor.probe_prompts() == list(llama_atlas.probe_prompts[:measured])
-        assert len(monitor.shared_heads) + len(monitor.plain_sequences) == measured
+        assert len(monitor.shared_prompts) + len(monitor.plain_sequences) == measured
         assert len(monitor.margin_prompts) == margin_probes
         assert (monitor.ref_margin is None) == (margin_probes == 0)
     finally:
@@ -127,18 +127,18 @@ def test_shared_prompt_check_equals_the_plain_check(family, lora, system):
     refusals, complies = ["I can't help with that.", "No"], ["Sure, here", "Step 1:"]
     capture = ActivationCapture(model, find_mlp_layers(model), atlas.per_layer())
     monitor = EntanglementMonitor(capture, tok, atlas, config, (), refusals, complies)
-    shared = len(monitor.shared_heads)  # margin prompts whose sequence starts with their prompt tokens share one pass
+    shared = len(monitor.shared_prompts)  # margin prompts whose sequence starts with their prompt tokens share one pass
     windowed = family in ("gemma2", "gemma3_text", "mistral")  # sliding-window attention: no shared prefix
-    assert (shared_prefix(model, monitor.shared_heads) > 0) == (system and not windowed)
-    assert shared >= 2 and shared + len(monitor.margin_heads) == 4 and len(monitor.plain_sequences) == 6 - shared
+    assert (shared_prefix(model, monitor.shared_prompts) > 0) == (system and not windowed)
+    assert shared >= 2 and shared + len(monitor.margin_only) == 4 and len(monitor.plain_sequences) == 6 - shared
     capture.attach()
     heads_run = []
     handle = model.get_output_embeddings().register_forward_hook(lambda *a: heads_run.append(1))
     got_acts, got_margin = monitor._safety_pass()
     handle.remove()
-    batches = -(-shared // 3) + -(-len(monitor.margin_heads) // 3)
+    batches = -(-shared // 3) + -(-len(monitor.margin_only) // 3)
     lengths = len({len(c) for c in monitor.openings if len(c) > 1})  # one forward per opening length
-    prefixes = sum(shared_prefix(model, h) > 0 for h in (monitor.shared_heads, monitor.margin_heads, monitor.plain_sequences))
+    prefixes = sum(shared_prefix(model, h) > 0 for h in (monitor.shared_prompts, monitor.margin_only, monitor.plain_sequences))
     # the LM head runs for each shared prefix, prompt batch and opening length only, never for a response
     assert len(heads_run) == prefixes + batches * (1 + lengths)
 

@@ -145,23 +145,23 @@ def record_anchor(
                 prompts.append(group[i])
                 flags.append(flag)
     responses = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, max_length=max_length)
-    rows, heads, kept, keep_flags = [], [], [], []
+    rows, prompt_lens, kept, keep_flags = [], [], [], []
     for prompt, response, flag in zip(prompts, responses, flags):
-        head = encode(tokenizer, format_prompt(tokenizer, prompt))
-        seq = (head + response)[:max_length]
-        if len(seq) > len(head):
+        tokens = encode(tokenizer, format_prompt(tokenizer, prompt))
+        seq = (tokens + response)[:max_length]
+        if len(seq) > len(tokens):
             rows.append(seq)
-            heads.append(len(head))
+            prompt_lens.append(len(tokens))
             kept.append(prompt)
             keep_flags.append(flag)
     if not any(keep_flags):
         raise AnchorError("no harmful anchor prompt has a response within max_length")
     batch = pad(rows, pad_id(tokenizer))
     lengths = batch.attention_mask.sum(1)
-    width = int((lengths - torch.tensor(heads)).max())
+    width = int((lengths - torch.tensor(prompt_lens)).max())
     offsets = torch.arange(width)
-    pos = (torch.tensor(heads)[:, None] - 1 + offsets).clamp_max(batch.input_ids.shape[1] - 2)
-    resp_mask = (torch.tensor(heads)[:, None] + offsets) < lengths[:, None]
+    pos = (torch.tensor(prompt_lens)[:, None] - 1 + offsets).clamp_max(batch.input_ids.shape[1] - 2)
+    resp_mask = (torch.tensor(prompt_lens)[:, None] + offsets) < lengths[:, None]
     device = model_device(model)
     tap = SafetyTap(safety_per_source)
     logps, indices, acts = [], [], []

@@ -197,12 +197,12 @@ class EntanglementMonitor:
         m = len(self.margin_prompts) if self.refusal_openings and self.compliance_openings else 0
         self.openings = token_lists(self.tokenizer, self.refusal_openings + self.compliance_openings) if m else []
         width = max((len(c) for c in self.openings), default=0)
-        heads = prompt_ids(self.model, self.tokenizer, self.margin_prompts[:m], width, self.config.atlas.max_length)
+        tokens = prompt_ids(self.model, self.tokenizer, self.margin_prompts[:m], width, self.config.atlas.max_length)
         seqs = self.safety_sequences
-        shared = [i for i, head in enumerate(heads) if seqs[i][: len(head)] == head]
-        self.shared_heads = [heads[i] for i in shared]
-        self.shared_tails = [seqs[i][len(heads[i]) :] for i in shared]
-        self.margin_heads = [head for i, head in enumerate(heads) if i not in shared]  # margin only
+        shared = [i for i, prompt in enumerate(tokens) if seqs[i][: len(prompt)] == prompt]
+        self.shared_prompts = [tokens[i] for i in shared]
+        self.shared_responses = [seqs[i][len(tokens[i]) :] for i in shared]
+        self.margin_only = [prompt for i, prompt in enumerate(tokens) if i not in shared]  # margin only
         self.plain_sequences = [seq for i, seq in enumerate(seqs) if i not in shared]  # activations only
 
     def _safety_pass(self) -> tuple[torch.Tensor, float | None]:
@@ -213,14 +213,14 @@ class EntanglementMonitor:
         act_count = torch.zeros(n_tracked, device=self.device)
         margins: list[torch.Tensor] = []
         acts: list[torch.Tensor] = []
-        heads, tails = _shard(self.shared_heads), _shard(self.shared_tails)
-        if heads:
-            scores, rows = prompt_pass(self.model, heads, self.openings, self._pad, bs, self.capture, tails)
+        prompts, responses = _shard(self.shared_prompts), _shard(self.shared_responses)
+        if prompts:
+            scores, rows = prompt_pass(self.model, prompts, self.openings, self._pad, bs, self.capture, responses)
             acts.append(rows)
             margins.append(metrics.refusal_margin(scores, len(self.refusal_openings)))
-        margin_heads = _shard(self.margin_heads)
-        if margin_heads:
-            scores = prompt_pass(self.model, margin_heads, self.openings, self._pad, bs)[0]
+        margin_only = _shard(self.margin_only)
+        if margin_only:
+            scores = prompt_pass(self.model, margin_only, self.openings, self._pad, bs)[0]
             margins.append(metrics.refusal_margin(scores, len(self.refusal_openings)))
         plain = _shard(self.plain_sequences)
         if plain:
@@ -232,7 +232,7 @@ class EntanglementMonitor:
         counts = torch.tensor([float(len(margin))], device=self.device)
         total = dist.all_reduce_sum(torch.cat([act_sum, act_count, margin.sum()[None], counts]))
         mean = self._mean(total[:n_tracked], total[n_tracked : 2 * n_tracked])
-        has_margin = bool(self.shared_heads or self.margin_heads)
+        has_margin = bool(self.shared_prompts or self.margin_only)
         return mean, (float(total[-2] / total[-1].clamp_min(1)) if has_margin else None)
 
     def _sum_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
