@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Iterable, Literal, Union, get_args, get_origin
 from rimguard.policy import ACTIONS, LEVELS, MODE_ACTIONS, Level
 
 Metric = Literal["entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop",
-                 "refusal_head_mass", "refusal_head_shift"]
+                 "refusal_kl", "probe_refusal_drop", "refusal_head_mass", "refusal_head_shift"]
 Mode = Literal["monitor", "regularize", "freeze", "escalate"]
 METRICS: tuple[str, ...] = get_args(Metric)
 MODES: tuple[str, ...] = get_args(Mode)
@@ -166,6 +166,10 @@ class MonitorConfig(_Section):
                             "KL's value when safety_drop alarms); 0 disables KL", ge=0)
     margin_probes: int = option(4, "check probes also scored for the refusal margin, sharing their prompt pass (noise rule "
                                 "as check_probes, at 10% of the margin drop when safety_drop alarms); 0 disables the margin", ge=0)
+    refusal_kl: bool = option(True, "witness: teacher-forced KL(pi_0 || pi_t) on the base model's own responses to the check "
+                              "probes (their base log-probs recorded at train start; rimguard.signals.witness)")
+    witness_tokens: int = option(12, "witness: greedy opening length (tokens) judged at each check for probe_refusal, the share of "
+                                 "check probes the model still refuses; 0 disables it", ge=0)
     head_probes: int = option(16, "harmful probes, each with a reasoning span, whose refusal-head attention is measured at "
                               "each check (one forward each, up to the last layer with a head)", ge=1)
     kl_top_k: int = option(64, "base log-probs stored per position for KL (the rest is one tail bucket)", ge=1)

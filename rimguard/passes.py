@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -265,7 +265,7 @@ def continuation_logprobs(
     """
     conts = token_lists(tokenizer, continuations)
     tokens = prompt_ids(model, tokenizer, prompts, max(len(c) for c in conts), max_length)
-    return prompt_pass(model, tokens, conts, pad_id(tokenizer), batch_size)[0]
+    return prompt_pass(model, tokens, conts, pad_id(tokenizer), batch_size).scores
 
 
 def token_lists(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -276,6 +276,24 @@ def token_lists(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return ids
 
 
+ResponseReader = Callable[[list[int], torch.Tensor, torch.Tensor], None]  # (rows, logp [B, R, V], mask [B, R])
+
+
+@dataclass
+class PromptPass:
+    """What :func:`prompt_pass` read from each prompt's KV cache (rows in the order of its ``prompts``).
+
+    Attributes:
+        scores: ``[P, K]`` float32, teacher-forced ``log p(continuation | prompt)`` summed over its tokens.
+        activations: ``[P, N]`` float32 per-sequence maxima over prompt plus response, or None.
+        openings: per prompt, the token ids of its greedy opening (``opening`` tokens, cut after an EOS), or None.
+    """
+
+    scores: torch.Tensor
+    activations: torch.Tensor | None = None
+    openings: list[list[int]] | None = None
+
+
 def prompt_pass(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -284,21 +302,25 @@ def prompt_pass(
     batch_size: int = 8,
     capture: ActivationCapture | None = None,
     responses: Sequence[Sequence[int]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run each prompt once and read two things from its KV cache.
+    read_responses: ResponseReader | None = None,
+    opening: int = 0,
+    eos: int | None = None,
+) -> PromptPass:
+    """Run each prompt once and read up to four things from its KV cache.
 
     Args:
         prompts: ``P`` prompts as token ids (chat-formatted).
-        continuations: ``K`` token lists scored after every prompt.
+        continuations: ``K`` token lists scored after every prompt (may be empty).
         capture, responses: with both, prompt ``p``'s ``responses[p]`` (e.g. the model's own response) also
             runs on from the cache, and the capture's per-sequence maxima over prompt plus response are
             returned: the activations of the sequence ``prompts[p] + responses[p]`` without running its
-            prompt twice. The response's forward stops after the last layer the capture needs.
-
-    Returns:
-        ``(scores, activations)``: ``scores`` ``[P, K]`` float32 is the teacher-forced
-        ``log p(continuation | prompt)`` summed over its tokens; ``activations`` ``[P, N]`` float32
-        (``N`` tracked neurons) or None without ``capture`` and ``responses``.
+            prompt twice. The response's forward stops after the last layer the capture needs, unless
+            ``read_responses`` needs its logits.
+        read_responses: with ``responses``, called per batch as ``read_responses(rows, logp, mask)``: the
+            log-softmax ``[B, R, V]`` float32 that predicts each response token (position ``r`` predicts
+            ``responses[row][r]``) and its mask ``[B, R]`` (1 for a real token); ``rows`` index ``prompts``.
+        opening, eos: also decode each prompt's greedy opening of ``opening`` tokens (stopping at ``eos``)
+            on a copy of its cache.
 
     Prompts run in batches of similar length, left-padded with explicit position ids, so a row does
     not depend on the other rows of its batch. A continuation's first token is scored from the
@@ -311,10 +333,10 @@ def prompt_pass(
     for j, cont in enumerate(continuations):
         if len(cont) > 1:
             groups.setdefault(len(cont), []).append(j)
-    firsts = torch.tensor([c[0] for c in continuations], device=device)
+    firsts = torch.tensor([c[0] for c in continuations], dtype=torch.long, device=device)
     probe = capture is not None and responses is not None
     width = shared_prefix(model, prompts)
-    scores, acts = [], []
+    scores, acts, openings = [], [], [[] for _ in prompts]
     with probe_mode(model):
         prefix = _Prefix.run(model, capture if probe else None, prompts, width)
         for lo in range(0, len(order), batch_size):
@@ -325,35 +347,68 @@ def prompt_pass(
             with capture.probing() if probe else nullcontext([]) as prompt_rows:  # type: ignore[union-attr]
                 out = model(**inputs, logits_to_keep=1)
             key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.x
-            cache = out[key]
-            if prompt_rows:
-                assert capture is not None and responses is not None
-                acts.append(_response_maxima(model, capture, copy.deepcopy(cache), key, mask, start, prefix.combine(prompt_rows[0]),
-                                         pad([responses[i] for i in rows], pad_value).to(device)))
-            score = out.logits[:, -1].float().log_softmax(-1)[:, firsts]  # [B, K]: each continuation's first token
+            cache, last = out[key], out.logits[:, -1].float().log_softmax(-1)  # [B, V]
+            if opening:
+                for row, ids in zip(rows, _greedy(model, copy.deepcopy(cache), key, mask, start, last, opening)):
+                    openings[row] = ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
+            if responses is not None and (prompt_rows or read_responses is not None):
+                batch = pad([responses[i] for i in rows], pad_value).to(device)
+                head_max = prefix.combine(prompt_rows[0]) if prompt_rows else None
+                maxima = _run_responses(model, capture if probe else None, copy.deepcopy(cache), key, mask, start, head_max,
+                                        batch, last, None if read_responses is None else lambda lp, m: read_responses(rows, lp, m))
+                if maxima is not None:
+                    acts.append(maxima)
+            score = last[:, firsts]  # [B, K]: each continuation's first token
             for n, (length, members) in enumerate(groups.items()):
                 held = cache if n == len(groups) - 1 else copy.deepcopy(cache)
                 score[:, members] += _later_tokens(model, held, key, mask, start, [continuations[j] for j in members])
             scores.append(score)
     unsort = torch.argsort(torch.tensor(order, device=device))
-    return torch.cat(scores)[unsort], (torch.cat(acts)[unsort] if acts else None)
+    return PromptPass(torch.cat(scores)[unsort], torch.cat(acts)[unsort] if acts else None, openings if opening else None)
 
 
-def _response_maxima(model: nn.Module, capture: ActivationCapture, cache: Any, key: str, mask: torch.Tensor, start: torch.Tensor,
-                     prompt_max: torch.Tensor, response: Batch) -> torch.Tensor:
-    """``[B, N]``: per-row maxima over prompt and response tokens, the response run on from the prompt's ``cache``
-    (``mask`` ``[B, T]`` covers its tokens; a row with an empty response keeps its prompt maxima)."""
-    if response.input_ids.shape[1] == 0:
+def _greedy(model: nn.Module, cache: Any, key: str, mask: torch.Tensor, start: torch.Tensor, last: torch.Tensor,
+            count: int) -> list[list[int]]:
+    """``count`` greedy tokens after each prompt of the batch, from its ``cache`` (extended here) and its
+    last log-probs ``last`` ``[B, V]``; the rows of a batch decode together, each at its own positions."""
+    token = last.argmax(-1, keepdim=True)  # [B, 1]
+    out = [token]
+    for k in range(1, count):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        step = model(input_ids=token, attention_mask=mask, position_ids=start + k - 1, use_cache=True, **{key: cache})
+        cache, token = step[key], step.logits[:, -1].argmax(-1, keepdim=True)
+        out.append(token)
+    return torch.cat(out, 1).tolist()
+
+
+def _run_responses(model: nn.Module, capture: ActivationCapture | None, cache: Any, key: str, mask: torch.Tensor,
+                   start: torch.Tensor, prompt_max: torch.Tensor | None, response: Batch, last: torch.Tensor,
+                   read: Callable[[torch.Tensor, torch.Tensor], None] | None) -> torch.Tensor | None:
+    """Run the response batch on from the prompts' ``cache`` (``mask`` ``[B, T]`` covers its tokens).
+
+    With ``capture``: returns ``[B, N]`` per-row maxima over prompt (``prompt_max``) and response tokens
+    (a row with an empty response keeps its prompt maxima); the forward stops after the last layer the
+    capture needs unless ``read`` needs the logits. With ``read``: calls ``read(logp [B, R, V], mask [B, R])``,
+    the log-probs predicting each response token (the first from the prompt's ``last`` log-probs).
+    """
+    width = response.input_ids.shape[1]
+    if width == 0:
         return prompt_max
-    positions = start + torch.arange(response.input_ids.shape[1], device=start.device)
-    with capture.probing(stop_early=True) as response_rows:
-        try:
-            model(input_ids=response.input_ids, attention_mask=torch.cat([mask, response.attention_mask], 1), position_ids=positions,
+    positions = start + torch.arange(width, device=start.device)
+    inputs = dict(input_ids=response.input_ids, attention_mask=torch.cat([mask, response.attention_mask], 1), position_ids=positions,
                   use_cache=True, **{key: cache})
+    rows: list[torch.Tensor] = []
+    with capture.probing(stop_early=read is None) if capture is not None else nullcontext([]) as rows:
+        try:
+            out = model(**inputs)
         except ProbeComplete:
-            pass
+            out = None
+    if read is not None and out is not None:  # position k of the response forward predicts response token k + 1
+        read(torch.cat([last[:, None], out.logits[:, :-1].float().log_softmax(-1)], 1), response.attention_mask)
+    if capture is None:
+        return None
     has_response = response.attention_mask.any(-1, keepdim=True)
-    return torch.where(has_response, torch.fmax(prompt_max, response_rows[0]), prompt_max)
+    return torch.where(has_response, torch.fmax(prompt_max, rows[0]), prompt_max)
 
 
 def _later_tokens(model: nn.Module, cache: Any, key: str, mask: torch.Tensor, start: torch.Tensor,

@@ -63,7 +63,7 @@ def test_check_and_margin_probes_bound_what_a_check_measures(tok, fast_config, l
     try:
         measured = min(check_probes, config.atlas.num_safety_probes)
         assert monitor.probe_prompts() == list(llama_atlas.probe_prompts[:measured])
-        assert len(monitor.shared_prompts) + len(monitor.plain_sequences) == measured
+        assert sum(len(g.ids) for g in monitor.groups if g.responses is not None) + len(monitor.plain_sequences) == measured
         assert len(monitor.margin_prompts) == margin_probes
         assert (monitor.ref_margin is None) == (margin_probes == 0)
     finally:
@@ -123,22 +123,25 @@ def test_shared_prompt_check_equals_the_plain_check(family, lora, system):
     atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:6], bundled("intent"), top_m=8, min_share=0.15, num_controls=2,
                                  max_new_tokens=6, max_length=64, progress=False)
     cap = 128 if system else 64  # 64: some prompts are cut to leave room for the openings and run apart from their sequence
-    config = GuardConfig(num_safety_probes=6, margin_probes=4, probe_batch_size=3, max_length=cap)
+    config = GuardConfig(num_safety_probes=6, margin_probes=4, probe_batch_size=3, max_length=cap, refusal_kl=False, witness_tokens=0)
     refusals, complies = ["I can't help with that.", "No"], ["Sure, here", "Step 1:"]
     capture = ActivationCapture(model, find_mlp_layers(model), atlas.per_layer())
     monitor = EntanglementMonitor(capture, tok, atlas, config, (), refusals, complies)
-    shared = len(monitor.shared_prompts)  # margin prompts whose sequence starts with their prompt tokens share one pass
+    groups = {(g.margin, g.responses is not None): g for g in monitor.groups}
+    shared_prompts = groups[True, True].prompts  # margin prompts whose sequence starts with their prompt tokens share one pass
+    margin_only = groups[True, False].prompts if (True, False) in groups else []
+    shared = len(shared_prompts)
     windowed = family in ("gemma2", "gemma3_text", "mistral")  # sliding-window attention: no shared prefix
-    assert (shared_prefix(model, monitor.shared_prompts) > 0) == (system and not windowed)
-    assert shared >= 2 and shared + len(monitor.margin_only) == 4 and len(monitor.plain_sequences) == 6 - shared
+    assert (shared_prefix(model, shared_prompts) > 0) == (system and not windowed)
+    assert shared >= 2 and shared + len(margin_only) == 4 and len(monitor.plain_sequences) == 6 - shared
     capture.attach()
     heads_run = []
     handle = model.get_output_embeddings().register_forward_hook(lambda *a: heads_run.append(1))
-    got_acts, got_margin = monitor._safety_pass()
+    got_acts, got_margin, _ = monitor._safety_pass()
     handle.remove()
-    batches = -(-shared // 3) + -(-len(monitor.margin_only) // 3)
+    batches = -(-shared // 3) + -(-len(margin_only) // 3)
     lengths = len({len(c) for c in monitor.openings if len(c) > 1})  # one forward per opening length
-    prefixes = sum(shared_prefix(model, h) > 0 for h in (monitor.shared_prompts, monitor.margin_only, monitor.plain_sequences))
+    prefixes = sum(shared_prefix(model, h) > 0 for h in (shared_prompts, margin_only, monitor.plain_sequences))
     # the LM head runs for each shared prefix, prompt batch and opening length only, never for a response
     assert len(heads_run) == prefixes + batches * (1 + lengths)
 

@@ -60,8 +60,13 @@ def test_resume_reproduces_metrics_and_decisions(tmp_path, tok, fast_config, fam
         assert all("router_share" in r and "router_share_train" in r for r in b)
         return
     for x, y in zip(a, b):
-        for key in ("ras_safe", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "level", "reg_lambda", "frozen", "anchor_kl"):
+        for key in ("ras_safe", "entanglement_z", "task_rise", "kl_task", "refusal_margin", "level", "reg_lambda", "frozen", "anchor_kl",
+                    "refusal_kl", "probe_refusal", "probe_refusal_drop"):
             assert x.get(key) == y.get(key), (key, x.get(key), y.get(key))
+    # the witnesses' references (base log-probs on the probes' responses, the base refusal share) came back exactly
+    saved_w, back_w = part.engine.monitor.witness, resumed.engine.monitor.witness
+    assert torch.equal(saved_w.base_logp, back_w.base_logp) and torch.equal(saved_w.base_index, back_w.base_index)
+    assert saved_w.base_refusal == back_w.base_refusal is not None and all("refusal_kl" in r for r in b)
     assert max(r["level"] for r in full.history) >= 2  # the run really took decisions
     assert full.engine.freezer.frozen[0].tolist() == resumed.engine.freezer.frozen[0].tolist()
     # the safety anchor (escalate's regularizer) took part, and its recorded base distributions came back exactly

@@ -25,6 +25,8 @@ Choices the paper leaves open, fixed here:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 DEFAULT_REL_FLOOR = 0.05
@@ -195,3 +197,13 @@ def shrink_penalty(ref: torch.Tensor, now: torch.Tensor, rel_floor: float = DEFA
     ref_v, now_v = torch.where(valid, ref, torch.zeros_like(ref)), torch.where(valid, now, torch.zeros_like(now))
     scale = ref_v.abs().clamp_min(rel_floor * ref_v.abs().sum().div(valid.sum().clamp_min(1)).clamp_min(1e-8))
     return (torch.relu(ref_v - now_v) / scale).pow(2).mean()
+
+
+def wilson(successes: float, n: float, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n`` (95% by default); ``(nan, nan)`` for ``n = 0``."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -32,6 +32,7 @@ for MoE units only: a NaN of a dense neuron is a fault); the metrics leave it ou
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -57,6 +58,7 @@ from rimguard.passes import (
 )
 from rimguard.signals import metrics
 from rimguard.signals.stream import RouterCount, TaskStream
+from rimguard.signals.witness import RefusalJudge, Witness
 from rimguard.saved import Saved
 
 logger = logging.getLogger("rimguard")
@@ -69,6 +71,17 @@ def _shard(items: Sequence) -> list:
     return list(items[dist.rank() :: dist.world_size()])
 
 
+@dataclass
+class _Group:
+    """Check probes that run as one :func:`~rimguard.passes.prompt_pass`: their ids, prompt tokens and responses
+    (None: the prompt alone), and whether they score the refusal and compliance openings (the margin)."""
+
+    ids: list[int]
+    prompts: list[list[int]]
+    responses: list[list[int]] | None
+    margin: bool
+
+
 class EntanglementMonitor:
     """Measures RAS, its null score, KL and the refusal margin against train-start references.
 
@@ -79,6 +92,7 @@ class EntanglementMonitor:
         config: guard configuration.
         task_prompts: optional task (reasoning) probes; else the training data is used.
         refusal_openings, compliance_openings: response openings for the refusal margin.
+        judge: ``judge(text) -> bool`` (True: a refusal) for ``probe_refusal``; the string judge by default.
     """
 
     def __init__(
@@ -90,6 +104,7 @@ class EntanglementMonitor:
         task_prompts: Sequence[str] = (),
         refusal_openings: Sequence[str] = (),
         compliance_openings: Sequence[str] = (),
+        judge: RefusalJudge | None = None,
     ) -> None:
         self.capture, self.tokenizer, self.atlas, self.config = capture, tokenizer, atlas, config
         self.model, self.layers = capture.model, capture.layers
@@ -113,7 +128,11 @@ class EntanglementMonitor:
         self.refusal_openings = list(refusal_openings)
         self.compliance_openings = list(compliance_openings)
         self.task_prompts = list(task_prompts)
+        self.eos = tokenizer.eos_token_id
         self._plan_safety_pass()
+        width = max((len(r) for g in self.groups if g.responses for r in g.responses), default=0)
+        self.witness = Witness(tokenizer, n, width, config.monitor.kl_top_k, config.monitor.refusal_kl and width > 0,
+                               config.monitor.witness_tokens, judge)
         self.ref_safe: torch.Tensor | None = None
         self.ref_task: torch.Tensor | None = None
         self.ema_task: torch.Tensor | None = None
@@ -133,7 +152,7 @@ class EntanglementMonitor:
             self.load_state_dict(restored)
         else:
             self.routers["probe"].drain()
-            self.ref_safe, self.ref_margin = self._safety_pass()
+            self.ref_safe, self.ref_margin, _ = self._safety_pass(record=True)
             self.ref_router = self._router_share("probe")
             if self.task_prompts:
                 seqs = tokenize_dialogues(self.tokenizer, self.task_prompts, None, self.config.atlas.max_length)
@@ -187,41 +206,59 @@ class EntanglementMonitor:
 
     # -- probes ------------------------------------------------------------------------------
     def _plan_safety_pass(self) -> None:
-        """Tokenize once: which safety probes share one prompt pass with the refusal margin.
+        """Tokenize once: which check probes run as one prompt pass, and what each pass reads.
 
-        A margin prompt whose safety sequence starts with the margin's own prompt tokens runs once
-        (:func:`rimguard.passes.prompt_pass`): its response runs on from the KV cache for the
-        activations, its openings for the margin. The other probes run as whole sequences
-        (activations) or as prompts alone (margin), so every probe is measured exactly as before.
+        A probe whose sequence starts with its own prompt tokens (all of them, unless ``max_length`` cut the
+        prompt) runs once (:func:`rimguard.passes.prompt_pass`): its response runs on from the KV cache for
+        the activations (and to the LM head for ``refusal_kl``), its greedy opening is decoded there for
+        ``probe_refusal``, and the first ``margin_probes`` also score the refusal and compliance openings.
+        Without witnesses, the probes past the margin's run as whole sequences (activations alone, which stop
+        after the last tracked layer); so do probes cut by ``max_length``, whose margin then runs on the prompt alone.
         """
+        mon = self.config.monitor
         m = len(self.margin_prompts) if self.refusal_openings and self.compliance_openings else 0
         self.openings = token_lists(self.tokenizer, self.refusal_openings + self.compliance_openings) if m else []
-        width = max((len(c) for c in self.openings), default=0)
-        tokens = prompt_ids(self.model, self.tokenizer, self.margin_prompts[:m], width, self.config.atlas.max_length)
+        witnessed = mon.refusal_kl or mon.witness_tokens > 0
+        reserve = max([len(c) for c in self.openings] + [mon.witness_tokens if witnessed else 0])
         seqs = self.safety_sequences
-        shared = [i for i, prompt in enumerate(tokens) if seqs[i][: len(prompt)] == prompt]
-        self.shared_prompts = [tokens[i] for i in shared]
-        self.shared_responses = [seqs[i][len(tokens[i]) :] for i in shared]
-        self.margin_only = [prompt for i, prompt in enumerate(tokens) if i not in shared]  # margin only
+        tokens = prompt_ids(self.model, self.tokenizer, self.probe_prompts(), reserve, self.config.atlas.max_length)
+        shared = [i for i, prompt in enumerate(tokens) if seqs[i][: len(prompt)] == prompt and (i < m or witnessed)]
+        groups = [_Group([i for i in shared if i < m], [], [], True), _Group([i for i in shared if i >= m], [], [], False),
+                  _Group([i for i in range(m) if i not in shared], [], None, True)]
+        for group in groups:
+            group.prompts = [tokens[i] for i in group.ids]
+            if group.responses is not None:
+                group.responses = [seqs[i][len(tokens[i]) :] for i in group.ids]
+        self.groups = [g for g in groups if g.ids]
         self.plain_sequences = [seq for i, seq in enumerate(seqs) if i not in shared]  # activations only
 
-    def _safety_pass(self) -> tuple[torch.Tensor, float | None]:
-        """Mean over the safety probes (sharded over ranks) of per-neuron max activations, ``[N]``,
-        and the refusal margin (nats; None without margin prompts or openings). One all-reduce."""
+    def _safety_pass(self, record: bool = False) -> tuple[torch.Tensor, float | None, dict[str, float]]:
+        """Mean over the safety probes (sharded over ranks) of per-neuron max activations, ``[N]``, the
+        refusal margin (nats; None without margin prompts or openings) and the witnesses' values (``record``:
+        their base references are taken instead, and ``{}`` is returned). All-reduced."""
         n_tracked, bs = self.atlas.tracked.shape[0], self.config.monitor.probe_batch_size
         act_sum = torch.zeros(n_tracked, device=self.device)
         act_count = torch.zeros(n_tracked, device=self.device)
         margins: list[torch.Tensor] = []
         acts: list[torch.Tensor] = []
-        prompts, responses = _shard(self.shared_prompts), _shard(self.shared_responses)
-        if prompts:
-            scores, rows = prompt_pass(self.model, prompts, self.openings, self._pad, bs, self.capture, responses)
-            acts.append(rows)
-            margins.append(metrics.refusal_margin(scores, len(self.refusal_openings)))
-        margin_only = _shard(self.margin_only)
-        if margin_only:
-            scores = prompt_pass(self.model, margin_only, self.openings, self._pad, bs)[0]
-            margins.append(metrics.refusal_margin(scores, len(self.refusal_openings)))
+        witness = self.witness if self.witness.active else None
+        if witness is not None:
+            witness.begin(self.device, record)
+        for group in self.groups:
+            mine = _shard(range(len(group.ids)))
+            if not mine:
+                continue
+            ids, reads = [group.ids[i] for i in mine], witness is not None and group.responses is not None
+            result = prompt_pass(self.model, [group.prompts[i] for i in mine], self.openings if group.margin else [], self._pad, bs,
+                                 self.capture if group.responses is not None else None,
+                                 None if group.responses is None else [group.responses[i] for i in mine],
+                                 witness.reader(ids) if reads else None, witness.tokens if reads else 0, self.eos)
+            if result.activations is not None:
+                acts.append(result.activations)
+            if group.margin:
+                margins.append(metrics.refusal_margin(result.scores, len(self.refusal_openings)))
+            if result.openings is not None:
+                witness.judge_openings(result.openings)
         plain = _shard(self.plain_sequences)
         if plain:
             acts.append(activations(self.model, self.capture, plain, self._pad, bs))
@@ -232,8 +269,9 @@ class EntanglementMonitor:
         counts = torch.tensor([float(len(margin))], device=self.device)
         total = dist.all_reduce_sum(torch.cat([act_sum, act_count, margin.sum()[None], counts]))
         mean = self._mean(total[:n_tracked], total[n_tracked : 2 * n_tracked])
-        has_margin = bool(self.shared_prompts or self.margin_only)
-        return mean, (float(total[-2] / total[-1].clamp_min(1)) if has_margin else None)
+        has_margin = any(g.margin for g in self.groups)
+        witnessed = witness.finish() if witness is not None else {}
+        return mean, (float(total[-2] / total[-1].clamp_min(1)) if has_margin else None), witnessed
 
     def _sum_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sums [N], count [N])`` of per-sequence rows ``[P, N]``; a MoE unit's NaN (no routed token) is skipped."""
@@ -312,7 +350,7 @@ class EntanglementMonitor:
         if not self.ready():
             return {}
         assert self.ref_safe is not None and self.ref_task is not None and self.ema_task is not None
-        safe_now, margin = self._safety_pass()
+        safe_now, margin, witnessed = self._safety_pass()
         self.safe_now = safe_now
         task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
         s = self.sets
@@ -335,6 +373,7 @@ class EntanglementMonitor:
         if margin is not None and self.ref_margin is not None:
             out["refusal_margin"] = margin
             out["refusal_drop"] = self.ref_margin - margin
+        out.update(witnessed)
         kl = self._kl()
         if kl is not None:
             out["kl_task"] = kl
@@ -402,10 +441,16 @@ class EntanglementMonitor:
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> Saved:
         tensors = {k: getattr(self, k).detach().cpu() for k in STATE_TENSORS if getattr(self, k) is not None}
-        return Saved(tensors, {"ref_margin": self.ref_margin, "ref_router": self.ref_router})
+        witness = self.witness.state_dict()
+        tensors.update({f"witness.{k}": v for k, v in witness.tensors.items()})
+        return Saved(tensors, {"ref_margin": self.ref_margin, "ref_router": self.ref_router, **witness.meta})
 
     def load_state_dict(self, state: Saved) -> None:
         for k, v in state.tensors.items():
-            setattr(self, k, v.to(self.device))
+            if not k.startswith("witness."):
+                setattr(self, k, v.to(self.device))
         self.ref_margin = state.meta.get("ref_margin")
         self.ref_router = state.meta.get("ref_router")
+        if self.witness.active:
+            witness = Saved({k[len("witness."):]: v for k, v in state.tensors.items() if k.startswith("witness.")}, state.meta)
+            self.witness.load_state_dict(witness, self.device)
