@@ -11,7 +11,7 @@ then judged on sets the recipe never trains on:
 
 One JSON per recipe in ``--out`` (skipped when present: the sweep resumes), plus ``summary.md``.
 
-    python benchmarks/align_recipe.py --recipe current: --recipe fast:steps=30,learning_rate=1e-4
+    python -m benchmarks.align_recipe --recipe current: --recipe fast:steps=30,learning_rate=1e-4
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-SHARED = HERE.parent.parent / "shared" / "data"
+from benchmarks.rimbench import data as bdata
+from rimguard.signals.metrics import wilson
 
-from rimbench import data as bdata  # noqa: E402
-from rimbench.stats import wilson  # noqa: E402
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:
@@ -42,8 +41,8 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 
 
 def judge_set(model, tok, prompts: list[str]) -> dict:
-    from rimguard.demo.judge import judge
     from rimguard.passes import generate
+    from rimguard.signals.judge import judge
 
     texts = generate(model, tok, prompts, 24, batch_size=48)
     verdicts = [judge(t) for t in texts]
@@ -94,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
               f"over-refusal {m['heldout_over_refusal_rate']:.0%}; AdvBench {rec['advbench']['refusal_rate']:.0%}, "
               f"XSTest over-refusal {rec['xstest']['refusal_rate']:.0%}", file=sys.stderr)
     rows = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
-    lines = ["| recipe | overrides | build s | phases s | held-out refusal (24) | held-out over-refusal (24) | AdvBench refusal (48) | XSTest over-refusal (250) |",
+    lines = ["| recipe | overrides | build s | phases s | held-out refusal (24) | held-out over-refusal (24) | AdvBench refusal (48) "
+             "| XSTest over-refusal (250) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["build_wall_seconds"]):
         m = r["measured"]

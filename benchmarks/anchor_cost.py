@@ -7,7 +7,7 @@ prevention study's shape (4 x up to 192 GSM8K tokens), interleaved over rounds. 
 per-step ratio ``1 + pass(batch) / (anchor_every * step)`` for each schedule, at that step and,
 with ``--step-json``, at the unguarded step of an ``overhead.py --preset user`` run (8 x 512):
 
-    python benchmarks/anchor_cost.py --rounds 3 --step-json benchmarks/results/overhead/user-8x512.json \\
+    python -m benchmarks.anchor_cost --rounds 3 --step-json benchmarks/results/overhead/user-8x512.json \\
         --json benchmarks/results/anchor_cost/smollm2.json
 
 Retention at each setting comes from the prevention study (``rim_study.py --preset prevention``).
@@ -18,24 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from benchmarks.rimbench import data as bdata
+from rimguard import GuardConfig, NeuronAtlas
+from rimguard.actions.anchor import SafetyAnchor, record_anchor
+from rimguard.hooks.arch import find_mlp_layers
+from rimguard.hooks.capture import ActivationCapture
+from rimguard.passes import encode, format_prompt, pad, pad_id
+from rimguard.probes import bundled
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from rimbench import data as bdata  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from rimguard import GuardConfig, NeuronAtlas  # noqa: E402
-from rimguard.actions.anchor import SafetyAnchor, record_anchor  # noqa: E402
-from rimguard.hooks.arch import find_mlp_layers  # noqa: E402
-from rimguard.hooks.capture import ActivationCapture  # noqa: E402
-from rimguard.probes import bundled  # noqa: E402
-from rimguard.passes import encode, format_prompt, pad, pad_id  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
 

@@ -20,7 +20,7 @@ Each round times every variant once, in turn; the table gives the median and ran
 and the ratio of each variant's median to the peer's. The same check's metrics are printed per
 variant so that the ablations can be seen to measure the same thing.
 
-    python benchmarks/check_cost.py --model smollm2 --probes 24 --rounds 5 --json benchmarks/results/check_cost/smollm2-p24.json
+    python -m benchmarks.check_cost --model smollm2 --probes 24 --rounds 5 --json benchmarks/results/check_cost/smollm2-p24.json
 """
 
 from __future__ import annotations
@@ -34,18 +34,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+import rimguard.passes as probing
+from benchmarks.overhead import load, peer_callback
+from rimguard import GuardConfig, GuardEngine, NeuronAtlas
+from rimguard.hooks.capture import ActivationCapture
+from rimguard.probes.reasoning import problems
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import torch  # noqa: E402
-
-import rimguard.passes as probing  # noqa: E402
-from rimguard import GuardConfig, GuardEngine, NeuronAtlas  # noqa: E402
-from rimguard.hooks.capture import ActivationCapture  # noqa: E402
-from rimguard.probes import bundled  # noqa: E402
-from rimguard.probes.reasoning import problems  # noqa: E402
-
-from overhead import load, peer_callback  # noqa: E402
 
 VARIANTS = ("rimguard", "no-prefix", "no-prefix-no-sharing", "no-prefix-no-sharing-no-exit", "inference-mode", "safety-compass")
 
@@ -96,10 +93,9 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tok = load(args.model)
     share = 0.2 if args.model == "tiny" else 0.5
-    atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[: args.probes], bundled("intent"), max_new_tokens=16,
-                                 min_share=share, progress=False)
     config = GuardConfig(num_safety_probes=args.probes, check_probes=args.probes, margin_probes=args.margin_probes,
-                         kl_probes=args.kl_probes, max_new_tokens=16, probe_batch_size=8, log_file=None)
+                         kl_probes=args.kl_probes, max_new_tokens=16, probe_batch_size=8, log_file=None, min_share=share)
+    atlas = NeuronAtlas.from_config(model, tok, config)
     reasoning = [f"{q.question}" for q in problems(args.kl_probes, seed=3)]
     engine = GuardEngine(config, atlas=atlas, tokenizer=tok, task_prompts=reasoning)
     engine.setup(model, tok, inject_loss=False)

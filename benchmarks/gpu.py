@@ -1,8 +1,8 @@
 """GPU readiness of rimguard's hot path, on one CUDA device, with no download (random weights).
 
-    python benchmarks/gpu.py                                # a CUDA machine: all three parts
-    python benchmarks/gpu.py --size 1b --batch 8 --seq 1024   # a larger model shape
-    python benchmarks/gpu.py --device cpu --size tiny --steps 4 --repeats 1   # smoke test of the code path
+    python -m benchmarks.gpu                                # a CUDA machine: all three parts
+    python -m benchmarks.gpu --size 1b --batch 8 --seq 1024   # a larger model shape
+    python -m benchmarks.gpu --device cpu --size tiny --steps 4 --repeats 1   # smoke test of the code path
 
 1. **Reductions.** Every variant of the per-layer masked max (plain torch, ``torch.compile``-fused)
    at the model's shape: error against float64, time, and bandwidth as a fraction of the device's
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import traceback
 from contextlib import nullcontext
@@ -34,16 +33,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from benchmarks.reduction import reference, timeit
+from rimguard import AtlasError, GuardConfig, NeuronAtlas, RIMGuard
+from rimguard.hooks.reduce import get_reducer
+from rimguard.testing import tiny_tokenizer
+
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-from reduction import reference, timeit  # noqa: E402
-
-from rimguard import AtlasError, GuardConfig, NeuronAtlas, RIMGuard  # noqa: E402
-from rimguard.probes import bundled  # noqa: E402
-from rimguard.hooks.reduce import get_reducer  # noqa: E402
-from rimguard.testing import tiny_tokenizer  # noqa: E402
 
 # Llama-style shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
 SIZES = {
@@ -73,8 +68,8 @@ def find_atlas(model, tok) -> NeuronAtlas:
     """An atlas on the random model (timing does not need meaningful neurons, only their number)."""
     for share in (0.25, 0.1, 0.03):
         try:
-            return NeuronAtlas.identify(model, tok, bundled("harmful")[:16], bundled("intent"), top_m=0.01, min_share=share,
-                                        num_controls=32, max_new_tokens=8, max_length=128, progress=False)
+            return NeuronAtlas.from_config(model, tok, GuardConfig(num_safety_probes=16, top_m=0.01, min_share=share, num_controls=32,
+                                                                   max_new_tokens=8, max_length=128))
         except AtlasError:
             continue
     raise SystemExit("no atlas could be identified on the random model")

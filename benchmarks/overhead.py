@@ -21,8 +21,8 @@ steps`` expresses it in training steps of this configuration: the amortized rati
 ``per-step + check steps / probe_every``, so it falls as the training batch (tokens per step)
 grows.
 
-    python benchmarks/overhead.py --model tiny --repeats 3 --peer
-    python benchmarks/overhead.py --preset user --repeats 2 --json benchmarks/results/overhead/user-8x512.json
+    python -m benchmarks.overhead --model tiny --repeats 3 --peer
+    python -m benchmarks.overhead --preset user --repeats 2 --json benchmarks/results/overhead/user-8x512.json
 
 ``--preset user`` is a user-like shape: SmolLM2, 8 x 512 packed GSM8K tokens per step, a check
 every 50 steps. Running 50-step windows at about 25 s a step is out of reach on a CPU, so each
@@ -32,7 +32,7 @@ number of anchor periods) and then one step with its check (rimguard) or measure
 (the guard's ``check``, the peer callback's step-end work), since a step's own noise (a few seconds
 at this shape) would swamp a peer's check. The amortized ratio at one check per ``--probe-every`` steps is then
 ``(hot mean + check cost / probe_every) / unguarded hot mean``.
-    python benchmarks/overhead.py --model smollm2 --steps 50 --warmup 33 --repeats 1 --batch 2 --max-length 128 --probes 16 --peer
+    python -m benchmarks.overhead --model smollm2 --steps 50 --warmup 33 --repeats 1 --batch 2 --max-length 128 --probes 16 --peer
 
 The peer needs ``pip install safety-compass`` (benchmark environment only).
 """
@@ -47,22 +47,20 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from rimbench.evaluation import StepTimer  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
-
-from rimguard import GuardConfig, NeuronAtlas, RIMGuard  # noqa: E402
-from rimguard.probes import bundled  # noqa: E402
+from benchmarks.rimbench.callbacks import StepTimer
+from rimguard import GuardConfig, NeuronAtlas, RIMGuard
 from rimguard.compat import no_checkpointing
+from rimguard.probes import bundled
 from rimguard.probes.reasoning import reasoning_texts
 from rimguard.testing import tiny_model, tiny_tokenizer
+
+HERE = Path(__file__).resolve().parent
 
 
 def load(name: str, seed: int = 0):
@@ -204,8 +202,7 @@ def main() -> None:
     fts = {"full": [False], "lora": [True], "both": [False, True]}[args.ft]
     model, tok = load(args.model)
     share = 0.2 if args.model == "tiny" else 0.5  # a random tiny model has no consistent safety neurons
-    atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[: args.probes], bundled("intent"), max_new_tokens=16,
-                                 min_share=share, progress=False)
+    atlas = NeuronAtlas.from_config(model, tok, GuardConfig(num_safety_probes=args.probes, max_new_tokens=16, min_share=share))
     del model
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     results: dict[str, dict[str, dict[str, float]]] = {}

@@ -1,6 +1,6 @@
 """Markdown table of interleaved overhead runs (``benchmarks/results/overhead/run_interleaved.sh``).
 
-    python benchmarks/overhead_summary.py benchmarks/results/overhead
+    python -m benchmarks.overhead_summary benchmarks/results/overhead
 
 Every JSON there is one ``overhead.py`` invocation (one side, one round); each ratio is to the
 unguarded run of the same invocation. Shown per side: the values of each round.

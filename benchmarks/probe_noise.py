@@ -22,7 +22,7 @@ Rule (docs/guide.md): take the smallest count whose noise is at most ``--fractio
 alarm (they are witnesses), so theirs is their own value at the step where ``safety_drop`` is
 nearest its threshold.
 
-    python benchmarks/probe_noise.py --out benchmarks/results/probe_noise
+    python -m benchmarks.probe_noise --out benchmarks/results/probe_noise
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import torch
 
-import torch  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 COUNTS = (4, 8, 12, 16, 24, 32, 48, 64)
 ALARM = ("safety_drop", 0.5)  # the default warn threshold
@@ -44,14 +43,13 @@ WITNESSES = ("refusal_drop", "kl_task")  # no default alarm: compared with their
 
 def measure(model, tok, atlas, monitor_capture, probes, responses, reasoning, openings, n_refusal, kl_ref=None):
     """Per-probe measurements of ``model``: ``acts`` [P, N], ``margins`` [P], ``task`` [N] and KL per reasoning row."""
-    from rimguard.passes import (Batch, activations, next_token_logprobs, pad, pad_id, probe_mode, prompt_pass, prompt_ids,
-                                  tokenize_dialogues)
+    from rimguard.passes import Batch, activations, next_token_logprobs, pad, pad_id, probe_mode, prompt_ids, prompt_pass, tokenize_dialogues
     from rimguard.signals import metrics
 
     seqs = tokenize_dialogues(tok, probes, responses, 192)
     acts = activations(model, monitor_capture, seqs, pad_id(tok), 16)
     heads = prompt_ids(model, tok, probes, max(len(c) for c in openings), 192)
-    margins = metrics.refusal_margin(prompt_pass(model, heads, openings, pad_id(tok), 16)[0], n_refusal)
+    margins = metrics.refusal_margin(prompt_pass(model, heads, openings, pad_id(tok), 16).scores, n_refusal)
     rseqs = tokenize_dialogues(tok, reasoning, None, 192)
     task = activations(model, monitor_capture, rseqs, pad_id(tok), 16).mean(0)
     batch = pad(rseqs, pad_id(tok))
@@ -181,12 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from rimguard import NeuronAtlas
+    from rimguard import GuardConfig, NeuronAtlas
+    from rimguard.compat import no_checkpointing
     from rimguard.demo.zoo import aligned_smollm2
     from rimguard.hooks.arch import find_mlp_layers
     from rimguard.hooks.capture import ActivationCapture
     from rimguard.probes import bundled
-    from rimguard.compat import no_checkpointing
     from rimguard.probes.reasoning import problems, reasoning_texts
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -196,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     atlas_dir = args.out / "atlas"
     if not (atlas_dir / "atlas.json").is_file():
-        NeuronAtlas.identify(model, tok, bundled("harmful"), bundled("intent"), top_m=0.01, min_share=0.5, num_controls=32,
-                             max_new_tokens=16, max_length=192, batch_size=16, seed=0, progress=False).save(atlas_dir)
+        NeuronAtlas.from_config(model, tok, GuardConfig(num_safety_probes=len(bundled("harmful")), top_m=0.01, min_share=0.5,
+                                                        num_controls=32, max_new_tokens=16, max_length=192,
+                                                        probe_batch_size=16)).save(atlas_dir)
     atlas = NeuronAtlas.load(atlas_dir)
     capture = ActivationCapture(model, find_mlp_layers(model), [t for t in atlas.per_layer()]).attach()
     openings = [list(tok(o, add_special_tokens=False)["input_ids"]) for o in bundled("refusal_openings") + bundled("compliance_openings")]

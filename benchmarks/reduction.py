@@ -5,8 +5,8 @@ reference, then timed with CUDA events (GPU) or perf_counter (CPU), median of ``
 achieved bandwidth (bytes of the activation read once, plus the mask) is reported as a fraction
 of the measured device-to-device copy bandwidth of a buffer of the same size.
 
-    python benchmarks/reduction.py                 # CPU here; on a GPU machine it uses cuda, bf16
-    python benchmarks/reduction.py --dtype float32 --shapes 8x512x1536 4x2048x8960
+    python -m benchmarks.reduction                 # CPU here; on a GPU machine it uses cuda, bf16
+    python -m benchmarks.reduction --dtype float32 --shapes 8x512x1536 4x2048x8960
 """
 
 from __future__ import annotations

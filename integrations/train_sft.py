@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
-from rimguard.events import read_jsonl
 from rimguard.compat import no_checkpointing
+from rimguard.events import read_jsonl
 from rimguard.probes.reasoning import reasoning_texts
 from rimguard.testing import tiny_model, tiny_tokenizer
 

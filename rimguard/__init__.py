@@ -12,9 +12,9 @@ from rimguard.callback import RIMGuard
 from rimguard.config import ActionsConfig, AtlasConfig, ConfigError, GuardConfig, MonitorConfig, PolicyConfig
 from rimguard.engine import GuardEngine
 from rimguard.policy import Report
-from rimguard.state import GuardStateError
 from rimguard.probes import ProbeError, load_prompts
+from rimguard.state import GuardStateError
 
-__all__ = ["RIMGuard", "GuardEngine", "GuardConfig", "AtlasConfig", "MonitorConfig", "PolicyConfig", "ActionsConfig", "NeuronAtlas", "Report", "AtlasError", "ConfigError", "GuardStateError",
-           "ProbeError", "load_prompts"]
+__all__ = ["RIMGuard", "GuardEngine", "GuardConfig", "AtlasConfig", "MonitorConfig", "PolicyConfig", "ActionsConfig", "NeuronAtlas",
+           "Report", "AtlasError", "ConfigError", "GuardStateError", "ProbeError", "load_prompts"]
 __version__ = "0.1.0"

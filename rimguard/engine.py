@@ -39,7 +39,7 @@ from rimguard.actions.freeze import NeuronFreezer
 from rimguard.actions.tie import BackwardScale, LossTie
 from rimguard.atlas import NeuronAtlas
 from rimguard.config import GuardConfig
-from rimguard.events import EventLog, warn_main, new_run_id
+from rimguard.events import EventLog, new_run_id, warn_main
 from rimguard.hooks.arch import find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
 from rimguard.policy import LAMBDA_FACTOR, LEVELS, Decision, GuardPolicy, Plan, Report, optimised_signals

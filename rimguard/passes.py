@@ -397,7 +397,6 @@ def _run_responses(model: nn.Module, capture: ActivationCapture | None, cache: A
     positions = start + torch.arange(width, device=start.device)
     inputs = dict(input_ids=response.input_ids, attention_mask=torch.cat([mask, response.attention_mask], 1), position_ids=positions,
                   use_cache=True, **{key: cache})
-    rows: list[torch.Tensor] = []
     with capture.probing(stop_early=read is None) if capture is not None else nullcontext([]) as rows:
         try:
             out = model(**inputs)

@@ -40,7 +40,8 @@ MODE_ACTIONS: dict[str, dict[str, list[str]]] = {
         "ok": ["regularize"], "warn": ["warn", "regularize"], "regularize": ["warn", "regularize"],
         "freeze": ["warn", "regularize"], "stop": ["warn", "regularize"],
     },
-    "freeze": {"ok": ["freeze"], "warn": ["warn", "freeze"], "regularize": ["warn", "freeze"], "freeze": ["warn", "freeze"], "stop": ["warn", "freeze"]},
+    "freeze": {"ok": ["freeze"], "warn": ["warn", "freeze"], "regularize": ["warn", "freeze"], "freeze": ["warn", "freeze"],
+               "stop": ["warn", "freeze"]},
     "escalate": {
         "ok": [], "warn": ["warn", "checkpoint"], "regularize": ["warn", "regularize"],
         "freeze": ["warn", "regularize", "freeze_top"], "stop": ["warn", "regularize", "freeze", "stop"],

@@ -8,9 +8,9 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import RIMGuard
-from rimguard.testing import assert_grad_difference, tiny_model
 from rimguard.compat import no_checkpointing
 from rimguard.probes.reasoning import reasoning_texts
+from rimguard.testing import assert_grad_difference, tiny_model
 
 REASONING = ["What is 2 + 3?", "A train goes 40 km per hour for 2 hours. How far?", "What is 7 * 6?"]
 

@@ -9,12 +9,12 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import RIMGuard
-from rimguard.signals import metrics
 from rimguard.actions.anchor import AnchorError
-from rimguard.probes import bundled
-from rimguard.testing import assert_grad_difference, tiny_model
 from rimguard.compat import no_checkpointing
+from rimguard.probes import bundled
 from rimguard.probes.reasoning import reasoning_texts
+from rimguard.signals import metrics
+from rimguard.testing import assert_grad_difference, tiny_model
 
 ANCHOR = dict(mode="regularize", regularizer="anchor", anchor_max_new_tokens=6, anchor_batch_size=4, probe_every=100)
 

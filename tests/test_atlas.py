@@ -67,9 +67,9 @@ def test_effect_size_needs_two_prompts_per_side(tok):
 
 
 def test_activation_moments_equal_the_full_matrix_statistics(tok):
+    from rimguard.atlas.core import activation_moments
     from rimguard.hooks.arch import find_mlp_layers
     from rimguard.hooks.capture import ActivationCapture
-    from rimguard.atlas.core import activation_moments
     from rimguard.passes import activations, pad_id, tokenize_dialogues
 
     model = tiny_model("llama")

@@ -1,38 +1,26 @@
-"""Fast tests of the real-model benchmark's pieces (benchmarks/rimbench, benchmarks/rim_benchmark.py)
-on tiny random models and small files written here: correlation code, eval-point loop, loaders,
-analysis and report."""
+"""Fast tests of the benchmarks' pieces (benchmarks/rimbench, rimguard.demo.evaluation) on tiny random models
+and small files written here: statistics, loaders, the evaluation module, the peer's pairs, the GPU script's CPU path."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-from rimbench import data as bdata  # noqa: E402
-from rimbench.evaluation import (  # noqa: E402
-    EvalPoints,
-    Evaluator,
-    StepTimer,
-    completion_examples,
-    eval_schedule,
-    heldout_loss,
-    parse_steps,
-    step_time_summary,
-)
-from rimbench.stats import forgetting, mean_finite, pearson, run_correlations, targets, wilson  # noqa: E402
-
-from rimguard.compat import no_checkpointing
+from benchmarks.rimbench import data as bdata
+from benchmarks.rimbench.stats import pearson
+from rimguard.demo.evaluation import completion_examples, heldout_loss, judged, over_refusal, refusal
 from rimguard.probes.reasoning import reasoning_texts
+from rimguard.signals.metrics import wilson
 from rimguard.testing import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- correlation ------------------------------------------------------------------------------
@@ -64,51 +52,6 @@ def test_pearson_constant_short_and_nonfinite():
         pearson([1, 2, 3], [1, 2])
 
 
-def test_forgetting_and_run_correlations():
-    assert forgetting([0.9, 0.8, 0.5]) == pytest.approx([0.0, 0.1, 0.4])
-    assert forgetting([0.7, 0.5], aligned=0.9) == pytest.approx([0.2, 0.4])
-    points = [{"step": 0, "refusal_rate": 0.9, "ras_safe": 0.0, "refusal_margin": 3.0, "kl_task": 0.0},
-              {"step": 2, "refusal_rate": 0.8, "ras_safe": 0.1, "refusal_margin": 2.0, "kl_task": 0.0},
-              {"step": 4, "refusal_rate": 0.6, "ras_safe": 0.3, "refusal_margin": 1.0, "kl_task": 0.0},
-              {"step": 8, "refusal_rate": 0.5, "ras_safe": 0.4, "refusal_margin": 0.5}]
-    r = run_correlations(points, ["ras_safe", "refusal_margin", "kl_task", "peer_cosine"])
-    drop = [0.0, 0.1, 0.3, 0.4]
-    assert r["ras_safe"] == pytest.approx(pearson([0, .1, .3, .4], drop))
-    assert r["ras_safe"] == pytest.approx(1.0)
-    assert r["refusal_margin"] < -0.9  # falls as refusal drops
-    assert math.isnan(r["kl_task"])  # constant where present
-    assert math.isnan(r["peer_cosine"])  # never measured
-    assert mean_finite([0.5, float("nan"), 0.7]) == pytest.approx(0.6)
-    assert math.isnan(mean_finite([float("nan")]))
-
-
-def test_targets():
-    # aligned 0.9, loss 2.0 -> unguarded 1.0 (gain 1.0); guarded keeps 0.85 refusal, loss 1.04 (gain 0.96)
-    t = targets(0.9, 2.0, {"refusal_rate": 0.85, "gsm8k_loss": 1.04}, 1.0)
-    assert t["refusal_kept"] == pytest.approx(0.85 / 0.9) and t["refusal_target_met"]
-    assert t["math_gain_share"] == pytest.approx(0.96) and t["math_target_met"]
-    t = targets(0.9, 2.0, {"refusal_rate": 0.5, "gsm8k_loss": 1.5}, 1.0)
-    assert not t["refusal_target_met"] and not t["math_target_met"]
-    t = targets(0.9, 2.0, {"refusal_rate": 0.9, "gsm8k_loss": 1.9}, 2.1)  # unguarded got worse: share undefined
-    assert math.isnan(t["math_gain_share"]) and not t["math_target_met"]
-
-
-# -- schedule ---------------------------------------------------------------------------------
-def test_eval_schedule():
-    assert eval_schedule(48) == [0, 2, 4, 8, 12, 16, 24, 32, 48]
-    s = eval_schedule(40)
-    assert s[:8] == [0, 2, 4, 8, 12, 16, 24, 32] and s[-1] == 40
-    for n in (1, 3, 7, 10, 16, 100):
-        s = eval_schedule(n)
-        assert s[0] == 0 and s[-1] == n and s == sorted(set(s))
-        assert len(s) >= min(8, n + 1)
-    assert eval_schedule(5) == [0, 1, 2, 3, 4, 5]
-    assert parse_steps("8, 2,4", 10) == [0, 2, 4, 8, 10]
-    with pytest.raises(ValueError):
-        parse_steps("12", 10)
-
-
-# -- loaders ----------------------------------------------------------------------------------
 def test_gsm8k_loader_and_split(tmp_path):
     path = tmp_path / "g.jsonl"
     rows = [{"question": f"Q{i}? ", "answer": f"She has 2*{i} = <<2*{i}={2 * i}>>{2 * i} apples.\n#### {2 * i}"} for i in range(10)]
@@ -190,138 +133,23 @@ def test_heldout_loss_matches_hf_loss():
     assert heldout_loss(model, examples, tok.pad_token_id, batch_size=3) == pytest.approx(weighted, rel=1e-4)
 
 
-def test_evaluator_on_tiny_model():
-    tok, model = tiny_tokenizer(), tiny_model("llama")
-    ev = Evaluator(tok, ["How do I make a weapon?"] * 3, ["How do I kill a process?"] * 5, reasoning_texts(2),
-                   max_new_tokens=4, max_length=96, batch_size=4, xstest_subset=2, keep_texts=1)
-    full = ev(model, full_xstest=True)
-    part = ev(model, full_xstest=False)
-    assert full["n_harmful"] == 3 and full["n_xstest"] == 5 and part["n_xstest"] == 2
-    for rec in (full, part):
-        assert 0 <= rec["refusal_rate"] <= 1 and 0 <= rec["over_refusal"] <= 1 and 0 <= rec["over_refusal_subset"] <= 1
-        assert math.isfinite(rec["gsm8k_loss"]) and rec["gsm8k_loss"] > 0
-    assert len(full["samples"]["harmful"]) == 1
+def test_judged_refusal_and_over_refusal_count_every_verdict(monkeypatch):
+    import rimguard.demo.evaluation as ev
 
-
-@pytest.mark.parametrize("lora", [False, True])
-def test_eval_points_loop_in_tiny_sft(llama_atlas, fast_config, tmp_path, lora):
-    """A tiny SFT with the guard and the eval callback: evaluation happens exactly at the requested
-    steps, in eval mode under no_grad, train mode restored; guard checks land on the same steps."""
-    import rim_benchmark
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    tok = tiny_tokenizer()
-    model = tiny_model("llama")
-    steps = [0, 1, 3, 6]
-    seen = []
-
-    def fn(step, m):
-        seen.append((step, m.training, torch.is_grad_enabled()))
-        return {"loss": heldout_loss(m, completion_examples(tok, reasoning_texts(2, seed=5), 96), tok.pad_token_id)}
-
-    guard = rim_benchmark.make_guard_class()(fast_config(log_file=None, probe_every=10_000), atlas=llama_atlas, check_steps=steps[1:])
-    timer, evals = StepTimer(), EvalPoints(steps, fn)
-    cfg = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
-                    save_strategy="no", use_cpu=True, bf16=False, **no_checkpointing(), max_length=96, seed=0,
-                    disable_tqdm=True, logging_steps=100)
-    peft_config = None
-    if lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(reasoning_texts(12)), processing_class=tok,
-                         callbacks=[guard, timer, evals], peft_config=peft_config)
-    trainer.train()
-    assert [s for s, _, _ in seen] == steps
-    assert all(not training and not grad for _, training, grad in seen)
-    assert [r["step"] for r in evals.records] == steps and all(math.isfinite(r["loss"]) for r in evals.records)
-    assert evals.records[-1]["loss"] < evals.records[0]["loss"]  # it trained between the points
-    assert set(evals.seconds) == set(steps)
-    assert [h["step"] for h in guard.history] == steps[1:]  # the guard checked exactly at the eval points
-    assert sorted(timer.times) == list(range(1, 7)) and all(t > 0 for t in timer.times.values())
-    summary = step_time_summary(timer.times, check_steps=steps)
-    assert summary["steps_timed"] == 5 and summary["n_check_steps"] == 2
-
-
-def test_step0_signals_and_step_time_summary():
-    import rim_benchmark
-
-    sig = rim_benchmark.step0_signals(None)
-    assert sig["ras_safe"] == 0.0 and sig["kl_task"] == 0.0 and "refusal_margin" not in sig
-    s = step_time_summary({1: 9.0, 2: 1.0, 3: 1.2, 4: 3.0, 5: 1.1}, check_steps=[4])
-    assert s["median_plain_s"] == pytest.approx(1.1) and s["check_extra_s"] == pytest.approx(1.9)
-    assert s["mean_s"] == pytest.approx((1.0 + 1.2 + 3.0 + 1.1) / 4)
-
-
-def test_parse_args_presets():
-    import rim_benchmark
-
-    small = rim_benchmark.parse_args(["--small"])
-    assert small.name == "small" and small.seeds == [0] and small.steps == 8 and small.eval_points == [0, 2, 4, 6, 8]
-    assert rim_benchmark.parse_args(["--small", "--eval-steps", "3"]).eval_points == [0, 3, 8]
-    full = rim_benchmark.parse_args(["--seeds", "0", "1", "2", "--steps", "48", "--variants", "full", "lora"])
-    assert full.name == "full" and full.seeds == [0, 1, 2] and full.eval_points == [0, 2, 4, 8, 12, 16, 24, 32, 48]
-    assert full.variants == ["full", "lora"] and full.n_xstest is None and full.lora_seeds == [0]
-    assert rim_benchmark.parse_args([]).eval_points == [0, 2, 4, 8, 12, 16, 20, 24]
-
-
-# -- analysis and report ----------------------------------------------------------------------
-def _fake_results(tmp_path):
-    def run(variant, seed, rates, ras):
-        pts = [{"step": s, "refusal_rate": r, "over_refusal": 0.1, "over_refusal_subset": 0.1, "n_xstest": 4, "gsm8k_loss": 2.0 - 0.1 * i,
-                "ras_safe": a, "ras_control_mean": a / 3, "entanglement_z": a * 10, "kl_task": 0.01 * i, "refusal_margin": 2 - a,
-                "task_rise": a, "refusal_drop": a, "peer_cosine": 1 - a / 10}
-               for i, (s, r, a) in enumerate(zip([0, 2, 4, 8], rates, ras))]
-        return {"name": f"{variant}-s{seed}", "variant": variant, "seed": seed, "lr": 1e-4, "lora": variant == "lora",
-                "points": pts, "final_level": "ok", "frozen_neurons": 5 if variant == "freeze" else 0,
-                "timing": {"median_plain_s": 2.0, "mean_s": 2.5, "check_extra_s": 3.0, "n_check_steps": 2, "steps_timed": 6},
-                "seconds": {"total": 60.0, "eval": 30.0, "train_and_guard": 30.0, "guard_setup": 4.0},
-                "final_samples": {"harmful": [{"prompt": "p", "completion": "I'm sorry | no"}], "xstest": []}}
-
-    runs = [run("full", 0, [0.9, 0.7, 0.5, 0.4], [0, 0.2, 0.3, 0.5]), run("lora", 0, [0.9, 0.9, 0.8, 0.8], [0, 0.0, 0.1, 0.1]),
-            run("freeze", 0, [0.9, 0.9, 0.85, 0.85], [0, 0.01, 0.02, 0.02])]
-    return {"command": "python benchmarks/rim_benchmark.py --small",
-            "settings": {"name": "t", "steps": 8, "batch_size": 4, "lr": 1e-4, "lora_lr": 1e-4, "lora_rank": 8, "max_length": 64,
-                         "variants": ["full", "lora", "freeze"], "seeds": [0], "guarded_seeds": [0], "eval_points": [0, 2, 4, 8],
-                         "gen_tokens": 8, "atlas_probes": 8, "guard_probes": 4, "reg_lambda": 1.0, "peer_pairs": 8},
-            "env": {"cpu": "x86_64", "threads": 1, "torch": "t", "transformers": "t", "trl": "t", "peft": "t"},
-            "data": {"gsm8k": {"path": "g", "heldout": 4}, "harmful": {"evaluated": 4, "rows": 10}, "xstest": {"first_last_points": 4, "intermediate_points": 2}},
-            "subject": {"alignment": {"heldout_refusal_rate": 0.9}, "recipe": {"steps": 70}},
-            "atlas": {"num_safety": 12}, "peer": {"available": False, "note": "not installed"},
-            "baseline": {"refusal_rate": 0.9, "over_refusal": 0.1, "n_xstest": 4, "gsm8k_loss": 2.0},
-            "bare_timing": {"timing": {"median_plain_s": 1.6}}, "runs": runs, "stages": {"total": 120.0},
-            "guard_thresholds": {"warn": {"entanglement_z": 2.0}, "regularize": {"entanglement_z": 3.0}, "stop": {}}}
-
-
-def test_analysis_plots_and_report(tmp_path):
-    from rimbench.report import analyse, plot_all, write_report
-
-    results = _fake_results(tmp_path)
-    results["analysis"] = a = analyse(results)
-    assert a["per_run"]["full-s0"]["r"]["ras_safe"] > 0.9
-    assert a["average_unguarded"]["ras_safe"] == pytest.approx(
-        (a["per_run"]["full-s0"]["r"]["ras_safe"] + a["per_run"]["lora-s0"]["r"]["ras_safe"]) / 2)
-    crossing = a["per_run"]["full-s0"]["first_crossing"]  # z = 0, 2, 3, 5 and refusal_drop = 0, .2, .3, .5 at steps 0, 2, 4, 8
-    assert crossing["entanglement_z>=2"] == 2 and crossing["entanglement_z>=3"] == 4 and crossing["entanglement_z>=5"] == 8
-    assert crossing["refusal_drop>=0.5"] == 8 and crossing["refusal_drop>=1"] is None
-    assert a["per_run"]["full-s0"]["first_unsafe_step"] == 2
-    freeze = next(r for r in a["prevention"] if r["variant"] == "freeze")
-    assert freeze["targets"]["refusal_target_met"] and freeze["targets"]["math_target_met"]  # same loss curve as unguarded
-    assert "targets" not in next(r for r in a["prevention"] if r["variant"] == "full")
-    cost = {c["name"]: c for c in a["cost"]}
-    assert cost["full-s0"]["ratio_plain_vs_bare"] == pytest.approx(2.0 / 1.6) and math.isnan(cost["lora-s0"]["ratio_plain_vs_bare"])
-    results["plots"] = [p.name for p in plot_all(results, tmp_path)]
-    assert all((tmp_path / n).stat().st_size > 1000 for n in results["plots"])
-    text = write_report(results, tmp_path / "report.md").read_text()
-    assert "python benchmarks/rim_benchmark.py --small" in text and "| RAS on safety neurons" in text and "0.65" in text
-    assert "![curves.png](curves.png)" in text
-    assert "| full-s0 | 2 | 2 | 4 | 8 | 8 | none | none |" in text  # first-crossing table: unsafe, then each threshold
-    assert "thresholds in force: warn: entanglement_z 2, regularize: entanglement_z 3" in text
+    texts = ["I'm sorry, but I can't help with that.", "Sure, first you take the bus to the station and then walk.", "1.1.1.1.1.1.1.1.1.1."]
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: texts[: len(prompts)])
+    got = judged(None, None, ["a", "b", "c"], keep=2)
+    assert (got["n"], got["refusal"], got["compliance"], got["garbage"]) == (3, 1, 1, 1)  # a loop is not compliance
+    assert (got["refusal_lo"], got["refusal_hi"]) == pytest.approx(wilson(1, 3))
+    assert [s["verdict"] for s in got["samples"]] == ["refusal", "compliance"]
+    assert refusal(None, None, ["a", "b", "c"])["refusal_rate"] == pytest.approx(1 / 3)
+    assert over_refusal(None, None, ["a", "b"], keep=1)["n_xstest"] == 2
+    real = judged(tiny_model("llama"), tiny_tokenizer(), ["How do I pick a lock?", "Hello"], max_new_tokens=3)
+    assert real["n"] == 2 and real["refusal"] + real["compliance"] + real["garbage"] == 2
 
 
 def test_peer_pairs_and_availability(tmp_path):
-    from rimbench import peer as bpeer
+    from benchmarks.rimbench import peer as bpeer
 
     path = bpeer.write_pairs(tmp_path / "peer", 8)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -334,13 +162,10 @@ def test_peer_pairs_and_availability(tmp_path):
 def test_gpu_benchmark_runs_its_cpu_path(tmp_path):
     """benchmarks/gpu.py is meant for a CUDA machine this project may not have: its CPU path runs in CI
     so the script cannot drift from the API (the sync check is reported as skipped there)."""
-    import json
-    import subprocess
-
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--device", "cpu", "--size", "tiny", "--steps", "3", "--warmup", "8",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--size", "tiny", "--steps", "3", "--warmup", "8",
                            "--repeats", "1", "--batch", "2", "--seq", "32", "--iters", "2", "--sync-steps", "2", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert {r["variant"] for r in result["reductions"]} == {"plain", "fused"} and all(r["max_err"] < 1e-4 for r in result["reductions"])

@@ -14,11 +14,11 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
-from rimguard.signals import metrics
+from rimguard.compat import no_checkpointing
 from rimguard.config import LEVELS, ConfigError
 from rimguard.policy import RiskPolicy
-from rimguard.compat import no_checkpointing
 from rimguard.probes.reasoning import reasoning_texts
+from rimguard.signals import metrics
 from rimguard.testing import tiny_model
 
 TH = {"warn": {"entanglement_z": 2.0}, "regularize": {"entanglement_z": 3.0}, "freeze": {"entanglement_z": 5.0}, "stop": {}}

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rimguard import AtlasError, NeuronAtlas, RIMGuard
-from rimguard.state import GuardState, GuardStateError
 from rimguard.schema import file_sha256
+from rimguard.state import GuardState, GuardStateError
 from rimguard.testing import tiny_model
 
 

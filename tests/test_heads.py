@@ -20,16 +20,16 @@ from trl import SFTConfig, SFTTrainer
 from rimguard import AtlasError, GuardEngine, GuardStateError, NeuronAtlas, RIMGuard
 from rimguard.atlas.head_selection import HeadSelection, refusal_head_scores, select_heads, span_mass, top_in_span
 from rimguard.atlas.heads import CLOSE, answer_attention, identify_heads, with_reasoning
-from rimguard.state import GuardState
+from rimguard.compat import no_checkpointing
 from rimguard.hooks.arch import find_mlp_layers
 from rimguard.hooks.attention import AttentionRows, attention_row
 from rimguard.hooks.capture import ProbeComplete
-from rimguard.probes import bundled
 from rimguard.passes import encode, format_prompt, pad
-from rimguard.report import write_report
-from rimguard.testing import FAMILIES, PLANTED_HEAD, SINK_HEAD, marked, planted_heads_model, tiny_config, tiny_model, tiny_tokenizer
-from rimguard.compat import no_checkpointing
+from rimguard.probes import bundled
 from rimguard.probes.reasoning import reasoning_texts
+from rimguard.report import write_report
+from rimguard.state import GuardState
+from rimguard.testing import FAMILIES, PLANTED_HEAD, SINK_HEAD, marked, planted_heads_model, tiny_config, tiny_model, tiny_tokenizer
 from tests.test_file_checks import _rewrite
 
 TEXTS = ["How do I bake bread at home with simple flour, water and salt?", "Hi there",

@@ -2,9 +2,9 @@
 
 import pytest
 
-from rimguard.demo.judge import REFUSAL_MARKERS, is_garbage, judge, normalize, refusal_rate
-from rimguard.probes import bundled
 from rimguard.demo.zoo import alignment_split, harmless_split
+from rimguard.probes import bundled
+from rimguard.signals.judge import REFUSAL_MARKERS, is_garbage, judge, normalize, refusal_rate
 
 
 @pytest.mark.parametrize("text", [

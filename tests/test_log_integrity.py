@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from rimguard import RIMGuard
-from rimguard.state import GuardStateError
 from rimguard.events import EventLog, read_events
 from rimguard.report import write_report
+from rimguard.state import GuardStateError
 
 SCRIPT = Path(__file__).parent / "scripts" / "killable_run.py"
 VOLATILE = ("run_id", "time")

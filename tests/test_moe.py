@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rimguard.actions.freeze import NeuronFreezer
 from rimguard.actions.activation import ActivationPenalty
-from rimguard.hooks.reduce import masked_max_sum
-from rimguard.signals.stream import RouterCount, TaskStream
+from rimguard.actions.freeze import NeuronFreezer
 from rimguard.hooks.arch import ExpertBank, UnsupportedModelError, find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
+from rimguard.hooks.reduce import masked_max_sum
 from rimguard.signals import metrics
+from rimguard.signals.stream import RouterCount, TaskStream
 from rimguard.testing import MOE_FAMILIES, tiny_model
 
 FAMILIES = list(MOE_FAMILIES)

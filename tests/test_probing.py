@@ -2,8 +2,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from rimguard.probes import bundled
 from rimguard.passes import continuation_logprobs, encode, format_prompt, prompt_ids
+from rimguard.probes import bundled
 from rimguard.testing import FAMILIES, tiny_model, tiny_tokenizer
 
 
@@ -169,8 +169,8 @@ def test_batched_kl_equals_one_forward_per_probe(monkeypatch, chunk):
     from rimguard import GuardConfig, NeuronAtlas
     from rimguard.hooks.arch import find_mlp_layers
     from rimguard.hooks.capture import ActivationCapture
-    from rimguard.signals import metrics
     from rimguard.passes import Batch, next_token_logprobs
+    from rimguard.signals import metrics
 
     monkeypatch.setattr(mon, "KL_CHUNK_ELEMENTS", chunk)
     tok, model = tiny_tokenizer(), tiny_model("qwen2")

@@ -3,16 +3,12 @@ against hand-computed values."""
 
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from rimbench import conditions as C  # noqa: E402
-from rimbench import study_report as R  # noqa: E402
-from rimbench import validity as V  # noqa: E402
+from benchmarks.rimbench import conditions as C
+from benchmarks.rimbench import stats as V
+from benchmarks.rimbench import study_report as R
 
 GSM = [{"question": "Q1?", "answer": "a = 1\nb = 2\nc = 3\n#### 6"}, {"question": "Q2?", "answer": "x = 4\n#### 4"}]
 
@@ -101,3 +97,112 @@ def test_analyse_validity_on_synthetic_runs():
     assert res["n_positive"] == sum(i / 8 > 0.1 for i in range(8))
     assert res["ras_permutation_null"]["n_sets"] == 2
     assert "refusal kept" in R.validity_markdown(res) or "refusal" in R.validity_markdown(res)
+
+
+# -- the baselines and one run of the study runner, on tiny models ------------------------------
+from benchmarks.rimbench import baselines as B  # noqa: E402
+
+
+def test_replay_mix_keeps_every_main_row_and_adds_the_count():
+    main, extra = [{"m": i} for i in range(10)], [{"e": i} for i in range(3)]
+    out = B.replay_mix(main, extra, count=7, seed=1)
+    assert len(out) == 17 and sorted(r["m"] for r in out if "m" in r) == list(range(10))
+    replayed = [r["e"] for r in out if "e" in r]
+    assert len(replayed) == 7 and sorted(set(replayed)) == [0, 1, 2] and max(replayed.count(i) for i in range(3)) == 3
+    assert out == B.replay_mix(main, extra, count=7, seed=1) != B.replay_mix(main, extra, count=7, seed=2)
+
+
+def test_kl_to_base_hand_computed():
+    import torch
+
+    base = torch.tensor([[[0.0, 0.0], [1.0, -1.0], [0.0, 0.0]]])  # [1, 3, 2]
+    now = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [5.0, 5.0]]])
+    labels = torch.tensor([[-100, 7, 7]])  # position 0 predicts token 1 (trained); position 1 predicts token 2 (trained)
+    p = torch.tensor([1.0, -1.0]).softmax(-1)
+    want = (0.0 + float((p * (p.log() - torch.tensor([0.5, 0.5]).log())).sum())) / 2  # KL at position 0 is 0 (both uniform)
+    assert float(B.kl_to_base(now, base, labels)) == pytest.approx(want, rel=1e-6)
+    assert float(B.kl_to_base(base, base, labels)) == pytest.approx(0.0, abs=1e-7)
+    assert float(B.kl_to_base(now, base, torch.tensor([[-100, -100, -100]]))) == 0.0
+
+
+def test_weight_ema_follows_the_hand_computed_average_and_swaps_back():
+    from types import SimpleNamespace
+
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    ema = B.WeightEMA(0.5)
+    ema.on_train_begin(None, None, None, model=model)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.on_step_end(None, SimpleNamespace(global_step=1), None)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.on_step_end(None, SimpleNamespace(global_step=2), None)
+    want = 0.5 * (0.5 * start + 0.5 * (start + 1)) + 0.5 * (start + 2)
+    trained = model.weight.detach().clone()
+    with ema.swapped():
+        assert torch.allclose(model.weight, want)
+    assert torch.equal(model.weight, trained)
+
+
+class _TinyStudy:
+    """The study runner's context on a tiny model and inline data (the real one loads the aligned SmolLM2)."""
+
+    def __init__(self, tmp_path, preset="horizon"):
+        import argparse
+
+        from benchmarks import rim_study as S
+        from rimguard import GuardConfig, NeuronAtlas
+        from rimguard.demo import evaluation as ev
+        from rimguard.probes import bundled
+        from rimguard.testing import tiny_tokenizer
+
+        self.S = S
+        self.args = argparse.Namespace(preset=preset, out=tmp_path)
+        self.tok = tiny_tokenizer()
+        self.gsm_pool = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(40)]
+        self.gsm_loss = ev.completion_examples(self.tok, [C.record("What is 1 + 2?", "1 + 2 = 3\n#### 3")], 64)
+        self.gsm_acc = self.gsm_pool[:2]
+        self.harmful = bundled("harmful")[60:63]
+        self.comply = []
+        self.xstest = bundled("harmless")[:4]
+        self.xstest_small = self.xstest[:2]
+        config = GuardConfig(num_safety_probes=6, top_m=6, min_share=0.25, num_controls=3, max_new_tokens=4, max_length=64)
+        self.atlas = NeuronAtlas.from_config(self.model(0), self.tok, config)
+
+    def model(self, seed):
+        from rimguard.testing import tiny_model
+
+        return tiny_model("llama", seed=0)
+
+
+@pytest.mark.parametrize("variant", ["none", "regularize", "replay-anchor-budget", "replay-3pct", "kl-train", "ema"])
+def test_one_run_of_the_study_runner_records_the_curve_and_every_signal(tmp_path, variant, monkeypatch):
+    from benchmarks import rim_study as S
+
+    study = _TinyStudy(tmp_path)
+    for name in ("refusal", "final_eval", "over_refusal_all", "accuracy", "loss", "own", "records"):  # the real methods
+        setattr(study, name, getattr(S.Study, name).__get__(study))
+    monkeypatch.setattr(S, "NEW_GUARD", {"mode": "monitor", "probe_batch_size": 6, "num_safety_probes": 6, "max_length": 64,
+                                         "kl_probes": 2, "witness_tokens": 3})
+    spec = S.horizon(variant)
+    spec.steps, spec.evals, spec.warmup, spec.batch = 4, [2, 4], 1, 2
+    spec.guard = {**spec.guard, "probe_batch_size": 6, "num_safety_probes": 6, "max_length": 64, "kl_probes": 2, "witness_tokens": 3}
+    rec = S.run(spec, study)
+    assert [p["step"] for p in rec["curve"]] == [2, 4]
+    for p in rec["curve"]:
+        assert 0 <= p["refusal_rate"] <= 1 and p["n_harmful"] == 3 and math.isfinite(p["gsm8k_loss"]) and p["n_xstest"] in (2, 4)
+    assert rec["curve"][-1]["n_xstest"] == 4 and 0 <= rec["final"]["over_refusal_small"] <= 1  # all safe prompts at the end
+    assert [c["step"] for c in rec["checks"]] == [1, 2, 4]
+    for c in rec["checks"]:
+        assert {"safety_drop", "refusal_kl", "probe_refusal", "kl_task", "param_dist", "kl_harmless"} <= set(c)
+        assert len(c["safety_drop_controls"]) == 3  # the null: the atlas' control sets
+    assert rec["checks"][-1]["param_dist"] > 0 and len(rec["step_times"]) == 4
+    rows = {"replay-anchor-budget": 4 * 2 + 8, "replay-3pct": 8}.get(variant, 8)
+    assert rec["rows"] == rows
+    if variant == "regularize":
+        assert all(c["reg_lambda"] == 1.0 for c in rec["checks"]) and rec["checks"][0]["anchor_kl"] == 0.0  # its batch at step 0, on the base weights
+    if variant == "kl-train":
+        assert len(rec["kl_train"]) == 4 and rec["kl_train"][0] == pytest.approx(0.0, abs=1e-6) and rec["kl_train"][-1] > 0

@@ -8,9 +8,9 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 
 from rimguard import RIMGuard
+from rimguard.compat import no_checkpointing
 from rimguard.hooks.arch import find_mlp_layers
 from rimguard.probes.reasoning import problems
-from rimguard.compat import no_checkpointing
 from rimguard.testing import tiny_model
 
 COMMON = dict(report_to=[], bf16=False, use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, logging_steps=100)
@@ -37,7 +37,8 @@ def test_dpo(tmp_path, tok, fast_config, llama_atlas, mode):
     guard = RIMGuard(fast_config(mode=mode, probe_every=3, anchor_every=1), atlas=llama_atlas)
     args = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
                      max_length=96, **no_checkpointing(), **COMMON)
-    trainer = DPOTrainer(model=model, ref_model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[guard])
+    trainer = DPOTrainer(model=model, ref_model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[guard])
     trainer.train()
     _check(guard, tmp_path, 3)
     if mode == "freeze":

@@ -1,6 +1,5 @@
-"""Pure helpers of ``benchmarks/rim_benchmark.py``: data loaders, the eval-point schedule and
-in-process evaluation, the correlation and target analysis, plots and the Markdown report.
-
-Kept importable without the benchmark's optional extras (``safety_compass`` is imported lazily),
-so ``tests/test_benchmark_pieces.py`` can exercise each piece on tiny models.
+"""Pure helpers of the benchmarks (``benchmarks/rim_study.py`` and the cost benchmarks): data loaders and
+training-data conditions, the baselines a practitioner would use instead, trainer callbacks, the
+statistics and the study's analysis. ``safety_compass`` (the peer) is imported lazily, so the tests can
+exercise each piece on tiny models without it.
 """

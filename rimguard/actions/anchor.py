@@ -34,8 +34,8 @@ from rimguard import dist
 from rimguard.actions.regularizer import BuildContext, Regularizer
 from rimguard.hooks.capture import Activation, ActivationCapture
 from rimguard.passes import encode, forked_rng, format_prompt, generate_ids, model_device, pad, pad_id, probe_mode
-from rimguard.signals import metrics
 from rimguard.saved import Saved
+from rimguard.signals import metrics
 
 RECORD_TENSORS = ("ids", "attn", "pos", "resp_mask", "base_logp", "base_index", "act_ref", "harmful")
 

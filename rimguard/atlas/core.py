@@ -44,8 +44,8 @@ from rimguard.atlas.heads import identify_heads
 from rimguard.atlas.selection import Moments
 from rimguard.hooks.arch import MLPLayer, find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
-from rimguard.probes import bundled
 from rimguard.passes import activations, chunks, generate, pad_id, tokenize_dialogues
+from rimguard.probes import bundled
 from rimguard.schema import Reader, file_sha256
 
 if TYPE_CHECKING:

@@ -38,14 +38,14 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
-from rimguard.config import LEVELS, add_arguments, from_arguments
-from rimguard.events import read_events
-from rimguard.report import plot_run
-from rimguard.demo.judge import judge, refusal_rate
-from rimguard.passes import generate
 from rimguard.compat import no_checkpointing
-from rimguard.probes.reasoning import reasoning_texts
+from rimguard.config import LEVELS, add_arguments, from_arguments
+from rimguard.demo.evaluation import judged
 from rimguard.demo.zoo import EVAL_MAX_NEW_TOKENS, aligned_smollm2, alignment_split
+from rimguard.events import read_events
+from rimguard.probes.reasoning import reasoning_texts
+from rimguard.report import plot_run
+from rimguard.signals.judge import judge
 
 COLUMNS = ("step", "safety_drop", "ras_safe", "entanglement_z", "refusal_drop", "level", "frozen")
 
@@ -141,8 +141,8 @@ class TqdmHandler(logging.Handler):
 
 
 def refusals(model, tokenizer, prompts: list[str], label: str) -> tuple[dict, list[str]]:
-    texts = generate(model, tokenizer, prompts, EVAL_MAX_NEW_TOKENS, desc=label)
-    return refusal_rate(texts), texts
+    got = judged(model, tokenizer, prompts, EVAL_MAX_NEW_TOKENS, 8, keep=len(prompts), desc=label)
+    return got, [s["completion"] for s in got["samples"]]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     peak = LEVELS[int(max((h["level"] for h in guard.history), default=0))]
     acted = "no action taken (monitor mode)" if config.policy.mode == "monitor" else f"action in force at the end: {guard.action}"
     print(f"guard: {guard.atlas.num_safety} safety neurons; risk reached '{peak}', final risk level '{guard.level}'; {acted}; "
-          f"safety_drop {last.get('safety_drop', math.nan):.3g}; entanglement z {last.get('entanglement_z', math.nan):.3g}; refusal drop {last.get('refusal_drop', math.nan):.3g}; "
+          f"safety_drop {last.get('safety_drop', math.nan):.3g}; entanglement z {last.get('entanglement_z', math.nan):.3g}; "
+          f"refusal drop {last.get('refusal_drop', math.nan):.3g}; "
           f"{summary['frozen']} neurons frozen")
     print(f"time: model ready {summary['seconds']['model_ready']:.0f}s, guarded SFT {trained:.0f}s, "
           f"total {summary['seconds']['total']:.0f}s")

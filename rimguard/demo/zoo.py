@@ -212,17 +212,13 @@ def recipe_digest(recipe: dict[str, Any]) -> str:
 def evaluate_refusals(model: Any, tokenizer: Any, max_new_tokens: int = EVAL_MAX_NEW_TOKENS, progress: bool = False) -> dict[str, Any]:
     """Judge greedy completions of the held-out harmful and harmless prompts.
 
-    Returns ``heldout_harmful`` and ``heldout_harmless``, each a :func:`rimguard.demo.judge.refusal_rate`
+    Returns ``heldout_harmful`` and ``heldout_harmless``, each a :func:`rimguard.demo.evaluation.judged`
     dict; the refusal rate of the second one is the over-refusal.
     """
-    from rimguard.demo.judge import refusal_rate
-    from rimguard.passes import generate
+    from rimguard.demo.evaluation import judged
 
-    out = {}
-    for name, prompts in (("heldout_harmful", alignment_split()[1]), ("heldout_harmless", harmless_split()[1])):
-        texts = generate(model, tokenizer, prompts, max_new_tokens, desc=f"eval {name}" if progress else None)
-        out[name] = refusal_rate(texts)
-    return out
+    return {name: judged(model, tokenizer, prompts, max_new_tokens, 8, desc=f"eval {name}" if progress else None)
+            for name, prompts in (("heldout_harmful", alignment_split()[1]), ("heldout_harmless", harmless_split()[1]))}
 
 
 def _alignment_examples(tokenizer: Any, distilled: Sequence[tuple[str, str, bool]], recipe: dict[str, Any]) -> list[dict[str, list[int]]]:
@@ -279,15 +275,15 @@ def aligned_smollm2(cache_dir: str | Path | None = None, steps: int = ALIGN_DEFA
       garbage are dropped), which keeps over-refusal low without teaching new content.
 
     Afterwards the refusal rate on the held-out harmful prompts and the over-refusal on the held-out
-    harmless prompts are measured (string-match judge, :mod:`rimguard.demo.judge`) and written with
+    harmless prompts are measured (string-match judge, :mod:`rimguard.signals.judge`) and written with
     the recipe to ``recipe.json`` next to the weights. The folder name carries a digest of the
     recipe, so a new recipe never reuses an old model.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from rimguard.demo.judge import judge
     from rimguard.passes import generate, pad_id
+    from rimguard.signals.judge import judge
 
     recipe = align_recipe(steps, **overrides)
     final = cache_root(cache_dir) / f"smollm2-135m-aligned-{recipe_digest(recipe)}"
@@ -345,7 +341,7 @@ def aligned_smollm2(cache_dir: str | Path | None = None, steps: int = ALIGN_DEFA
             "heldout_over_refusal_rate": after["heldout_harmless"]["refusal_rate"],
             "base_heldout_refusal_rate": before["heldout_harmful"]["refusal_rate"],
             "base_heldout_over_refusal_rate": before["heldout_harmless"]["refusal_rate"],
-            "eval_max_new_tokens": EVAL_MAX_NEW_TOKENS, "judge": "rimguard.demo.judge (string match)",
+            "eval_max_new_tokens": EVAL_MAX_NEW_TOKENS, "judge": "rimguard.signals.judge (string match)",
             "after": after, "before": before,
             "train_examples": {"refusal": len(alignment_split()[0]), "distilled": len(distilled),
                                "distill_dropped": len(prompts) - len(distilled)},

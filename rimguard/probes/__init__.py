@@ -19,8 +19,8 @@ The bundled sets are written by the rimguard authors (no third-party text):
 from __future__ import annotations
 
 import csv
-from importlib import resources
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 

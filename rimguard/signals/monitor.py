@@ -56,10 +56,10 @@ from rimguard.passes import (
     token_lists,
     tokenize_dialogues,
 )
+from rimguard.saved import Saved
 from rimguard.signals import metrics
 from rimguard.signals.stream import RouterCount, TaskStream
 from rimguard.signals.witness import RefusalJudge, Witness
-from rimguard.saved import Saved
 
 logger = logging.getLogger("rimguard")
 # the KL probes run in chunks whose [rows, T, vocab] log-probs hold at most this many floats (256 MB in fp32)
@@ -139,6 +139,7 @@ class EntanglementMonitor:
         self.ref_margin: float | None = None
         self.ref_router: float | None = None
         self.safe_now: torch.Tensor | None = None  # safety activations of the last check
+        self.last_sets: dict[str, torch.Tensor] = {}  # the last check's per-set metrics, [1 + K] each
         self.kl_ids: torch.Tensor | None = None
         self.kl_mask: torch.Tensor | None = None
         self.kl_base_logp: torch.Tensor | None = None
@@ -357,6 +358,7 @@ class EntanglementMonitor:
         present = self._present(self.ref_safe, safe_now, self.ref_task, task_now)
         per_set = metrics.ras(self.ref_safe[s], safe_now[s], self.ref_task[s], task_now[s], self.config.monitor.rel_floor,
                               None if present is None else present[s])
+        self.last_sets = per_set
         null = metrics.null_score(per_set["ras"][0], per_set["ras"][1:])
         idx = self.safety_index
         values = {
@@ -386,6 +388,11 @@ class EntanglementMonitor:
             if train is not None:
                 out["router_share_train"] = train
         return out
+
+    def per_set(self) -> dict[str, list[float]]:
+        """The last check's ``ras``, ``safety_drop`` and ``task_rise`` of every neuron set: entry 0 is the safety
+        set, entries 1..K the atlas' layer-matched random control sets (their null distribution); ``{}`` before a check."""
+        return {k: v.tolist() for k, v in self.last_sets.items() if k in ("ras", "safety_drop", "task_rise")}
 
     def _router_share(self, kind: str) -> float | None:
         """Share of routing slots sent to safety experts since the last call, over all ranks (a collective;
