@@ -122,6 +122,23 @@ def test_tracked_units_equal_the_full_probe_and_padding_never_routes(family):
     capture.remove()
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_moe_layer_with_no_tracked_unit_reads_nothing_and_does_not_stop(family):
+    """An atlas can leave a whole MoE layer without a safety unit (issue #22: routed_max crashed on 0 units)."""
+    model = tiny_model(family).eval()
+    layers = find_mlp_layers(model)
+    ids, mask = _batch(2)
+    capture = ActivationCapture(model, layers).attach()
+    with torch.no_grad(), capture.probing(full=True) as full:
+        model(input_ids=ids, attention_mask=mask)
+    tracked = [torch.zeros(0, dtype=torch.long), torch.tensor([1, 5, layers[1].size - 1])]
+    capture.track(tracked)
+    with torch.no_grad(), capture.probing() as some:
+        model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(some[0], full[0][:, layers[0].size + tracked[1]], equal_nan=True)
+    capture.remove()
+
+
 def test_metrics_leave_missing_units_out_entirely():
     gen = torch.Generator().manual_seed(0)
     safe0, safet, task0, taskt = (torch.rand(6, generator=gen) + 0.1 for _ in range(4))

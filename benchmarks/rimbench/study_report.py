@@ -349,6 +349,14 @@ def analyse_and_write(preset: str, out: Path, names: Sequence[str], dest: Path) 
         res["plots"] = [p.name for p in plot_validity(res, dest)]
         (dest / "validity.json").write_text(json.dumps(res, indent=1, default=float))
         (dest / "report.md").write_text(validity_markdown(res))
+    elif preset == "horizon":
+        from benchmarks.rimbench import horizon_report as H
+
+        res = H.analyse_horizon(runs, step0)
+        res["plots"] = [p.name for p in H.plot_horizon(res, dest)]
+        (dest / "results.json").write_text(json.dumps(res["records"], indent=1, default=float))  # one record per run
+        (dest / "summary.json").write_text(json.dumps({k: v for k, v in res.items() if k != "records"}, indent=1, default=float))
+        (dest / "report.md").write_text(H.horizon_markdown(res))
     else:
         res = analyse_prevention(runs, step0)
         res["plots"] = [p.name for p in plot_prevention(res, dest)]

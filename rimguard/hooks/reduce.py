@@ -92,8 +92,9 @@ def routed_max(
     if mask is not None:
         routed = routed & mask.reshape(-1, 1).to(torch.bool)
     act = activation(pre_gate, pre_up).masked_fill(~routed, torch.finfo(hidden.dtype).min)
-    peak = act.view(batch, -1, act.shape[-1]).amax(dim=1)
-    present = routed.view(batch, -1, routed.shape[-1]).any(dim=1)
+    shape = (batch, hidden.shape[0] // batch, owner.shape[0])  # explicit: -1 is ambiguous when no unit is tracked
+    peak = act.view(shape).amax(dim=1)
+    present = routed.view(shape).any(dim=1)
     return torch.where(present, peak, torch.full_like(peak, MISSING))
 
 
