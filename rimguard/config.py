@@ -19,6 +19,7 @@ import argparse
 import difflib
 import json
 import math
+import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import UnionType
@@ -44,6 +45,18 @@ def regularizer_names() -> list[str]:
 
 class ConfigError(ValueError):
     """An invalid guard configuration; the message names the field."""
+
+
+_SHORT = reprlib.Repr()  # attributes, not keywords: Python 3.11's Repr takes none
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 2, 6, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 40
+
+
+def short(value: Any) -> str:
+    """A bounded repr for error messages: a value read from a file can be huge (a YAML alias chain expands
+    to millions of entries when printed in full), the message stays one readable line."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _default_thresholds() -> dict[str, dict[str, float]]:
@@ -112,7 +125,7 @@ class _Section:
         self.validate()
 
     def fail(self, name: str, what: str) -> None:
-        raise ConfigError(f"GuardConfig.{self.NAME}.{name}: {what} (got {getattr(self, name)!r})")
+        raise ConfigError(f"GuardConfig.{self.NAME}.{name}: {what} (got {short(getattr(self, name))})")
 
     def validate(self) -> None:
         hints = get_type_hints(type(self))
@@ -144,11 +157,15 @@ class AtlasConfig(_Section):
     num_controls: int = option(32, "random control neuron sets for the null distribution of RAS", ge=2)
     num_safety_probes: int = option(64, "harmful prompts used to identify the neurons (from the start of the given list); "
                                     "the monitor probes the first check_probes of them", ge=2)
-    max_new_tokens: int = option(24, "tokens of the model's own greedy response appended to each probe", ge=0)
+    max_new_tokens: int = option(24, "tokens of the model's own greedy response appended to each probe", ge=1)
     max_length: int = option(256, "probe sequence cap (prompt + response), tokens", ge=8)
     refusal_heads: int = option(0, "attention heads to find and monitor as refusal heads (heads that attend away from a "
                                 "reasoning span at the answer position when the model refuses; rimguard.atlas.heads); "
                                 "0: none", ge=0)
+
+    def check(self) -> None:
+        if self.top_m >= 1 and self.top_m != int(self.top_m):
+            self.fail("top_m", "a count (>= 1) must be a whole number; a fraction of all MLP neurons is < 1")
 
 
 @dataclass
@@ -317,8 +334,14 @@ class GuardConfig:
             mine = {k: v for k, v in flat.items() if OWNER[k] == name}
             setattr(self, name, _section(cls, given[name], mine))
         if not _has_type(seed, int):
-            raise ConfigError(f"GuardConfig.seed: must be an integer (got {seed!r})")
+            raise ConfigError(f"GuardConfig.seed: must be an integer (got {short(seed)})")
         self.seed = seed
+        for level, rules in self.policy.thresholds.items():  # a threshold on a metric never measured never fires
+            for metric in (m for m in rules if m in _OFF_WHEN):
+                name, off, remedy = _OFF_WHEN[metric]
+                if getattr(self.monitor, name) == off:
+                    raise ConfigError(f"GuardConfig.policy.thresholds: '{level}.{metric}' can never fire: monitor.{name}={off!r} "
+                                      f"turns {metric} off ({remedy})")
 
     @classmethod
     def of(cls, config: "GuardConfig | dict | str | Path | None" = None, **overrides: Any) -> "GuardConfig":
@@ -330,7 +353,7 @@ class GuardConfig:
             config = cls.from_dict(config)
         elif config is not None and not isinstance(config, cls):
             raise ConfigError(f"GuardConfig: expected a GuardConfig, a dict of its fields or a config file path, got "
-                              f"{type(config).__name__} ({config!r:.60})")
+                              f"{type(config).__name__} ({short(config)})")
         config = config or cls()
         return config.replace(**overrides) if overrides else config
 
@@ -358,7 +381,7 @@ class GuardConfig:
     def save(self, path: str | Path) -> None:
         """Write as YAML (``.yaml``/``.yml``) or JSON (anything else), nested by section."""
         path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
             path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
@@ -367,22 +390,38 @@ class GuardConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "GuardConfig":
+        """From a YAML or JSON file: ``.json`` is parsed as JSON, anything else as YAML (a superset of JSON), the
+        suffix read case-insensitively."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder, not a config file (give the .yaml or .json file in it)")
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        text = path.read_text(encoding="utf-8")
         try:
-            if path.suffix in (".yaml", ".yml"):
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (a config is YAML or JSON, UTF-8)") from None
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
                 import yaml
 
                 data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
         except Exception as err:  # noqa: BLE001 - yaml and json raise different types
-            raise ConfigError(f"{path}: cannot parse ({err})") from None
+            raise ConfigError(f"{path}: cannot parse ({str(err)[:200]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of GuardConfig sections or fields")
         return cls.from_dict(data)
+
+
+# metric -> (the monitor field, its value that turns the metric off, the remedy)
+_OFF_WHEN: dict[str, tuple[str, Any, str]] = {
+    "kl_task": ("kl_probes", 0, "set kl_probes >= 1 or drop the threshold"),
+    "refusal_drop": ("margin_probes", 0, "set margin_probes >= 1 or drop the threshold"),
+    "refusal_kl": ("refusal_kl", False, "set refusal_kl: true or drop the threshold"),
+    "probe_refusal_drop": ("witness_tokens", 0, "set witness_tokens >= 1 or drop the threshold"),
+}
 
 
 def _section(cls: type[_Section], given: Any, flat: dict[str, Any]) -> _Section:
@@ -391,7 +430,7 @@ def _section(cls: type[_Section], given: Any, flat: dict[str, Any]) -> _Section:
     if isinstance(given, cls):
         return replace(given, **flat) if flat else given
     if not isinstance(given, dict):
-        raise ConfigError(f"GuardConfig.{cls.NAME}: must be a {cls.__name__} or a mapping of its fields (got {given!r})")
+        raise ConfigError(f"GuardConfig.{cls.NAME}: must be a {cls.__name__} or a mapping of its fields (got {short(given)})")
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(given) - names)
     if unknown:
