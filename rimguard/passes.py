@@ -156,8 +156,9 @@ def generate(
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def tokenize_dialogues(tokenizer, prompts: Sequence[str], responses: Sequence[str] | None = None, max_length: int = 256) -> list[list[int]]:
-    """Token ids of chat-formatted prompt (+ response), truncated to ``max_length``."""
+def tokenize_dialogues(tokenizer, prompts: Sequence[str], responses: Sequence[str] | None = None,
+                       max_length: int | None = 256) -> list[list[int]]:
+    """Token ids of chat-formatted prompt (+ response), truncated to ``max_length`` (None: whole)."""
     responses = responses if responses is not None else [""] * len(prompts)
     return [encode(tokenizer, format_prompt(tokenizer, p) + r)[:max_length] for p, r in zip(prompts, responses)]
 

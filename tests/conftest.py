@@ -9,7 +9,7 @@ from rimguard.testing import tiny_model, tiny_tokenizer
 
 # Small, fast settings used by the end-to-end tests.
 FAST = dict(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, probe_batch_size=6,
-            kl_probes=2, max_length=64)
+            kl_probes=2, max_length=128)
 
 
 @pytest.fixture(autouse=True)
@@ -32,4 +32,4 @@ def fast_config():
 def llama_atlas(tok):
     model = tiny_model("llama")
     return NeuronAtlas.identify(model, tok, bundled("harmful")[:12], bundled("intent"), top_m=12, min_share=0.25,
-                                num_controls=8, max_new_tokens=6, max_length=64, progress=False)
+                                num_controls=8, max_new_tokens=6, max_length=128, progress=False)

@@ -114,7 +114,7 @@ def test_freeze_holds_bitwise_through_adamw_with_weight_decay(tok, fast_config, 
     torch.manual_seed(0)
     model = tiny_model(family)
     atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:8], bundled("intent"), top_m=10, min_share=0.25,
-                                 num_controls=2, max_new_tokens=4, max_length=48, progress=False)
+                                 num_controls=2, max_new_tokens=4, max_length=128, progress=False)
     if lora:
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
     guard = RIMGuard(fast_config(mode="monitor"), atlas=atlas, task_prompts=REASONING)

@@ -102,7 +102,7 @@ def test_identification_memory_does_not_grow_with_harmless_prompts(tok, monkeypa
     monkeypatch.setattr(atlas_module, "activations", counting)
     NeuronAtlas.identify(tiny_model("llama"), tok, bundled("harmful")[:4], harmless=bundled("harmless")[:40], method="effect_size",
                          top_m=5, num_controls=4, max_new_tokens=2, batch_size=4,
-                         max_length=48, progress=False)
+                         max_length=128, progress=False)
     assert rows and max(rows) <= 4
 
 

@@ -53,7 +53,7 @@ def test_user_errors_are_one_line(args, message):
 def test_demo_end_to_end_on_a_tiny_model(tmp_path, model_dir):
     """`rimguard demo` runs the README's main job; --model swaps the aligned SmolLM2 for a tiny one."""
     out, cfg = tmp_path / "demo", tmp_path / "guard.json"
-    GuardConfig(max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=64, kl_probes=2).save(cfg)
+    GuardConfig(max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=128, kl_probes=2).save(cfg)
     proc = run("demo", "--model", model_dir, "--config", cfg, "--steps", 4, "--probe-every", 2, "--num-safety-probes", 4,
                "--mode", "escalate", "--batch-size", 2, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,7 +67,7 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, model_dir):
 
 def test_guarded_run_tensorboard_and_report(tmp_path):
     """A guard attached to its trainer sends rimguard/* scalars through Trainer.log to report_to."""
-    config = GuardConfig(num_safety_probes=8, max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=64,
+    config = GuardConfig(num_safety_probes=8, max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=128,
                          kl_probes=2, probe_every=4, mode="escalate",
                          thresholds={"warn": {"task_rise": 0.0}, "regularize": {}, "freeze": {}, "stop": {}})
     args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
@@ -184,7 +184,7 @@ def test_config_values_of_the_wrong_type_name_the_field(tmp_path, text, field, m
 
 def test_demo_keeps_the_config_files_settings_unless_a_flag_is_passed(tmp_path, model_dir):
     out, cfg = tmp_path / "demo", tmp_path / "guard.json"
-    GuardConfig(max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=64, kl_probes=2, mode="freeze",
+    GuardConfig(max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=128, kl_probes=2, mode="freeze",
                 probe_every=3, num_safety_probes=4).save(cfg)
     proc = run("demo", "--model", model_dir, "--config", cfg, "--steps", 3, "--batch-size", 2, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]

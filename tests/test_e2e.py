@@ -21,7 +21,7 @@ EXPECTED = {"ras_safe", "ras_control_mean", "entanglement_z", "entanglement_pct"
 def sft_args(out, **kw):
     base = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=3,
                 report_to=[], bf16=False, **no_checkpointing(), save_strategy="no", use_cpu=True,
-                max_length=96, seed=0, disable_tqdm=True)
+                max_length=128, seed=0, disable_tqdm=True)
     return SFTConfig(**{**base, **kw})
 
 
@@ -59,7 +59,7 @@ def test_sft_trainer(tmp_path, tok, fast_config, lora):
 
 def test_plain_trainer(tmp_path, tok, fast_config):
     texts = [r["prompt"][0]["content"] + " " + r["completion"][0]["content"] for r in reasoning_texts(32)]
-    ds = Dataset.from_dict({"text": texts}).map(lambda b: tok(b["text"], truncation=True, max_length=96), batched=True,
+    ds = Dataset.from_dict({"text": texts}).map(lambda b: tok(b["text"], truncation=True, max_length=128), batched=True,
                                                  remove_columns=["text"])
     guard = RIMGuard(fast_config(probe_every=6), tokenizer=tok)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,

@@ -121,7 +121,7 @@ def test_shared_prompt_check_equals_the_plain_check(family, lora, system):
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
                                                  fan_in_fan_out=family == "gpt2"))
     atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:6], bundled("intent"), top_m=8, min_share=0.15, num_controls=2,
-                                 max_new_tokens=6, max_length=64, progress=False)
+                                 max_new_tokens=6, max_length=128, progress=False)
     cap = 128 if system else 64  # 64: some prompts are cut to leave room for the openings and run apart from their sequence
     config = GuardConfig(num_safety_probes=6, margin_probes=4, probe_batch_size=3, max_length=cap, refusal_kl=False, witness_tokens=0)
     refusals, complies = ["I can't help with that.", "No"], ["Sure, here", "Step 1:"]
@@ -175,8 +175,8 @@ def test_batched_kl_equals_one_forward_per_probe(monkeypatch, chunk):
     monkeypatch.setattr(mon, "KL_CHUNK_ELEMENTS", chunk)
     tok, model = tiny_tokenizer(), tiny_model("qwen2")
     atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:4], bundled("intent"), top_m=4, min_share=0.25, num_controls=2,
-                                 max_new_tokens=4, max_length=64, progress=False)
-    config = GuardConfig(num_safety_probes=4, margin_probes=0, kl_probes=5, probe_batch_size=4, kl_top_k=8, max_length=64)
+                                 max_new_tokens=4, max_length=128, progress=False)
+    config = GuardConfig(num_safety_probes=4, margin_probes=0, kl_probes=5, probe_batch_size=4, kl_top_k=8, max_length=128)
     reasoning = ["What is 3 + 4?", "A train leaves at noon and travels 60 km at 30 km/h. When does it arrive?", "Halve 18.",
                  "Tom has 5 apples and eats 2. How many are left?", "Is 17 prime?"]
     capture = ActivationCapture(model, find_mlp_layers(model), atlas.per_layer()).attach()
@@ -208,8 +208,8 @@ def test_kl_rows_from_a_training_batch_keep_their_first_real_tokens_up_to_kl_max
 
     tok, model = tiny_tokenizer(), tiny_model("llama")
     atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:4], bundled("intent"), top_m=4, min_share=0.25, num_controls=2,
-                                 max_new_tokens=4, max_length=64, progress=False)
-    config = GuardConfig(num_safety_probes=4, margin_probes=0, kl_probes=2, kl_max_length=5, max_length=64)
+                                 max_new_tokens=4, max_length=128, progress=False)
+    config = GuardConfig(num_safety_probes=4, margin_probes=0, kl_probes=2, kl_max_length=5, max_length=128)
     monitor = mon.EntanglementMonitor(ActivationCapture(model, find_mlp_layers(model), atlas.per_layer()), tok, atlas, config)
     ids = torch.arange(10, 40).view(3, 10)
     mask = torch.ones_like(ids)

@@ -6,6 +6,7 @@ docs/reliability.md lists every case with its behaviour and the test here that p
 import time
 
 import pytest
+import torch
 
 from rimguard import ConfigError, GuardConfig
 
@@ -49,3 +50,73 @@ def test_config_files_by_suffix_case_and_content(tmp_path):
     (tmp_path / "guard.bin").write_bytes(b"\xff\xfe\x00\x81" * 8)
     with pytest.raises(ConfigError, match="guard.bin: not a text file"):
         GuardConfig.load(tmp_path / "guard.bin")
+
+
+# -- identification ----------------------------------------------------------------------------
+def test_probes_that_do_not_fit_max_length_are_refused(tok):
+    from rimguard import NeuronAtlas
+    from rimguard.atlas.core import AtlasError
+    from rimguard.probes import bundled
+    from rimguard.testing import tiny_model
+
+    long = [f"{p} " + "Please explain every detail of it at great length. " * 8 for p in bundled("harmful")[:4]]
+    with pytest.raises(AtlasError, match="do not fit max_length=64 tokens as prompt .* raise max_length"):
+        NeuronAtlas.identify(tiny_model("llama"), tok, long, bundled("intent"), top_m=4, min_share=0.25, num_controls=2,
+                             max_new_tokens=2, max_length=64, progress=False)
+    with pytest.raises(AtlasError, match="as prompt with its response"):  # the prompts fit, the responses do not
+        NeuronAtlas.identify(tiny_model("llama"), tok, bundled("harmful")[:4], bundled("intent"), top_m=4, min_share=0.25,
+                             num_controls=2, max_new_tokens=40, max_length=100, progress=False)
+
+
+def test_nan_weights_are_refused_at_identification_and_by_the_cli(tmp_path, tok, capsys):
+    from rimguard import NeuronAtlas
+    from rimguard.atlas.core import AtlasError
+    from rimguard.cli import main
+    from rimguard.probes import bundled
+    from rimguard.testing import tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(AtlasError, match="weights hold NaN or inf values .*layers.1.mlp.up_proj.weight"):
+        NeuronAtlas.identify(model, tok, bundled("harmful")[:4], bundled("intent"), top_m=4, min_share=0.25, num_controls=2,
+                             max_new_tokens=2, max_length=128, progress=False)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    code = main(["identify", str(folder), "-o", str(tmp_path / "atlas"), "--num-safety-probes", "4", "--max-new-tokens", "2",
+                 "--max-length", "128", "--top-m", "4", "--min-share", "0.25", "--num-controls", "2"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (above it: the progress bars of the save and load)
+    assert code == 2 and last.startswith("rimguard identify: error: the model's weights hold NaN") and "Traceback" not in err
+    assert not (tmp_path / "atlas").exists()
+
+
+def test_the_harmful_side_streams_and_chunked_sums_give_the_same_selection(tok, monkeypatch):
+    from rimguard import NeuronAtlas
+    from rimguard.atlas import core, selection
+    from rimguard.probes import bundled
+    from rimguard.testing import tiny_model
+
+    gen = torch.Generator().manual_seed(0)
+    base, other = torch.randn(10, 30, generator=gen), torch.randn(10, 30, generator=gen)
+    whole = selection.counterfactual(base, other, 5, 0.3)
+    parts = selection.PairTally.of(base[:4], other[:4], 5).plus(selection.PairTally.of(base[4:], other[4:], 5))
+    chunked = selection.select_counterfactual(parts, 5, 0.3)
+    assert torch.equal(whole.chosen, chunked.chosen)
+    torch.testing.assert_close(whole.ranking, chunked.ranking)
+
+    rows = []
+    measured = core.activations
+
+    def counting(*args, **kwargs):
+        out = measured(*args, **kwargs)
+        rows.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(core, "activations", counting)
+    monkeypatch.setattr(core, "PAIR_CHUNK", 4)
+    harmful = bundled("harmful")[:10]
+    atlas = NeuronAtlas.identify(tiny_model("llama"), tok, harmful, bundled("intent"), top_m=6, min_share=0.2, num_controls=2,
+                                 max_new_tokens=2, max_length=128, progress=False)
+    assert rows == [4, 4, 4, 4, 2, 2] and atlas.num_safety > 0  # chunks of 4 pairs, each side: never all 10 at once

@@ -169,7 +169,7 @@ class _TinyStudy:
         self.comply = []
         self.xstest = bundled("harmless")[:4]
         self.xstest_small = self.xstest[:2]
-        config = GuardConfig(num_safety_probes=6, top_m=6, min_share=0.25, num_controls=3, max_new_tokens=4, max_length=64)
+        config = GuardConfig(num_safety_probes=6, top_m=6, min_share=0.25, num_controls=3, max_new_tokens=4, max_length=128)
         self.atlas = NeuronAtlas.from_config(self.model(0), self.tok, config)
 
     def model(self, seed):
@@ -185,11 +185,11 @@ def test_one_run_of_the_study_runner_records_the_curve_and_every_signal(tmp_path
     study = _TinyStudy(tmp_path)
     for name in ("refusal", "final_eval", "over_refusal_all", "accuracy", "loss", "own", "records"):  # the real methods
         setattr(study, name, getattr(S.Study, name).__get__(study))
-    monkeypatch.setattr(S, "NEW_GUARD", {"mode": "monitor", "probe_batch_size": 6, "num_safety_probes": 6, "max_length": 64,
+    monkeypatch.setattr(S, "NEW_GUARD", {"mode": "monitor", "probe_batch_size": 6, "num_safety_probes": 6, "max_length": 128,
                                          "kl_probes": 2, "witness_tokens": 3})
     spec = S.horizon(variant)
     spec.steps, spec.evals, spec.warmup, spec.batch = 4, [2, 4], 1, 2
-    spec.guard = {**spec.guard, "probe_batch_size": 6, "num_safety_probes": 6, "max_length": 64, "kl_probes": 2, "witness_tokens": 3}
+    spec.guard = {**spec.guard, "probe_batch_size": 6, "num_safety_probes": 6, "max_length": 128, "kl_probes": 2, "witness_tokens": 3}
     rec = S.run(spec, study)
     assert [p["step"] for p in rec["curve"]] == [2, 4]
     for p in rec["curve"]:

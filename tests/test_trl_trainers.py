@@ -36,7 +36,7 @@ def test_dpo(tmp_path, tok, fast_config, llama_atlas, mode):
     before = _frozen_slices(model, llama_atlas)
     guard = RIMGuard(fast_config(mode=mode, probe_every=3, anchor_every=1), atlas=llama_atlas)
     args = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
-                     max_length=96, **no_checkpointing(), **COMMON)
+                     max_length=128, **no_checkpointing(), **COMMON)
     trainer = DPOTrainer(model=model, ref_model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[guard])
     trainer.train()

@@ -38,7 +38,7 @@ def _ready(monitor, atlas):
 def setting():
     tok, model = tiny_tokenizer(), tiny_model("qwen2")
     atlas = NeuronAtlas.identify(model, tok, bundled("harmful")[:6], bundled("intent"), top_m=6, min_share=0.25, num_controls=2,
-                                 max_new_tokens=6, max_length=64, progress=False)
+                                 max_new_tokens=6, max_length=128, progress=False)
     return tok, atlas
 
 

@@ -364,22 +364,18 @@ class NeuronAtlas:
             capture.attach()
         bar = _Stages(progress, 3 if refusal_heads else 2)
         try:
+            _refuse_non_finite_weights(model)
             harmful = list(harmful)
             contrast = [f"{h} {intents[k % len(intents)]}" for k, h in enumerate(harmful)] if method == "counterfactual" else list(harmless)
             prompts = harmful + contrast
+            _refuse_long(tokenize_dialogues(tokenizer, prompts, max_length=None), prompts, max_length, "prompt")
             bar.stage("generating responses")
             responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="responses" if progress else None,
                                  max_length=max_length)
             bar.stage("measuring activations")
-            dialogues = tokenize_dialogues(tokenizer, prompts, responses, max_length)
-            base = activations(model, capture, dialogues[: len(harmful)], pid, batch_size, full=True,
-                               desc="activations" if progress else None)
-            if method == "counterfactual":
-                other = activations(model, capture, dialogues[len(harmful) :], pid, batch_size, full=True)
-                found = selection.counterfactual(base, other, m, min_share)
-            else:  # the harmless side streams: memory O(neurons) however many harmless prompts are given
-                other = activation_moments(model, capture, dialogues[len(harmful) :], pid, batch_size, full=True)
-                found = selection.effect_size(Moments.of(base), other, m)
+            dialogues = tokenize_dialogues(tokenizer, prompts, responses, max_length=None)
+            _refuse_long(dialogues, prompts, max_length, "prompt with its response")
+            found = _select(model, capture, dialogues, len(harmful), method, m, min_share, pid, batch_size, progress)
             flat_safety = found.chosen.cpu()
             controls = selection.matched_controls(flat_safety, sizes, num_controls, seed)
             heads = None
@@ -415,6 +411,59 @@ class NeuronAtlas:
             heads=heads,
             reasoning_spans=spans if heads is not None else [],
         )
+
+
+PAIR_CHUNK = 64  # harmful prompts (or pairs) measured at a time: identification memory is O(neurons * PAIR_CHUNK)
+
+
+def _select(model: nn.Module, capture: ActivationCapture, dialogues: Sequence[Sequence[int]], n_harmful: int, method: str,
+            m: int, min_share: float, pad_value: int, batch_size: int, progress: bool) -> selection.Selection:
+    """Both sides streamed: the counterfactual rule's per-pair sums (:class:`selection.PairTally`) chunk by chunk,
+    or each side's moments for the effect size; no ``[prompts, neurons]`` matrix is ever held."""
+    if method == "effect_size":
+        base = activation_moments(model, capture, dialogues[:n_harmful], pad_value, batch_size, full=True,
+                                  desc="activations" if progress else None)
+        other = activation_moments(model, capture, dialogues[n_harmful:], pad_value, batch_size, full=True)
+        for side in (base, other):
+            _refuse_non_finite(side.mean)
+        return selection.effect_size(base, other, m)
+    tally = None
+    starts = range(0, n_harmful, PAIR_CHUNK)
+    for lo in tqdm(starts, desc="activations", disable=not progress or len(starts) < 2, leave=False):
+        hi = min(lo + PAIR_CHUNK, n_harmful)
+        base = activations(model, capture, dialogues[lo:hi], pad_value, batch_size, full=True)
+        other = activations(model, capture, dialogues[n_harmful + lo : n_harmful + hi], pad_value, batch_size, full=True)
+        for side in (base, other):
+            _refuse_non_finite(side)
+        part = selection.PairTally.of(base, other, m)
+        tally = part if tally is None else tally.plus(part)
+    assert tally is not None
+    return selection.select_counterfactual(tally, m, min_share)
+
+
+def _refuse_non_finite_weights(model: nn.Module) -> None:
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise AtlasError(f"the model's weights hold NaN or inf values ({len(bad)} tensors, e.g. {bad[0]}): an atlas of them "
+                         "would be meaningless; load finite weights")
+
+
+def _refuse_non_finite(x: torch.Tensor) -> None:
+    """Infinite activations (NaN is a MoE unit's 'no routed token', so only inf is a fault here)."""
+    if bool(torch.isinf(x).any()):
+        raise AtlasError("the model's activations on the probes overflow to inf: its weights or dtype cannot be measured "
+                         "(try float32)")
+
+
+def _refuse_long(sequences: Sequence[Sequence[int]], prompts: Sequence[str], max_length: int, what: str) -> None:
+    """A probe cut at ``max_length`` loses its intent sentence or response: pairs become identical and the
+    selection is the tie order. Refuse, naming the longest."""
+    long = [i for i, seq in enumerate(sequences) if len(seq) > max_length]
+    if long:
+        worst = max(long, key=lambda i: len(sequences[i]))
+        raise AtlasError(f"{len(long)} of {len(sequences)} probes do not fit max_length={max_length} tokens as {what} (the "
+                         f"longest, {prompts[worst][:60]!r}..., has {len(sequences[worst])}): raise max_length or use "
+                         f"shorter prompts")
 
 
 def _read_heads(r: Reader, meta: dict[str, Any], tensors: dict[str, torch.Tensor], num_layers: int) -> tuple[HeadSelection | None, list[str]]:

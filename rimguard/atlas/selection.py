@@ -44,24 +44,50 @@ class Selection(NamedTuple):
     ranking: torch.Tensor
 
 
+class PairTally(NamedTuple):
+    """The counterfactual rule's running sums over pairs, ``[N]`` each: how often each neuron was in its pair's
+    top-``m`` (``hits``), and the sum and count of its contrast where it had a value. Sums over chunks of pairs
+    add up (:meth:`plus`), so the harmful side streams: memory ``O(N)`` however many pairs."""
+
+    hits: torch.Tensor
+    contrast: torch.Tensor
+    counted: torch.Tensor
+    pairs: int
+
+    @classmethod
+    def of(cls, base: torch.Tensor, other: torch.Tensor, m: int) -> "PairTally":
+        """Of ``[P, N]`` activations of P pairs (``base[k]`` a harmful request, ``other[k]`` its contrast)."""
+        diff = other - base
+        top = diff.nan_to_num(nan=float("-inf")).topk(m, dim=1).indices  # a unit without a value in a pair is never its top
+        hits = torch.zeros(base.shape[1], device=base.device).index_add_(0, top.reshape(-1), torch.ones(top.numel(), device=base.device))
+        has = ~torch.isnan(diff)
+        return cls(hits, diff.nan_to_num(nan=0.0).sum(0), has.sum(0).float(), base.shape[0])
+
+    def plus(self, other: "PairTally") -> "PairTally":
+        return PairTally(self.hits + other.hits, self.contrast + other.contrast, self.counted + other.counted, self.pairs + other.pairs)
+
+
 def counterfactual(base: torch.Tensor, other: torch.Tensor, m: int, min_share: float) -> Selection:
     """The paper's rule: for each pair k (``base[k]`` a harmful request, ``other[k]`` it plus a
     malicious-intent sentence), the top-``m`` neurons of ``other[k] - base[k]``; keep the neurons in
     that top-``m`` for at least a share ``min_share`` of the pairs (1.0 = the intersection).
 
     Score: the share of pairs. Ranking of every neuron: the share, ties broken by the mean contrast
-    (scaled below half a pair, so it never reorders different shares).
+    (scaled below half a pair, so it never reorders different shares). The same as
+    :func:`select_counterfactual` of a :class:`PairTally` summed over chunks of the pairs.
     """
-    diff = other - base
-    top = diff.nan_to_num(nan=float("-inf")).topk(m, dim=1).indices  # a unit without a value in a pair is never its top
-    share = torch.zeros(base.shape[1], device=base.device).index_add_(
-        0, top.reshape(-1), torch.ones(top.numel(), device=base.device)) / base.shape[0]
+    return select_counterfactual(PairTally.of(base, other, m), m, min_share)
+
+
+def select_counterfactual(tally: PairTally, m: int, min_share: float) -> Selection:
+    """:func:`counterfactual`'s choice from the running sums of all pairs."""
+    share = tally.hits / tally.pairs
     chosen = (share >= min_share - 1e-9).nonzero().squeeze(1)
     if chosen.numel() == 0:
-        raise SelectionError(f"no neuron is in the top {m} of at least {min_share:.0%} of the {base.shape[0]} pairs "
+        raise SelectionError(f"no neuron is in the top {m} of at least {min_share:.0%} of the {tally.pairs} pairs "
                              f"(the best reaches {share.max().item():.0%}); lower min_share or raise top_m")
-    contrast = diff.nanmean(0).nan_to_num(nan=0.0)
-    ranking = share + contrast / (2 * base.shape[0] * contrast.abs().max().clamp_min(1e-12))
+    contrast = torch.where(tally.counted > 0, tally.contrast / tally.counted.clamp_min(1), torch.zeros_like(tally.contrast))
+    ranking = share + contrast / (2 * tally.pairs * contrast.abs().max().clamp_min(1e-12))
     return _best_first(chosen, share[chosen], ranking)
 
 

@@ -17,7 +17,7 @@ out = sys.argv[1]
 family = sys.argv[2] if len(sys.argv) > 2 else "llama"
 TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.0004}, "freeze": {"task_rise": 0.0009}, "stop": {}}
 config = GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, probe_batch_size=4,
-                     kl_probes=2, max_length=64, probe_every=2, mode="escalate", thresholds=TH, hysteresis=0.0,
+                     kl_probes=2, max_length=128, probe_every=2, mode="escalate", thresholds=TH, hysteresis=0.0,
                      freeze_top_fraction=0.5, anchor_max_new_tokens=6,
                      level_actions={"warn": ["warn", "regularize"]})  # the safety anchor from the first warning (step 1) on
 guard = RIMGuard(config)

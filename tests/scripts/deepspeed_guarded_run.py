@@ -20,7 +20,7 @@ out, ds_config, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 tok = tiny_tokenizer()
 texts = [r["prompt"][0]["content"] + " " + r["completion"][0]["content"] for r in reasoning_texts(48)]
 data = Dataset.from_dict({"input_ids": [tok(t)["input_ids"][:64] for t in texts]})
-guard = RIMGuard(GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, max_length=64,
+guard = RIMGuard(GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, max_length=128,
                              kl_probes=2, probe_every=2, mode=mode, regularizer="activation"))  # the anchor is refused under DeepSpeed
 args = TrainingArguments(output_dir=out, max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
                          save_strategy="no", deepspeed=ds_config, logging_steps=100, disable_tqdm=True, seed=0)

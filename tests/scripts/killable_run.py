@@ -27,7 +27,7 @@ class Kill(TrainerCallback):
 
 TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.002}, "freeze": {}, "stop": {}}
 guard = RIMGuard(GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, probe_batch_size=6,
-                             kl_probes=2, max_length=64, probe_every=1, mode="escalate", thresholds=TH, hysteresis=0.0,
+                             kl_probes=2, max_length=128, probe_every=1, mode="escalate", thresholds=TH, hysteresis=0.0,
                              anchor_max_new_tokens=6))
 args = SFTConfig(output_dir=out, max_steps=12, per_device_train_batch_size=4, learning_rate=2e-3, report_to=[], bf16=False,
                  **no_checkpointing(), save_strategy="steps", save_steps=4, use_cpu=True, max_length=64, seed=0,
