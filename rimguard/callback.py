@@ -15,6 +15,8 @@ and to :attr:`history` only, and fp16 loss scaling is refused for the regularize
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from rimguard import dist
 from rimguard.atlas import NeuronAtlas
+from rimguard.compat import resumed_checkpoint
 from rimguard.config import GuardConfig
 from rimguard.engine import GuardEngine
 from rimguard.policy import Report
@@ -76,12 +79,19 @@ class RIMGuard(TrainerCallback):
         """The safety-critical neurons (identified or loaded at train begin)."""
         return self.engine.atlas
 
+    def detach(self) -> None:
+        """Take the guard's hooks off the model (penalty, freeze, taps); the model is left as it is. The end of
+        ``train()`` does this; after an interrupted one (Ctrl-C in a notebook) call it, or the next guard on the
+        model will."""
+        self.engine.teardown()
+
     # -- TrainerCallback ---------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         engine = self.engine
         engine.backward_scale = self._backward_scale(args)
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        restored = engine.restore(checkpoint, state.global_step, args.output_dir) if state.global_step > 0 else None
+        engine.owner = _trainer_token(state)  # on a resume: the checkpoint's (the Trainer loaded its state already)
+        checkpoint = resumed_checkpoint(args, state.global_step)  # where the Trainer resumed from, inside output_dir or not
+        restored = engine.restore(checkpoint, state.global_step, args.output_dir) if checkpoint is not None else None
         processing = kwargs.get("processing_class")
         engine.setup(kwargs["model"], engine.tokenizer or getattr(processing, "tokenizer", processing), args.output_dir,
                      restored=restored, backend=_backend(args))
@@ -105,6 +115,7 @@ class RIMGuard(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.engine.monitor is not None and dist.is_main():
+            self.engine.owner = _trainer_token(state)  # what this checkpoint's trainer_state.json holds
             self.engine.save_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -147,6 +158,12 @@ class RIMGuard(TrainerCallback):
             return steps, scaler.scale(one) if scaler is not None and scaler.is_enabled() else 1.0
 
         return scale
+
+
+def _trainer_token(state: TrainerState) -> str:
+    """A digest of the Trainer's log history: the same in a checkpoint's ``trainer_state.json`` and in the state a
+    resume from it loads, different for another run's checkpoint (its losses differ)."""
+    return hashlib.sha256(json.dumps(state.log_history, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _backend(args: TrainingArguments) -> str:

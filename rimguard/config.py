@@ -25,6 +25,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, ClassVar, Iterable, Literal, Union, get_args, get_origin, get_type_hints
 
+from rimguard.files import plain_name, write_atomic
 from rimguard.policy import ACTIONS, LEVELS, MODE_ACTIONS, Level
 
 Metric = Literal["entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop",
@@ -198,6 +199,10 @@ class MonitorConfig(_Section):
     on_missing_state: Literal["error", "atlas", "fresh"] = option(
         "error", "a resume whose checkpoint lacks the guard's state: 'error' (refuse, naming the remedies), 'atlas' "
         "(reuse output_dir/rimguard_atlas and re-take references now) or 'fresh' (identify anew on the current weights)")
+
+    def check(self) -> None:
+        if self.log_file is not None and not plain_name(self.log_file):
+            self.fail("log_file", "must be a file name in output_dir, without a folder part (the log stays in the run folder)")
 
     def is_check_step(self, step: int) -> bool:
         """The default check schedule: every ``probe_every`` optimizer steps, and at steps 1, 2, 4, ... before
@@ -384,9 +389,9 @@ class GuardConfig:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+            write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
         else:
-            path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+            write_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "GuardConfig":

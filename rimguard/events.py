@@ -1,9 +1,12 @@
 """JSONL event log (metrics, level changes, freezes, faults); written by the main process only.
 
 Every record carries the ``run_id`` of the guarded run that wrote it, so several runs into one
-``output_dir`` stay apart. A resumed run keeps its run id and first drops its own records after
-the checkpoint's step (an atomic rewrite), so each step appears once. A half-written last line (a
-killed process) is skipped with a warning when the log is read.
+``output_dir`` stay apart. The log is append-only: a resumed run keeps its run id and appends a
+``resume`` record at the checkpoint's step; its earlier records after that step are *superseded*
+(kept in the file, left out by :func:`live_events`, which is what the report reads), so each step
+appears once in the live view. A half-written last line (a killed process) is skipped with a warning
+when the log is read; the next writer starts on a new line after it and says so in a ``torn`` record.
+The log is never written through a symlink.
 """
 
 from __future__ import annotations
@@ -46,10 +49,25 @@ class EventLog:
         if self.path is None:
             return
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
+            self._file = self._open()
         self._file.write(json.dumps(_clean({"time": round(time.time(), 3), "run_id": self.run_id, **record})) + "\n")
         self._file.flush()
+
+    def _open(self) -> IO[str]:
+        assert self.path is not None
+        if self.path.is_symlink():
+            raise OSError(f"{self.path} is a symlink; rimguard writes its log only as a plain file in the run folder "
+                          "(remove the link or set log_file to another name)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a", encoding="utf-8")
+        torn = _torn_tail(self.path)
+        if torn:  # a killed writer's last line: start on a new one, and say so (the reader skips that line)
+            handle.write("\n" + json.dumps({"time": round(time.time(), 3), "run_id": self.run_id, "event": "torn", "chars": torn}) + "\n")
+        return handle
+
+    def resume(self, step: int) -> None:
+        """Mark a resume at ``step``: this run's records after it, written before now, are superseded (kept)."""
+        self.write({"event": "resume", "step": step})
 
     # -- the guard's announcements: a record, and the matching warning on the main process ------------
     def level(self, step: int, previous: str, level: str, crossings: list[Any]) -> None:
@@ -62,22 +80,6 @@ class EventLog:
         if new:
             warn_main("rimguard: non-finite %s at step %d (activations of layer(s) %s); read as a fault, the level is held at "
                   "'%s' or above", ", ".join(metrics), step, layers or "-", level)
-
-    def drop_after(self, step: int) -> int:
-        """Remove this run's records with a step after ``step`` (a resume); atomic. Returns how many."""
-        if self.path is None or not self.path.is_file():
-            return 0
-        self.close()
-        kept, dropped = [], 0
-        for record in read_events(self.path):
-            if record.get("run_id") == self.run_id and record.get("step", 0) > step:
-                dropped += 1
-            else:
-                kept.append(record)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
-        return dropped
 
     def close(self) -> None:
         if self._file is not None:
@@ -120,13 +122,30 @@ def read_jsonl_lines(path: Path, lines: list[str], error: type[Exception] = Valu
     return records
 
 
+def _torn_tail(path: Path) -> int:
+    """Characters after the last newline of a non-empty file (a half-written line), else 0."""
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        if size == 0:
+            return 0
+        fh.seek(max(0, size - 65536))
+        tail = fh.read()
+    return 0 if tail.endswith(b"\n") else len(tail) - (tail.rfind(b"\n") + 1)
+
+
 def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """Parse a guard JSONL log. A half-written last line (no newline: the writer was killed) is
-    skipped with a warning; any other bad line raises ValueError naming the file and line."""
+    """Parse a guard JSONL log. A half-written line (the writer was killed) is skipped with a warning: the
+    last line without its newline, or a line followed by the next writer's ``torn`` record; any other bad
+    line raises ValueError naming the file and line."""
     path = Path(path)
     text = read_text(path)
     lines = text.split("\n")
     tail = lines.pop() if lines and not text.endswith("\n") else ""
+    for n, line in enumerate(lines[:-1]):
+        if '"event": "torn"' in lines[n + 1] and not _parses(line):
+            logger.warning("rimguard: %s line %d is a half-written record (%d characters); skipped", path, n + 1, len(line))
+            lines[n] = ""
     records = read_jsonl_lines(path, lines)
     if tail.strip():
         try:
@@ -134,6 +153,26 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             logger.warning("rimguard: %s ends with a half-written line (%d characters); skipped", path, len(tail))
     return records
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def live_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records still in force: a ``resume`` record of a run at step ``s`` supersedes that run's earlier
+    records with a step after ``s`` (an attempt that went on past the checkpoint it was resumed from).
+    ``torn`` and ``resume`` markers themselves are left out."""
+    superseded: set[int] = set()
+    for i, e in enumerate(events):
+        if e.get("event") == "resume":
+            run, step = e.get("run_id", ""), e.get("step", 0)
+            superseded.update(j for j in range(i) if events[j].get("run_id", "") == run and events[j].get("step", 0) > step)
+    return [e for i, e in enumerate(events) if i not in superseded and e.get("event") not in ("resume", "torn")]
 
 
 def runs_of(events: list[dict[str, Any]]) -> list[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from rimguard.config import LEVELS
-from rimguard.events import read_events, runs_of
+from rimguard.events import live_events, read_events, runs_of
+from rimguard.files import write_atomic
 
 
 class Panel(NamedTuple):
@@ -117,10 +119,10 @@ def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[st
     legend = "orange lines = level changes, green dash-dot = freezes, red dashed = thresholds"
     fig.suptitle(f"{title}\n{legend}" if title else f"rimguard: {legend}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format="png")
     plt.close(fig)
-    return path
+    return write_atomic(path, image.getvalue())
 
 
 def summarize(events: list[dict[str, Any]]) -> str:
@@ -201,6 +203,7 @@ def write_report(run_dir: str | Path, log_file: str = "rimguard.jsonl", run: str
         raise FileNotFoundError(f"{log}: no rimguard log here (is this a run's output_dir?)")
     events = read_events(log)
     check_events(events, log)
+    events = live_events(events)  # a resumed run: its live attempt
     ids = runs_of(events)
     chosen = [r for r in ids if r.startswith(run)] if run is not None else ids[-1:]
     if len(chosen) != 1:
@@ -211,5 +214,5 @@ def write_report(run_dir: str | Path, log_file: str = "rimguard.jsonl", run: str
     thresholds = next((e.get("thresholds") for e in events if e.get("event") == "start"), None)
     png = plot_run(events, run_dir / "rimguard_report.png", thresholds)
     md = run_dir / "rimguard_report.md"
-    md.write_text(summarize(events), encoding="utf-8")
+    write_atomic(md, summarize(events))
     return png, md

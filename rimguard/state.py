@@ -9,24 +9,33 @@ the guard relies on; any defect is one :class:`GuardStateError` naming the file 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from rimguard.atlas import AtlasError, NeuronAtlas
+from rimguard.files import atomic_folder
 from rimguard.policy import LEVELS
 from rimguard.saved import Saved
-from rimguard.schema import Reader, file_sha256
+from rimguard.schema import Reader
 
 logger = logging.getLogger("rimguard")
 
 STATE_DIR = "rimguard"  # inside a checkpoint folder
 ATLAS_DIR = "rimguard_atlas"  # inside output_dir
-FORMAT = 2
+FORMAT = 3  # 3 added the measurement settings and the owner token (format 2 still reads, unchecked)
+READABLE = (2, 3)
+# the settings the saved references were measured with: a resume under other values would compare unlike things
+MEASURED = ("max_length", "check_probes", "margin_probes", "kl_probes", "kl_top_k", "kl_max_length", "witness_tokens", "refusal_kl",
+            "head_probes", "rel_floor")
 
 
 class GuardStateError(RuntimeError):
@@ -42,6 +51,9 @@ class GuardState:
         atlas: the run's neuron atlas.
         history: the metric records logged so far.
         parts: per part name, its :class:`Saved` state.
+        measured: the config's :data:`MEASURED` settings at save (None: a format-2 state).
+        owner: a token of the training state it was saved with (the HF callback: a digest of the Trainer's log
+            history, which the checkpoint's ``trainer_state.json`` holds too); None: not known.
         step: the optimizer step of the checkpoint (set when it is read for a resume).
     """
 
@@ -49,19 +61,25 @@ class GuardState:
     atlas: NeuronAtlas
     history: list[dict[str, Any]]
     parts: dict[str, Saved]
+    measured: dict[str, Any] | None = None
+    owner: str | None = None
     step: int = 0
 
     def part(self, name: str) -> Saved | None:
         return self.parts.get(name)
 
     def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        self.atlas.save(folder / "atlas")
+        """Write into ``folder``, built under a temporary name and renamed into place when complete: a kill
+        mid-save leaves the previous state or none, never a partial one."""
         tensors = {f"{name}.{key}": t.detach().cpu().contiguous() for name, saved in self.parts.items() for key, t in saved.tensors.items()}
-        save_file(tensors, str(folder / "state.safetensors"))
-        meta = {"format": FORMAT, "tensors_sha256": file_sha256(folder / "state.safetensors"), "run_id": self.run_id,
-                "history": self.history, "parts": {name: saved.meta for name, saved in self.parts.items()}}
-        (folder / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+        data = safetensors_bytes(tensors)
+        meta = {"format": FORMAT, "tensors_sha256": hashlib.sha256(data).hexdigest(), "run_id": self.run_id,
+                "history": self.history, "parts": {name: saved.meta for name, saved in self.parts.items()},
+                "measured": self.measured, "owner": self.owner}
+        with atomic_folder(folder) as tmp:
+            self.atlas.save(tmp / "atlas")
+            (tmp / "state.safetensors").write_bytes(data)
+            (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
 
     @classmethod
     def read(cls, folder: str | Path) -> "GuardState":
@@ -69,6 +87,8 @@ class GuardState:
         atlas' :class:`AtlasError`) naming the file and the field."""
         r, name = Reader(folder, GuardStateError), "state.json"
         meta = r.json(name)
+        if meta.get("format") not in READABLE:
+            r.fail(r.folder / name, f"guard state format {meta.get('format')!r} (this rimguard reads {READABLE})")
         tensors = r.tensors("state.safetensors", meta.get("tensors_sha256"))
         atlas = NeuronAtlas.load(r.folder / "atlas")
         metas = r.field(meta, "parts", dict, name)
@@ -82,7 +102,29 @@ class GuardState:
         history = r.field(meta, "history", list, name)
         if not all(isinstance(h, dict) and isinstance(h.get("step"), int) for h in history):
             r.fail(r.folder / name, "field 'history' must be a list of records with an integer 'step'")
-        return cls(r.field(meta, "run_id", str, name, optional=True) or "", atlas, history, parts)
+        measured = r.field(meta, "measured", dict, name, optional=True)
+        owner = r.field(meta, "owner", str, name, optional=True)
+        return cls(r.field(meta, "run_id", str, name, optional=True) or "", atlas, history, parts, measured, owner)
+
+    def check_resume(self, measured: dict[str, Any], owner: str | None, where: str | Path) -> None:
+        """Refuse a resume this state does not belong to: other measurement settings (the references would
+        not match what is measured now), or another training state than the one it was saved with (the Trainer
+        resumed from another checkpoint than the one this state came from, or the state was copied)."""
+        if self.measured is not None:
+            changed = {k: (self.measured.get(k), measured[k]) for k in measured if self.measured.get(k) != measured[k]}
+            if changed:
+                said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                raise GuardStateError(f"{where}: this run's references were measured with other settings ({said}); resume with "
+                                      "the settings it was saved with, or start a new run")
+        if self.owner is not None and owner is not None and self.owner != owner:
+            raise GuardStateError(f"{where}: this guard state was saved by another training run than the one the Trainer resumed "
+                                  "(another run's checkpoint, or a guard state copied from elsewhere); resume from the checkpoint "
+                                  "this state belongs to")
+
+
+def measured_settings(config: Any) -> dict[str, Any]:
+    """The :data:`MEASURED` fields of a ``GuardConfig``."""
+    return {k: getattr(config.atlas if k == "max_length" else config.monitor, k) for k in MEASURED}
 
 
 def _check_parts(r: Reader, name: str, parts: dict[str, Saved], atlas: NeuronAtlas) -> None:
@@ -125,17 +167,31 @@ def find_state(checkpoint: str | Path) -> Path | None:
 
 def save_atlas(output_dir: Path, atlas: NeuronAtlas) -> Path:
     """Save to ``output_dir/rimguard_atlas``; an existing, different atlas there is never overwritten
-    (the new one goes to ``rimguard_atlas-2``, ``-3``, ...). Returns the folder."""
-    folder, n = output_dir / ATLAS_DIR, 1
-    while (folder / "atlas.json").is_file():
-        try:
-            if NeuronAtlas.load(folder).same_selection(atlas):
-                return folder
-        except AtlasError:
-            pass
-        n += 1
-        folder = output_dir / f"{ATLAS_DIR}-{n}"
-    atlas.save(folder)
+    (the new one goes to ``rimguard_atlas-2``, ``-3``, ...). Returns the folder.
+
+    The atlas is written to a temporary folder first and claimed by renaming it into place: two runs
+    saving into one folder at once each get their own name (a rename onto an existing atlas fails)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".{ATLAS_DIR}.", suffix=".tmp"))
+    try:
+        atlas.save(tmp)
+        n = 1
+        while True:
+            folder = output_dir / (ATLAS_DIR if n == 1 else f"{ATLAS_DIR}-{n}")
+            if not folder.exists():
+                try:
+                    os.rename(tmp, folder)
+                    break
+                except OSError:  # another run claimed this name between the check and the rename
+                    continue
+            try:
+                if NeuronAtlas.load(folder).same_selection(atlas):
+                    return folder
+            except AtlasError:
+                pass
+            n += 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if n > 1:
         logger.warning("rimguard: %s holds a different atlas; this run's atlas is saved to %s", output_dir / ATLAS_DIR, folder)
     return folder

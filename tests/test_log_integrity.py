@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rimguard import RIMGuard
-from rimguard.events import EventLog, read_events
+from rimguard.events import EventLog, live_events, read_events
 from rimguard.report import write_report
 from rimguard.state import GuardStateError
 
@@ -33,9 +33,11 @@ def test_sigkill_then_resume_logs_each_step_once_like_an_uninterrupted_run(tmp_p
     assert killed.returncode == -9  # SIGKILL: no clean-up ran
     resumed = _run(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-8"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    events = read_events(tmp_path / "run" / "rimguard.jsonl")
+    raw = read_events(tmp_path / "run" / "rimguard.jsonl")
+    events = live_events(raw)
     steps = [e["step"] for e in events if e["event"] == "metrics"]
-    assert steps == list(range(1, 13))  # each step exactly once
+    assert steps == list(range(1, 13))  # each step exactly once in the live view
+    assert [e["step"] for e in raw if e["event"] == "metrics"][:10] == list(range(1, 11))  # the killed attempt's 9, 10 are kept
     assert len({e["run_id"] for e in events}) == 1  # the resume continues the same run
     assert _stable(events) == _stable(read_events(tmp_path / "whole" / "rimguard.jsonl"))
 

@@ -120,3 +120,238 @@ def test_the_harmful_side_streams_and_chunked_sums_give_the_same_selection(tok, 
     atlas = NeuronAtlas.identify(tiny_model("llama"), tok, harmful, bundled("intent"), top_m=6, min_share=0.2, num_controls=2,
                                  max_new_tokens=2, max_length=128, progress=False)
     assert rows == [4, 4, 4, 4, 2, 2] and atlas.num_safety > 0  # chunks of 4 pairs, each side: never all 10 at once
+
+
+# -- the log: append-only, never through a link, a torn line survived ---------------------------------
+def test_a_new_run_after_a_torn_line_starts_on_its_own_line_and_both_runs_report(tmp_path, caplog):
+    from rimguard.events import EventLog, read_events
+    from rimguard.report import write_report
+
+    first = EventLog(tmp_path / "rimguard.jsonl", run_id="first111")
+    first.write({"event": "start", "step": 0, "thresholds": {}})
+    first.write({"event": "metrics", "step": 1, "safety_drop": 0.1, "level": 0.0})
+    first.close()
+    with open(tmp_path / "rimguard.jsonl", "a") as fh:
+        fh.write('{"event": "metrics", "step": 2, "safe')  # the disk filled mid-record
+    second = EventLog(tmp_path / "rimguard.jsonl", run_id="second22")
+    second.write({"event": "start", "step": 0, "thresholds": {}})
+    second.write({"event": "metrics", "step": 1, "safety_drop": 0.7, "level": 0.0})
+    second.close()
+    events = read_events(tmp_path / "rimguard.jsonl")
+    assert [e["run_id"] for e in events if e["event"] == "start"] == ["first111", "second22"] and "half-written" in caplog.text
+    assert "| safety_drop | 0.7 |" in write_report(tmp_path)[1].read_text()
+    assert "| safety_drop | 0.1 |" in write_report(tmp_path, run="first")[1].read_text()
+
+
+def test_the_log_and_the_report_never_write_through_a_symlink(tmp_path):
+    from rimguard.events import EventLog
+    from rimguard.report import write_report
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "rimguard.jsonl").symlink_to(target)
+    with pytest.raises(OSError, match="is a symlink"):
+        EventLog(run / "rimguard.jsonl", run_id="r").write({"event": "start", "step": 0})
+    (run / "rimguard.jsonl").unlink()
+    log = EventLog(run / "rimguard.jsonl", run_id="r")
+    log.write({"event": "start", "step": 0, "thresholds": {}})
+    log.write({"event": "metrics", "step": 1, "safety_drop": 0.2, "level": 0.0})
+    log.close()
+    (run / "rimguard_report.md").symlink_to(target)
+    write_report(run)
+    assert target.read_text() == "keep me" and not (run / "rimguard_report.md").is_symlink()
+
+
+@pytest.mark.parametrize("name", ["../x.jsonl", "/tmp/x.jsonl", "logs/x.jsonl", ".."])
+def test_log_file_is_a_name_in_the_run_folder(name):
+    with pytest.raises(ConfigError, match="log_file: must be a file name in output_dir"):
+        GuardConfig(log_file=name)
+    GuardConfig(log_file="mine.jsonl")
+
+
+# -- resume ----------------------------------------------------------------------------------------
+def _log(folder):
+    from rimguard.events import read_events
+
+    return read_events(folder / "rimguard.jsonl")
+
+
+def test_a_finished_run_resumed_from_an_earlier_checkpoint_keeps_every_record(tmp_path, tok, fast_config):
+    from rimguard.events import live_events
+    from rimguard.report import write_report
+    from tests.test_resume import run
+
+    run(tmp_path, tok, fast_config, 8)
+    first = _log(tmp_path)
+    run(tmp_path, tok, fast_config, 8, resume=str(tmp_path / "checkpoint-4"))
+    raw = _log(tmp_path)
+    assert raw[: len(first)] == first  # nothing deleted or rewritten: the first attempt's steps 6, 8 and end are kept
+    steps = [e["step"] for e in live_events(raw) if e["event"] == "metrics"]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # the live view: each step once
+    assert [e["step"] for e in live_events(raw) if e["event"] == "end"] == [8] and sum(e["event"] == "end" for e in raw) == 2
+    write_report(tmp_path)
+
+
+def test_resume_reads_the_checkpoint_the_trainer_resumes_from(tmp_path, tok, fast_config):
+    from tests.test_resume import run
+
+    part, _ = run(tmp_path / "a", tok, fast_config, 4)
+    resumed, trainer = run(tmp_path / "b", tok, fast_config, 8, resume=str(tmp_path / "a" / "checkpoint-4"))
+    assert trainer.state.global_step == 8 and resumed.engine.run_id == part.engine.run_id
+    assert resumed.history[: len(part.history)] == part.history  # the state of a/checkpoint-4, not a fresh start
+    assert [e["step"] for e in _log(tmp_path / "b") if e["event"] == "resume"] == [4]
+
+
+def test_another_runs_guard_state_is_refused(tmp_path, tok, fast_config):
+    import shutil
+
+    from rimguard.state import GuardStateError
+    from tests.test_resume import run
+
+    import json
+
+    run(tmp_path / "a", tok, fast_config, 4)
+    run(tmp_path / "b", tok, fast_config, 4)
+    state = tmp_path / "b" / "checkpoint-4" / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    saved["log_history"].append({"loss": 2.5, "step": 2})  # b logged what a did not: another run
+    state.write_text(json.dumps(saved))
+    shutil.rmtree(tmp_path / "b" / "checkpoint-4" / "rimguard")
+    shutil.copytree(tmp_path / "a" / "checkpoint-4" / "rimguard", tmp_path / "b" / "checkpoint-4" / "rimguard")  # a's state in b
+    before = (tmp_path / "b" / "rimguard.jsonl").read_text()
+    with pytest.raises(GuardStateError, match="saved by another training run"):
+        run(tmp_path / "b", tok, fast_config, 8, resume=str(tmp_path / "b" / "checkpoint-4"))
+    assert (tmp_path / "b" / "rimguard.jsonl").read_text() == before  # refused before anything was written
+
+
+def test_resume_with_other_measurement_settings_is_refused(tmp_path, tok, fast_config):
+    from rimguard.state import GuardStateError
+    from tests.test_resume import run
+
+    run(tmp_path, tok, fast_config, 4)
+    fewer = lambda **kw: fast_config(check_probes=4, **kw)  # noqa: E731
+    with pytest.raises(GuardStateError, match=r"other settings \(check_probes 24 -> 4\)"):
+        run(tmp_path, tok, fewer, 8, resume=str(tmp_path / "checkpoint-4"))
+
+
+# -- writes ------------------------------------------------------------------------------------------
+def test_a_kill_during_the_guard_state_save_leaves_no_partial_state(tmp_path, llama_atlas, monkeypatch):
+    from rimguard.atlas import NeuronAtlas
+    from rimguard.saved import Saved
+    from rimguard.state import GuardState, find_state
+
+    state = GuardState("r", llama_atlas, [], {"policy": Saved({}, {"level": "ok", "streak": 0, "checkpointed": False}),
+                                             "tie": Saved({}, {"reg_lambda": 0.0})})
+    state.save(tmp_path / "checkpoint-8" / "rimguard")
+    before = (tmp_path / "checkpoint-8" / "rimguard" / "state.json").read_text()
+
+    def killed(self, directory):
+        raise KeyboardInterrupt  # the process dies mid-save
+
+    monkeypatch.setattr(NeuronAtlas, "save", killed)
+    state.history = [{"step": 8}]
+    with pytest.raises(KeyboardInterrupt):
+        state.save(tmp_path / "checkpoint-8" / "rimguard")
+    assert (tmp_path / "checkpoint-8" / "rimguard" / "state.json").read_text() == before  # the complete state is kept
+    assert find_state(tmp_path / "checkpoint-8") is not None and [p.name for p in (tmp_path / "checkpoint-8").iterdir()] == ["rimguard"]
+
+
+def test_two_runs_saving_different_atlases_at_once_keep_both(tmp_path, tok, llama_atlas, monkeypatch):
+    import threading
+
+    from rimguard.atlas import NeuronAtlas
+    from rimguard.probes import bundled
+    from rimguard.state import save_atlas
+    from rimguard.testing import tiny_model
+
+    other = NeuronAtlas.identify(tiny_model("llama"), tok, bundled("harmful")[:6], bundled("intent"), top_m=5, min_share=0.25,
+                                 num_controls=2, max_new_tokens=2, max_length=128, progress=False)
+    assert not other.same_selection(llama_atlas)
+    slow = NeuronAtlas.save
+
+    def slow_save(self, directory):
+        time.sleep(0.3)  # a slow filesystem: both runs are past their checks before either writes
+        return slow(self, directory)
+
+    monkeypatch.setattr(NeuronAtlas, "save", slow_save)
+    out = tmp_path / "run"
+    got = {}
+    threads = [threading.Thread(target=lambda a=a, k=k: got.__setitem__(k, save_atlas(out, a))) for k, a in (("a", llama_atlas), ("b", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got["a"] != got["b"]
+    assert NeuronAtlas.load(got["a"]).same_selection(llama_atlas) and NeuronAtlas.load(got["b"]).same_selection(other)
+
+
+# -- the guard leaves the model as it found it ------------------------------------------------------------
+def _hooks(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_after_a_ctrl_c_mid_step_the_next_guard_removes_the_old_hooks(tmp_path, tok, fast_config, llama_atlas):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from rimguard import RIMGuard
+    from rimguard.compat import no_checkpointing
+    from rimguard.probes.reasoning import reasoning_texts
+    from rimguard.testing import tiny_model
+
+    model = tiny_model("llama")
+    bare = _hooks(model)
+    forwards = []
+
+    def interrupt(module, args):  # Ctrl-C inside the third training forward
+        if module.training and torch.is_grad_enabled():
+            forwards.append(1)
+            if len(forwards) == 3:
+                raise KeyboardInterrupt
+
+    handle = model.model.layers[0].register_forward_pre_hook(interrupt)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[], bf16=False,
+                     **no_checkpointing(), save_strategy="no", use_cpu=True, max_length=64, disable_tqdm=True)
+    data = Dataset.from_list(reasoning_texts(16))
+    old = RIMGuard(fast_config(mode="freeze", freeze_share=0.01), atlas=llama_atlas)
+    with pytest.raises(KeyboardInterrupt):
+        SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[old]).train()
+    handle.remove()
+    assert old.engine.attached() and _hooks(model) > bare and old.engine.freezer.count > 0  # train() never ended
+    frozen = [layer.down.base.weight.detach().clone()
+              for layer in old.engine.monitor.layers]
+    new = RIMGuard(fast_config(mode="monitor", log_file=None))  # identified anew on the trained weights
+    SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[new]).train()
+    assert not old.engine.attached() and _hooks(model) == bare  # the new run removed the old hooks, then its own at its end
+    moved = [layer.down.base.weight.detach()
+             for layer in old.engine.monitor.layers]
+    rows = old.engine.freezer.frozen
+    assert any(not torch.equal(a[:, r], b[:, r]) for a, b, r in zip(frozen, moved, rows) if r.numel())  # the old freeze is gone
+    old.detach()  # safe to call again
+
+
+def test_a_custom_loop_that_skips_after_optimizer_step_is_a_fault_and_the_freeze_holds(tok, fast_config, llama_atlas, caplog):
+    from rimguard import RIMGuard
+    from rimguard.testing import tiny_model
+
+    model = tiny_model("llama")
+    guard = RIMGuard(fast_config(mode="freeze", freeze_share=0.01, probe_every=100), atlas=llama_atlas)
+    guard.engine.setup(model, tok, inject_loss=False)
+    layers, rows = guard.engine.monitor.layers, guard.engine.freezer.frozen
+    weight = lambda layer: layer.down.base.weight  # noqa: E731
+    before = [weight(layer).detach()[:, r].clone() for layer, r in zip(layers, rows)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, 500, (2, 10))
+    model.train()
+    for step in range(2):
+        guard.engine.begin_step(step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        guard.engine.end_step(step + 1)  # after_optimizer_step() forgotten
+    after = [weight(layer).detach()[:, r] for layer, r in zip(layers, rows)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert caplog.text.count("call engine.after_optimizer_step()") == 1  # warned once
+    guard.detach()

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -42,11 +42,12 @@ from rimguard.atlas import selection
 from rimguard.atlas.head_selection import HeadSelection
 from rimguard.atlas.heads import identify_heads
 from rimguard.atlas.selection import Moments
+from rimguard.files import write_atomic
 from rimguard.hooks.arch import MLPLayer, find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
 from rimguard.passes import activations, chunks, generate, pad_id, tokenize_dialogues
 from rimguard.probes import bundled
-from rimguard.schema import Reader, file_sha256
+from rimguard.schema import Reader
 
 if TYPE_CHECKING:
     from rimguard.config import GuardConfig
@@ -210,17 +211,18 @@ class NeuronAtlas:
 
     # -- io ----------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory``; returns it."""
+        """Write ``atlas.safetensors`` and ``atlas.json`` into ``directory``; returns it. Each file is written
+        atomically, the JSON last: it holds the tensors' checksum, so a reader never takes a mix of two saves."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         names = ("tracked", "safety", "controls", "score") + (("ranking",) if self.ranking is not None else ())
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in names}
         if self.heads is not None:
             tensors.update(heads=self.heads.heads, head_mass=self.heads.mass, head_score=self.heads.score)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / "atlas.safetensors"))
+        data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        write_atomic(directory / "atlas.safetensors", data)
         meta = {
             "format_version": FORMAT_VERSION,
-            "tensors_sha256": file_sha256(directory / "atlas.safetensors"),
+            "tensors_sha256": hashlib.sha256(data).hexdigest(),
             "settings": self.settings,
             "fingerprint": self.model_fingerprint,
             "probe_prompts": self.probe_prompts,
@@ -228,7 +230,7 @@ class NeuronAtlas:
         }
         if self.heads is not None:
             meta.update(heads_per_layer=self.heads.heads_per_layer, reasoning_spans=self.reasoning_spans)
-        (directory / "atlas.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        write_atomic(directory / "atlas.json", json.dumps(meta, indent=1))
         return directory
 
     @classmethod

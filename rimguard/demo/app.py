@@ -42,7 +42,8 @@ from rimguard.compat import no_checkpointing
 from rimguard.config import LEVELS, add_arguments, from_arguments
 from rimguard.demo.evaluation import judged
 from rimguard.demo.zoo import EVAL_MAX_NEW_TOKENS, aligned_smollm2, alignment_split
-from rimguard.events import read_events
+from rimguard.events import live_events, read_events
+from rimguard.files import write_atomic
 from rimguard.probes.reasoning import reasoning_texts
 from rimguard.report import plot_run
 from rimguard.signals.judge import judge
@@ -158,8 +159,6 @@ def main(argv: list[str] | None = None) -> dict:
     config = guard_config(args)
     args.out = args.out or Path(f"runs/demo-{config.policy.mode}")
     args.out.mkdir(parents=True, exist_ok=True)
-    if config.monitor.log_file:  # a re-run into the same folder replaces its own log instead of merging into it
-        (args.out / config.monitor.log_file).unlink(missing_ok=True)
     start = time.time()
 
     # 1. the aligned model (built on first use, several minutes; then cached), or the user's
@@ -210,10 +209,11 @@ def main(argv: list[str] | None = None) -> dict:
                     for p, b, a in zip(heldout, before_texts, after_texts)],
         "seconds": {"model_ready": round(ready - start, 1), "train": round(trained, 1), "total": round(time.time() - start, 1)},
     }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_atomic(args.out / "summary.json", json.dumps(summary, indent=2))
     title = (f"rimguard demo ({folder.name}), mode={config.policy.mode}: held-out refusal {before['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}"
              f" ({len(heldout)} prompts, lr {args.lr:g}, {args.steps} steps)")
-    events = ([e for e in read_events(args.out / config.monitor.log_file) if e.get("run_id") == guard.engine.run_id] if config.monitor.log_file
+    events = ([e for e in live_events(read_events(args.out / config.monitor.log_file)) if e.get("run_id") == guard.engine.run_id]
+              if config.monitor.log_file
               else guard.history)
     plot_run(events, args.out / "rimguard_demo.png", config.policy.thresholds, losses=table.losses, title=title)
 
