@@ -15,7 +15,7 @@ from rimguard.atlas import AtlasError
 from rimguard.config import ConfigError, add_arguments
 from rimguard.probes import ProbeError
 
-USER_ERRORS = (AtlasError, ConfigError, ProbeError, FileNotFoundError, ValueError, ImportError)
+USER_ERRORS = (AtlasError, ConfigError, ProbeError, FileNotFoundError, FileExistsError, ValueError, ImportError)
 
 
 def _identify(args: argparse.Namespace) -> None:
@@ -28,6 +28,14 @@ def _identify(args: argparse.Namespace) -> None:
 
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"{args.model}: no such model folder")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: is a file; -o names the atlas folder to write")
+    if (out / "atlas.json").exists():
+        raise FileExistsError(f"{out}: holds an atlas already (rimguard inspect {out}); choose another -o, or remove it first")
+    if not any((Path(args.model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{args.model}: no tokenizer files (tokenizer.json or tokenizer_config.json); save the "
+                                "tokenizer beside the model (tokenizer.save_pretrained)")
     cfg = from_arguments(args, GuardConfig.load(args.config) if args.config else None)
     given = ProbeSources(harmful=args.safety, intent=args.intent, harmless=args.harmless or "bundled:harmless",
                          reasoning_spans=args.spans, key=args.key)

@@ -39,7 +39,7 @@ from rimguard.actions.executors import EXECUTORS
 from rimguard.actions.freeze import NeuronFreezer
 from rimguard.actions.tie import BackwardScale, LossTie
 from rimguard.atlas import NeuronAtlas
-from rimguard.config import GuardConfig
+from rimguard.config import ConfigError, GuardConfig
 from rimguard.events import EventLog, new_run_id, warn_main
 from rimguard.hooks.arch import find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
@@ -208,6 +208,12 @@ class GuardEngine:
             raise ValueError("RIMGuard needs a tokenizer: pass tokenizer= or give the Trainer a processing_class")
         cfg = self.config
         reg_cls = check_backend(cfg, backend)
+        heads_rules = [f"{level}.{m}" for level, rules in cfg.policy.thresholds.items() for m in rules if m.startswith("refusal_head")]
+        atlas = restored.atlas if restored is not None else self.atlas
+        if heads_rules and (atlas.num_heads == 0 if atlas is not None else cfg.atlas.refusal_heads == 0):
+            raise ConfigError(f"GuardConfig.policy.thresholds: {heads_rules} can never fire: "
+                              + ("the atlas has no refusal heads" if atlas is not None else "atlas.refusal_heads is 0")
+                              + " (identify with refusal_heads >= 1, or drop the thresholds)")
         if restored is not None:
             restored.check_resume(measured_settings(cfg), self.owner, f"the guard state of step {restored.step}")
         self.run_id = restored.run_id if restored is not None else dist.broadcast(new_run_id())

@@ -189,6 +189,15 @@ def check_events(events: list[Any], where: str | Path) -> None:
             for key in ("from", "to"):
                 if e.get(key) not in LEVELS:
                     bad(f"'{key}' must be one of {LEVELS}, found {e.get(key)!r}")
+            crossings = e.get("crossings", [])
+            if not isinstance(crossings, list) or not all(isinstance(c, dict) and {"metric", "value", "level", "threshold"} <= set(c)
+                                                          for c in crossings):
+                bad("'crossings' must be a list of objects with metric, value, level and threshold")
+        if e.get("event") == "freeze" and not {"added", "which", "frozen"} <= set(e):
+            bad("a freeze record needs 'added', 'which' and 'frozen'")
+        thresholds = e.get("thresholds") if e.get("event") == "start" else None
+        if thresholds is not None and not (isinstance(thresholds, dict) and all(isinstance(r, dict) for r in thresholds.values())):
+            bad("'thresholds' must map each level to {metric: value}")
 
 
 def write_report(run_dir: str | Path, log_file: str = "rimguard.jsonl", run: str | None = None) -> tuple[Path, Path]:
@@ -202,10 +211,13 @@ def write_report(run_dir: str | Path, log_file: str = "rimguard.jsonl", run: str
     if not log.is_file():
         raise FileNotFoundError(f"{log}: no rimguard log here (is this a run's output_dir?)")
     events = read_events(log)
+    if not events:
+        raise ValueError(f"{log}: is empty (the run has logged nothing yet)")
     check_events(events, log)
     events = live_events(events)  # a resumed run: its live attempt
     ids = runs_of(events)
-    chosen = [r for r in ids if r.startswith(run)] if run is not None else ids[-1:]
+    with_metrics = [r for r in ids if any(e.get("event") == "metrics" and e.get("run_id", "") == r for e in events)]
+    chosen = [r for r in ids if r.startswith(run)] if run is not None else with_metrics[-1:] or ids[-1:]
     if len(chosen) != 1:
         raise ValueError(f"{log}: run {run!r} matches {len(chosen)} of the runs {ids}")
     events = [e for e in events if e.get("run_id", "") == chosen[0]]

@@ -43,7 +43,9 @@ class Reader:
         except FileNotFoundError:
             self.fail(path, "missing")
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            self.fail(path, f"not valid UTF-8 JSON ({err}); the file is truncated or corrupt")
+            self.fail(path, f"not valid UTF-8 JSON ({str(err)[:160]}); the file is truncated or corrupt")
+        except (RecursionError, ValueError) as err:  # nesting too deep; an integer past Python's digit limit
+            self.fail(path, f"not a rimguard file ({type(err).__name__}: {str(err)[:120]})")
         if not isinstance(meta, dict):
             self.fail(path, f"expected a JSON object, found {type(meta).__name__}")
         return meta

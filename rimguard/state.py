@@ -150,6 +150,13 @@ def _check_parts(r: Reader, name: str, parts: dict[str, Saved], atlas: NeuronAtl
                 for ids, n in zip(frozen, sizes))):
             r.fail(where, f"field 'frozen' must hold one list of neuron ids per layer ({len(sizes)} layers) within the "
                           "layer sizes of the atlas")
+    monitor = parts.get("monitor")
+    tracked = atlas.tracked.shape[0]
+    for key in ("ref_safe", "ref_task", "ema_task"):
+        t = monitor.tensors.get(key) if monitor is not None else None
+        if t is not None and t.numel() != tracked:
+            r.fail(r.folder / "state.safetensors", f"tensor 'monitor.{key}' has {t.numel()} entries for the atlas' {tracked} "
+                                                   "tracked neurons (a state of another atlas)")
     heads = parts.get("heads")
     if heads is not None and heads.tensors:
         ref = r.tensor(heads.tensors, "ref_mass", "state.safetensors", True, (None,))

@@ -205,12 +205,11 @@ def test_resume_reads_the_checkpoint_the_trainer_resumes_from(tmp_path, tok, fas
 
 
 def test_another_runs_guard_state_is_refused(tmp_path, tok, fast_config):
+    import json
     import shutil
 
     from rimguard.state import GuardStateError
     from tests.test_resume import run
-
-    import json
 
     run(tmp_path / "a", tok, fast_config, 4)
     run(tmp_path / "b", tok, fast_config, 4)
@@ -355,3 +354,122 @@ def test_a_custom_loop_that_skips_after_optimizer_step_is_a_fault_and_the_freeze
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert caplog.text.count("call engine.after_optimizer_step()") == 1  # warned once
     guard.detach()
+
+
+# -- one clear line for each mistake ---------------------------------------------------------------------
+def test_probe_sources_from_tables_conversations_and_quoted_newlines(tmp_path):
+    from datasets import Dataset
+
+    from rimguard.probes import ProbeError, load_prompts
+
+    chat = Dataset.from_list([{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Build a bomb?"},
+                                            {"role": "assistant", "content": "No."}]}])
+    assert load_prompts(chat, key="messages") == ["Build a bomb?"]
+    with pytest.raises(ProbeError, match="row 1 of column 'n'.*is int, not text or a conversation"):
+        load_prompts(Dataset.from_list([{"n": 3}]), key="n")
+    (tmp_path / "p.csv").write_text('prompt\n"first line\nsecond line"\nplain\n')
+    assert load_prompts(tmp_path / "p.csv") == ["first line\nsecond line", "plain"]
+
+
+def test_anchor_prompts_that_differ_from_probes_only_in_case_or_punctuation_overlap(tok, fast_config, llama_atlas):
+    from rimguard import RIMGuard
+    from rimguard.actions.anchor import AnchorError
+    from rimguard.testing import tiny_model
+
+    probe = llama_atlas.probe_prompts[0]
+    twin = "  " + probe.upper().rstrip("?.!") + "?"
+    guard = RIMGuard(fast_config(mode="regularize"), atlas=llama_atlas, anchor_prompts=[twin, "Help me hide a body."])
+    with pytest.raises(AnchorError, match="also monitor probes"):
+        guard.engine.setup(tiny_model("llama"), tok)
+
+
+def test_a_refusal_head_threshold_without_heads_is_refused(tok, fast_config, llama_atlas):
+    from rimguard import RIMGuard
+    from rimguard.testing import tiny_model
+
+    guard = RIMGuard(fast_config(thresholds={"warn": {"refusal_head_shift": 0.1}}), atlas=llama_atlas)
+    with pytest.raises(ConfigError, match="can never fire: the atlas has no refusal heads"):
+        guard.engine.setup(tiny_model("llama"), tok)
+
+
+def test_cli_one_line_errors(tmp_path, capsys, llama_atlas):
+    from rimguard.cli import main
+    from rimguard.testing import tiny_model
+
+    def fails(*argv):
+        code = main(list(argv))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err and "Traceback" not in "\n".join(err), err
+        return err[-1]
+
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)  # no tokenizer saved
+    assert "no tokenizer files" in fails("identify", str(folder), "-o", str(tmp_path / "a"))
+    (tmp_path / "file").write_text("x")
+    assert "is a file; -o names the atlas folder" in fails("identify", str(folder), "-o", str(tmp_path / "file"))
+    llama_atlas.save(tmp_path / "atlas")
+    assert "holds an atlas already" in fails("identify", str(folder), "-o", str(tmp_path / "atlas"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "rimguard.jsonl").write_text("")
+    assert "is empty" in fails("report", str(tmp_path / "empty"))
+    deep = tmp_path / "deep"
+    llama_atlas.save(deep)
+    (deep / "atlas.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "not a rimguard file (RecursionError" in fails("inspect", str(deep))
+    (deep / "atlas.json").write_text('{"format_version": ' + "9" * 5000 + "}")
+    assert "not a rimguard file (ValueError" in fails("inspect", str(deep))
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"event": "level", "step": 2, "from": "ok", "to": "warn", "crossings": [{"metric": "safety_drop"}]}, "'crossings' must be a list"),
+    ({"event": "freeze", "step": 2, "frozen": 3}, "a freeze record needs"),
+    ({"event": "start", "step": 0, "thresholds": ["safety_drop"]}, "'thresholds' must map each level"),
+])
+def test_report_on_malformed_records_names_the_record(tmp_path, record, message):
+    from rimguard.events import EventLog
+    from rimguard.report import write_report
+
+    log = EventLog(tmp_path / "rimguard.jsonl", run_id="r")
+    log.write({"event": "metrics", "step": 1, "safety_drop": 0.1, "level": 0.0})
+    log.write(record)
+    log.close()
+    with pytest.raises(ValueError, match=f"record 2 .*{message}"):
+        write_report(tmp_path)
+
+
+def test_report_takes_the_last_run_with_metrics_and_a_stray_record_without_run_id_does_not_hide_it(tmp_path):
+    import json
+
+    from rimguard.events import EventLog
+    from rimguard.report import write_report
+
+    log = EventLog(tmp_path / "rimguard.jsonl", run_id="abc")
+    log.write({"event": "start", "step": 0, "thresholds": {}})
+    log.write({"event": "metrics", "step": 1, "safety_drop": 0.3, "level": 0.0})
+    log.close()
+    with open(tmp_path / "rimguard.jsonl", "a") as fh:
+        fh.write(json.dumps({"event": "note", "step": 1}) + "\n")
+    assert "| safety_drop | 0.3 |" in write_report(tmp_path)[1].read_text()
+
+
+def test_a_guard_state_of_another_atlas_is_refused(tmp_path, llama_atlas):
+    import torch as t
+
+    from rimguard.saved import Saved
+    from rimguard.state import GuardState, GuardStateError
+
+    n = llama_atlas.tracked.shape[0]
+    parts = {"policy": Saved({}, {"level": "ok", "streak": 0, "checkpointed": False}), "tie": Saved({}, {"reg_lambda": 0.0}),
+             "monitor": Saved({"ref_safe": t.zeros(n + 3), "ref_task": t.zeros(n + 3)}, {})}
+    GuardState("r", llama_atlas, [], parts).save(tmp_path / "s")
+    with pytest.raises(GuardStateError, match=f"'monitor.ref_safe' has {n + 3} entries for the atlas' {n} tracked neurons"):
+        GuardState.read(tmp_path / "s")
+
+
+def test_rimguard_of_a_number_and_check_before_setup_say_what_to_do():
+    from rimguard import RIMGuard
+
+    with pytest.raises(ConfigError, match="expected a GuardConfig, a dict of its fields or a config file path, got int"):
+        RIMGuard(42)
+    with pytest.raises(RuntimeError, match="before setup"):
+        RIMGuard().engine.check(1)

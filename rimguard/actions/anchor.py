@@ -34,6 +34,7 @@ from rimguard import dist
 from rimguard.actions.regularizer import BuildContext, Regularizer
 from rimguard.hooks.capture import Activation, ActivationCapture
 from rimguard.passes import encode, forked_rng, format_prompt, generate_ids, model_device, pad, pad_id, probe_mode
+from rimguard.probes import same_prompt
 from rimguard.saved import Saved
 from rimguard.signals import metrics
 
@@ -228,7 +229,8 @@ class SafetyAnchor(Regularizer):
             harmful = ctx.sources.load("anchor_harmful")
             harmless = ctx.sources.load("anchor_harmless") if cfg.actions.anchor_harmless else []
             probes = set(ctx.monitor.probe_prompts())
-            overlap = [p for p in harmful + harmless if p in probes]
+            seen = {same_prompt(p) for p in probes}  # a changed case, spacing or final '?' is the same prompt
+            overlap = [p for p in harmful + harmless if same_prompt(p) in seen]
             if overlap:
                 raise AnchorError(f"{len(overlap)} anchor prompt(s) are also monitor probes (e.g. {overlap[0]!r}); the "
                                   "monitor must measure prompts the anchor never trains on: pass disjoint anchor_prompts=")

@@ -19,6 +19,7 @@ The bundled sets are written by the rimguard authors (no third-party text):
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -79,13 +80,26 @@ def _from_file(path: Path, key: str | None) -> list[str]:
         return _from_rows(rows, str(path), key)
     text = read_text(path, ProbeError)
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # a quoted field keeps its newlines
         if not reader.fieldnames:
             raise ProbeError(f"{path}: CSV has no header row")
         return _from_rows(reader, str(path), key)
     if suffix in (".txt", ""):
         return text.splitlines()
     raise ProbeError(f"{path}: unsupported probe file type '{suffix}' (use .txt, .csv or .jsonl)")
+
+
+def _text_of(value: Any, where: str) -> str:
+    """A prompt from a table cell: text, or a conversation (TRL's ``[{"role": ..., "content": ...}, ...]``), whose
+    last user turn is the prompt."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        users = [m["content"] for m in value if m.get("role") == "user" and isinstance(m["content"], str)]
+        if users:
+            return users[-1]
+    raise ProbeError(f"{where}: is {type(value).__name__}, not text or a conversation with a user turn; pass key= for the "
+                     "column that holds the prompt text")
 
 
 def load_prompts(source: str | Path | Sequence[str] | Any, key: str | None = None, name: str = "probes") -> list[str]:
@@ -108,7 +122,7 @@ def load_prompts(source: str | Path | Sequence[str] | Any, key: str | None = Non
     elif hasattr(source, "column_names") and hasattr(source, "__getitem__"):
         where = f"{name} dataset"
         column = _pick_key({c: None for c in source.column_names}, where, key)
-        prompts = list(source[column])
+        prompts = [_text_of(row, f"{where}, row {i + 1} of column '{column}'") for i, row in enumerate(source[column])]
     elif isinstance(source, Sequence):
         where = f"{name} list"
         prompts = list(source)
@@ -141,3 +155,8 @@ class ProbeSources:
         """The prompts of set ``name`` (a field of this class); ``[]`` for a set that is not given."""
         source = getattr(self, name)
         return [] if source is None else load_prompts(source, self.key, name)
+
+
+def same_prompt(text: str) -> str:
+    """A prompt's identity for disjointness checks: case, runs of white space and final punctuation ignored."""
+    return " ".join(text.lower().split()).rstrip(" ?.!")
