@@ -30,7 +30,7 @@ from rimguard.compat import resumed_checkpoint
 from rimguard.config import GuardConfig
 from rimguard.engine import GuardEngine
 from rimguard.policy import Report
-from rimguard.state import STATE_DIR
+from rimguard.state import STATE_DIR, adopt_pending, pending_state
 
 logger = logging.getLogger("rimguard")
 
@@ -112,11 +112,17 @@ class RIMGuard(TrainerCallback):
         report = self.engine.end_step(state.global_step)
         if report is not None:
             self._follow(report, control)
+        if control.should_save and self.engine.monitor is not None and dist.is_main():
+            # written now, before the Trainer saves and rotates older checkpoints out; moved in at on_save
+            self.engine.owner = _trainer_token(state)
+            self.engine.state().save(pending_state(args.output_dir, state.global_step))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.engine.monitor is not None and dist.is_main():
-            self.engine.owner = _trainer_token(state)  # what this checkpoint's trainer_state.json holds
-            self.engine.save_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR)
+            target = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR
+            if not adopt_pending(args.output_dir, state.global_step, target):  # a save this guard did not see coming
+                self.engine.owner = _trainer_token(state)
+                self.engine.state().save(target)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         last = len(self.history)
@@ -161,9 +167,10 @@ class RIMGuard(TrainerCallback):
 
 
 def _trainer_token(state: TrainerState) -> str:
-    """A digest of the Trainer's log history: the same in a checkpoint's ``trainer_state.json`` and in the state a
-    resume from it loads, different for another run's checkpoint (its losses differ)."""
-    return hashlib.sha256(json.dumps(state.log_history, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A digest of the Trainer's log history before the current step: the same when the guard saves (before the
+    step's own logs) and in the state a resume from that checkpoint loads; different for another run's checkpoint."""
+    before = [e for e in state.log_history if e.get("step", 0) < state.global_step]
+    return hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _backend(args: TrainingArguments) -> str:

@@ -362,6 +362,15 @@ class GuardConfig:
         config = config or cls()
         return config.replace(**overrides) if overrides else config
 
+    def check_heads(self, num_heads: int | None) -> None:
+        """Refuse thresholds on refusal-head metrics that can never fire: the atlas has no heads (``num_heads`` 0),
+        or, with no atlas yet (None), identification will find none (``atlas.refusal_heads`` 0)."""
+        rules = [f"{level}.{m}" for level, r in self.policy.thresholds.items() for m in r if m.startswith("refusal_head")]
+        if rules and (num_heads == 0 if num_heads is not None else self.atlas.refusal_heads == 0):
+            why = "the atlas has no refusal heads" if num_heads is not None else "atlas.refusal_heads is 0"
+            raise ConfigError(f"GuardConfig.policy.thresholds: {rules} can never fire: {why} (identify with refusal_heads >= 1, "
+                              "or drop the thresholds)")
+
     def replace(self, **changes: Any) -> "GuardConfig":
         """A copy with ``changes`` (flat field names or whole sections) applied and validated."""
         sections = {name: getattr(self, name) for name in SECTIONS}

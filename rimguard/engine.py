@@ -26,7 +26,6 @@ Each part has its room: :mod:`rimguard.hooks`, :mod:`rimguard.atlas`, :mod:`rimg
 from __future__ import annotations
 
 import logging
-import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +38,7 @@ from rimguard.actions.executors import EXECUTORS
 from rimguard.actions.freeze import NeuronFreezer
 from rimguard.actions.tie import BackwardScale, LossTie
 from rimguard.atlas import NeuronAtlas
-from rimguard.config import ConfigError, GuardConfig
+from rimguard.config import GuardConfig
 from rimguard.events import EventLog, new_run_id, warn_main
 from rimguard.hooks.arch import find_mlp_layers
 from rimguard.hooks.capture import ActivationCapture
@@ -51,20 +50,6 @@ from rimguard.state import GuardState, GuardStateError, measured_settings, resum
 
 logger = logging.getLogger("rimguard")
 AlertHandler = Callable[[Decision, dict, int], None]
-
-
-_GUARDED: "weakref.WeakKeyDictionary[nn.Module, GuardEngine]" = weakref.WeakKeyDictionary()  # model -> its live guard
-
-
-def _claim(model: nn.Module, engine: "GuardEngine") -> None:
-    """Make ``engine`` the model's guard. An earlier guard still hooked on it (its ``train()`` was interrupted, so
-    its end never ran) is torn down first: its penalty, freeze and taps must not follow the model into a new run."""
-    stale = _GUARDED.get(model)
-    if stale is not None and stale is not engine and stale.attached():
-        warn_main("rimguard: removing the hooks of an earlier guard on this model whose run did not end (an interrupted "
-                  "train()?); call guard.detach() after an interrupted run to do it yourself")
-        stale.teardown()
-    _GUARDED[model] = engine
 
 
 class GuardEngine:
@@ -118,9 +103,7 @@ class GuardEngine:
         self.run_id = ""
         self.rebased = False  # resumed without guard state: references are re-taken on trained weights
         self._ended: int | None = None  # the step at which this guard's run ended (a guard guards one run)
-        self._held = True  # after_optimizer_step() ran in this step (frozen rows put back)
-        self.owner: str | None = None  # a token of the training state (an integration sets it; saved with the state, checked on resume)
-        self._unheld_warned = False
+        self.owner: str | None = None  # the training state's token (an integration sets it; saved, checked on resume)
 
     # -- what the guard is doing ----------------------------------------------------------------
     @property
@@ -131,11 +114,8 @@ class GuardEngine:
     @property
     def action(self) -> str:
         """What the guard is doing now, apart from the risk level."""
-        parts = []
-        if self.tie.reg_lambda > 0:
-            parts.append(f"regularize ({self.config.actions.regularizer}, lambda={self.tie.reg_lambda:g})")
-        if self.freezer is not None and self.freezer.count:
-            parts.append(f"freeze ({self.freezer.count} neurons)")
+        parts = [f"regularize ({self.config.actions.regularizer}, lambda={self.tie.reg_lambda:g})"] if self.tie.reg_lambda > 0 else []
+        parts += [f"freeze ({self.freezer.count} neurons)"] if self.freezer is not None and self.freezer.count else []
         return ", ".join(parts) or "none (monitor only)"
 
     def attached(self) -> bool:
@@ -150,11 +130,11 @@ class GuardEngine:
         """Compute this optimizer step's regularizer step loss; ``step`` counts the optimizer steps done
         before this one. Call it before the step's first forward."""
         self.tie.begin_step(step)
-        self._held = False
+        if self.freezer is not None:
+            self.freezer.begin_step()
 
     def reg_loss(self) -> torch.Tensor | None:
-        """For custom loops (``inject_loss=False``): the regularizer's loss since the last call, weighted by
-        lambda; add it to the loss."""
+        """For custom loops (``inject_loss=False``): the regularizer's loss since the last call, times lambda; add it."""
         return self.tie.take()
 
     def before_optimizer_step(self) -> None:
@@ -166,29 +146,17 @@ class GuardEngine:
         """Hold frozen neurons fixed; call after every ``optimizer.step()``."""
         if self.freezer is not None:
             self.freezer.restore()
-        self._held = True
 
     def end_step(self, step: int) -> Report | None:
         """Close optimizer step ``step`` (counted from 1): fold its streamed statistics, and check when
         the schedule says so. Returns the check's :class:`Report`, or None."""
         self.tie.end_step()
-        if self.freezer is not None and self.freezer.count and not self._held:
-            self._unheld_freeze(step)
+        if self.freezer is not None and self.freezer.end_step(step):  # a custom loop skipped after_optimizer_step()
+            self.events.write({"event": "fault", "step": step, "metrics": ["freeze_not_held"], "layers": [], "level": self.level})
         if self.monitor is None:
             return None
         self.monitor.step_end()
         return self.check(step) if self.due(step) else None
-
-    def _unheld_freeze(self, step: int) -> None:
-        """A step whose optimizer update was not followed by :meth:`after_optimizer_step` (a custom loop that never
-        calls it): the frozen rows moved. Put them back now, and report it as a fault once."""
-        self.freezer.restore()
-        self.events.write({"event": "fault", "step": step, "metrics": ["freeze_not_held"], "layers": [], "level": self.level})
-        if not self._unheld_warned:
-            self._unheld_warned = True
-            warn_main("rimguard: step %d ended with %d frozen neurons moved by the optimizer: call engine.after_optimizer_step() "
-                      "after every optimizer.step() (they were put back now, but the optimizer's state has moved)", step,
-                      self.freezer.count)
 
     # -- set-up and teardown -------------------------------------------------------------------
     def setup(self, model: nn.Module, tokenizer: Any = None, output_dir: str | Path | None = None, inject_loss: bool = True,
@@ -208,25 +176,18 @@ class GuardEngine:
             raise ValueError("RIMGuard needs a tokenizer: pass tokenizer= or give the Trainer a processing_class")
         cfg = self.config
         reg_cls = check_backend(cfg, backend)
-        heads_rules = [f"{level}.{m}" for level, rules in cfg.policy.thresholds.items() for m in rules if m.startswith("refusal_head")]
         atlas = restored.atlas if restored is not None else self.atlas
-        if heads_rules and (atlas.num_heads == 0 if atlas is not None else cfg.atlas.refusal_heads == 0):
-            raise ConfigError(f"GuardConfig.policy.thresholds: {heads_rules} can never fire: "
-                              + ("the atlas has no refusal heads" if atlas is not None else "atlas.refusal_heads is 0")
-                              + " (identify with refusal_heads >= 1, or drop the thresholds)")
+        cfg.check_heads(atlas.num_heads if atlas is not None else None)
         if restored is not None:
             restored.check_resume(measured_settings(cfg), self.owner, f"the guard state of step {restored.step}")
         self.run_id = restored.run_id if restored is not None else dist.broadcast(new_run_id())
         if dist.is_main() and output_dir is not None:
-            self.events = EventLog(Path(output_dir) / cfg.monitor.log_file if cfg.monitor.log_file else None, self.run_id)
-            if restored is not None:  # append-only: this run's records after the checkpoint are superseded, not deleted
-                self.events.resume(restored.step)
-        self.atlas = restored.atlas if restored is not None else self.atlas
+            self.events = EventLog.of_run(output_dir, cfg.monitor.log_file, self.run_id, restored.step if restored is not None else None)
+        self.atlas = atlas
         layers = find_mlp_layers(model)  # the one walk of the model
         if self.atlas is not None:
             self.atlas.check_model(model, layers, check_weights=restored is None and not self.rebased)
-        _claim(model, self)
-        self.capture = capture = ActivationCapture(model, layers).attach()  # the one hook layer; the engine owns it
+        self.capture = capture = ActivationCapture(model, layers).attach(exclusive=True)  # the one hook layer; the engine owns it
         part = restored.part if restored is not None else lambda name: None
         try:
             if self.atlas is None:
@@ -258,16 +219,13 @@ class GuardEngine:
             self.execute(self.policy.start(), step=0)
         self.events.write({"event": "start", "step": 0, "atlas": self.atlas.settings, "num_safety": self.atlas.num_safety,
                            "mode": cfg.policy.mode, "thresholds": cfg.policy.thresholds, "resumed": restored is not None,
-                           "regularizer": reg_cls.name if reg_cls is not None else None,
-                           "optimised_signals": self.optimised_signals(),
+                           "regularizer": reg_cls.name if reg_cls is not None else None, "optimised_signals": self.optimised_signals(),
                            "refusal_heads": self.heads.count if self.heads is not None else 0})
 
     def teardown(self) -> None:
         """Remove every hook (the capture owns them all); the model is left as it is. Safe to call again."""
         if self.capture is not None:
             self.capture.remove()
-            if _GUARDED.get(self.capture.model) is self:
-                del _GUARDED[self.capture.model]
         self.events.close()
 
     def finish(self, step: int) -> None:
@@ -331,10 +289,6 @@ class GuardEngine:
         assert self.atlas is not None
         return GuardState(self.run_id, self.atlas, self.history, {name: p.state_dict() for name, p in self._parts().items()},
                           measured_settings(self.config), self.owner)
-
-    def save_state(self, folder: str | Path) -> None:
-        """Write everything needed to resume into ``folder``."""
-        self.state().save(folder)
 
     def restore(self, checkpoint: str | Path, step: int, output_dir: str | Path) -> GuardState | None:
         """The guard state of the Trainer checkpoint ``checkpoint`` (step ``step``), to pass to :meth:`setup`;

@@ -65,9 +65,14 @@ class EventLog:
             handle.write("\n" + json.dumps({"time": round(time.time(), 3), "run_id": self.run_id, "event": "torn", "chars": torn}) + "\n")
         return handle
 
-    def resume(self, step: int) -> None:
-        """Mark a resume at ``step``: this run's records after it, written before now, are superseded (kept)."""
-        self.write({"event": "resume", "step": step})
+    @classmethod
+    def of_run(cls, folder: str | Path, name: str | None, run_id: str, resumed_at: int | None = None) -> "EventLog":
+        """The log ``folder/name`` of run ``run_id`` (``name`` None: no file). A resume at step ``resumed_at`` is marked
+        with a ``resume`` record: this run's records after that step, written before now, are superseded (kept)."""
+        log = cls(Path(folder) / name if name else None, run_id)
+        if resumed_at is not None:
+            log.write({"event": "resume", "step": resumed_at})
+        return log
 
     # -- the guard's announcements: a record, and the matching warning on the main process ------------
     def level(self, step: int, previous: str, level: str, crossings: list[Any]) -> None:

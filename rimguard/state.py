@@ -168,7 +168,10 @@ def _check_parts(r: Reader, name: str, parts: dict[str, Saved], atlas: NeuronAtl
 
 def find_state(checkpoint: str | Path) -> Path | None:
     """The guard state folder inside a Trainer checkpoint folder, or None if the checkpoint has none."""
-    folder = Path(checkpoint) / STATE_DIR
+    return find_state_folder(Path(checkpoint) / STATE_DIR)
+
+
+def find_state_folder(folder: Path) -> Path | None:
     return folder if (folder / "state.json").is_file() else None
 
 
@@ -204,6 +207,31 @@ def save_atlas(output_dir: Path, atlas: NeuronAtlas) -> Path:
     return folder
 
 
+PENDING_DIR = "rimguard_pending"  # inside output_dir: guard states written before the Trainer's save of that step
+
+
+def pending_state(output_dir: str | Path, step: int) -> Path:
+    """Where the guard state of the checkpoint the Trainer is about to save at ``step`` is written first: the
+    Trainer rotates older checkpoints out before its save callbacks run, so a state written only then could be
+    the only one, half-written, when a kill comes."""
+    return Path(output_dir) / PENDING_DIR / f"checkpoint-{step}"
+
+
+def adopt_pending(output_dir: str | Path, step: int, target: str | Path) -> bool:
+    """Move the pending state of ``step`` into the checkpoint (one rename); False if there is none."""
+    pending = pending_state(output_dir, step)
+    if not (pending / "state.json").is_file():
+        return False
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(pending, target)
+    for older in (Path(output_dir) / PENDING_DIR).glob("checkpoint-*"):  # states of saves that never happened
+        if int(older.name.split("-")[-1]) < step:
+            shutil.rmtree(older, ignore_errors=True)
+    return True
+
+
 def resume_state(checkpoint: str | Path, step: int, on_missing: str, output_dir: str | Path) -> tuple[GuardState | None, NeuronAtlas | None]:
     """The guard state saved in the Trainer checkpoint ``checkpoint`` (of optimizer step ``step``), for a resume.
 
@@ -211,7 +239,7 @@ def resume_state(checkpoint: str | Path, step: int, on_missing: str, output_dir:
     re-identification: ``"error"`` raises, naming the remedies; ``"atlas"`` returns ``output_dir``'s saved atlas
     (references are then re-taken now); ``"fresh"`` returns neither (identify anew). Returns ``(state, atlas)``.
     """
-    folder = find_state(checkpoint)
+    folder = find_state(checkpoint) or find_state_folder(pending_state(output_dir, step))  # killed before it moved in
     if folder is not None:
         state = GuardState.read(folder)
         state.step = step

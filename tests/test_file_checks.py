@@ -98,7 +98,7 @@ def saved_state(tmp_path, tok, fast_config, llama_atlas):
     guard.engine.setup(tiny_model("llama"), tok, output_dir=tmp_path, inject_loss=False)
     guard.engine.freezer.freeze(llama_atlas.safety_per_layer())
     folder = tmp_path / "checkpoint-4" / "rimguard"
-    guard.engine.save_state(folder)
+    guard.engine.state().save(folder)
     guard.engine.teardown()
     return folder
 

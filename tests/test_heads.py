@@ -271,7 +271,7 @@ def test_head_references_in_the_guard_state_are_checked(tmp_path, tok, fast_conf
     engine = GuardEngine(fast_config(refusal_heads=2, max_length=128), atlas=head_atlas)
     engine.setup(planted_heads_model(), tok, inject_loss=False)
     folder = tmp_path / "checkpoint-2" / "rimguard"
-    engine.save_state(folder)
+    engine.state().save(folder)
     engine.teardown()
     assert torch.equal(GuardState.read(folder).parts["heads"].tensors["ref_mass"], engine.heads.ref_mass)
     with pytest.raises(GuardStateError, match="refusal_heads changed"):

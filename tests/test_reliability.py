@@ -473,3 +473,36 @@ def test_rimguard_of_a_number_and_check_before_setup_say_what_to_do():
         RIMGuard(42)
     with pytest.raises(RuntimeError, match="before setup"):
         RIMGuard().engine.check(1)
+
+
+def test_a_kill_after_the_trainer_rotated_its_checkpoints_still_resumes_with_the_guard_state(tmp_path, tok, fast_config):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from rimguard import RIMGuard
+    from rimguard.compat import no_checkpointing
+    from rimguard.probes.reasoning import reasoning_texts
+    from rimguard.testing import tiny_model
+
+    class KillInSave(TrainerCallback):  # dies in the save callbacks of step 8, after checkpoint-4 was rotated out
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 8:
+                raise KeyboardInterrupt
+
+    def train(resume=None, kill=False):
+        guard = RIMGuard(fast_config(probe_every=2))
+        args = SFTConfig(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
+                         bf16=False, **no_checkpointing(), save_strategy="steps", save_steps=4, save_total_limit=1, use_cpu=True,
+                         max_length=64, seed=0, disable_tqdm=True, logging_steps=1)
+        trainer = SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(reasoning_texts(32)),
+                             processing_class=tok, callbacks=([KillInSave()] if kill else []) + [guard])
+        trainer.train(resume_from_checkpoint=resume)
+        return guard
+
+    with pytest.raises(KeyboardInterrupt):
+        train(kill=True)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-8"]  # checkpoint-4 is gone
+    assert not (tmp_path / "checkpoint-8" / "rimguard").exists()
+    resumed = train(resume=str(tmp_path / "checkpoint-8"))
+    assert [r["step"] for r in resumed.history][:5] == [1, 2, 4, 6, 8] and resumed.history[-1]["step"] == 10

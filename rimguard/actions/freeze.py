@@ -21,6 +21,7 @@ full slices), so one mechanism covers rows, columns and per-expert slices.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,6 +31,8 @@ from torch import nn
 from rimguard.hooks.arch import MLPLayer, Projection, UnsupportedModelError
 from rimguard.hooks.capture import ActivationCapture
 from rimguard.saved import Saved
+
+logger = logging.getLogger("rimguard")
 
 Indexer = tuple  # of index tensors and full slices: param[indexer]
 EVERY = slice(None)
@@ -78,6 +81,8 @@ class NeuronFreezer:
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._grad_index: dict[int, list[Indexer]] = {}
         self.merged_base: dict[str, torch.Tensor] = {}
+        self.held = True  # restore() ran since the step began
+        self._warned = False
 
     @classmethod
     def supports(cls, backend: str) -> bool:
@@ -175,6 +180,24 @@ class NeuronFreezer:
         """Write the frozen slices back (call after every optimizer step)."""
         for s in self._slices:
             s.param[s.indexer] = s.value
+        self.held = True
+
+    def begin_step(self) -> None:
+        self.held = False
+
+    def end_step(self, step: int) -> bool:
+        """At the end of an optimizer step: if frozen neurons exist and :meth:`restore` did not run since the step
+        began (a custom loop that never calls ``after_optimizer_step()``), put them back now, warn once, and
+        return True (a fault)."""
+        if self.held or not self.count:
+            return False
+        self.restore()
+        if not self._warned:
+            self._warned = True
+            logger.warning("rimguard: step %d ended with %d frozen neurons moved by the optimizer: call after_optimizer_step() "
+                           "after every optimizer.step() (they were put back now, but the optimizer's state has moved)",
+                           step, self.count)
+        return True
 
     def verify(self) -> bool:
         """True if every frozen slice is bitwise equal to its value at freeze time."""

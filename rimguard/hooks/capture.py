@@ -39,6 +39,8 @@ checks that the recomputation saves the same tensors) without double counting.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
@@ -48,6 +50,8 @@ from torch import nn
 
 from rimguard.hooks.arch import ExpertBank, MLPLayer
 from rimguard.hooks.reduce import masked_max, routed_max
+
+logger = logging.getLogger("rimguard")
 
 # units per chunk when a probe reads every unit of a MoE layer ([tokens, chunk] pre-activations at a time)
 EXPERT_CHUNK = 4096
@@ -199,9 +203,13 @@ class ActivationCapture:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def attach(self) -> "ActivationCapture":
+    def attach(self, exclusive: bool = False) -> "ActivationCapture":
+        """Register the hooks. ``exclusive``: this is the model's guard capture (:func:`claim`): a stale one left
+        by an interrupted run is removed first."""
         if self.attached:
             return self
+        if exclusive:
+            claim(self.model, self)
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         for pos, src in enumerate(self.sources):
             self._handles.append(src.module.register_forward_pre_hook(self._source_hook(pos), with_kwargs=True))
@@ -245,6 +253,7 @@ class ActivationCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        release(self.model, self)
         self.taps = {"train": [], "probe": []}
         self.batch_taps, self.output_taps = [], []
         self._mask = None
@@ -367,3 +376,23 @@ class ActivationCapture:
 
     def _device_of(self, pos: int) -> torch.device:
         return self.layers[self.sources[pos].layer].weight().device
+
+
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, ActivationCapture]" = weakref.WeakKeyDictionary()  # model -> its guard capture
+
+
+def claim(model: nn.Module, owner: "ActivationCapture") -> None:
+    """Make ``owner`` the model's one guard capture. An earlier one still attached (its ``train()`` was interrupted,
+    so its end never ran) is removed first: its penalty, freeze and taps must not follow the model into a new run."""
+    stale = _OWNERS.get(model)
+    if stale is not None and stale is not owner and stale.attached:
+        logger.warning("rimguard: removing the hooks of an earlier guard on this model whose run did not end (an interrupted "
+                       "train()?); call guard.detach() after an interrupted run to do it yourself")
+        stale.remove()
+    _OWNERS[model] = owner
+
+
+def release(model: nn.Module, owner: "ActivationCapture") -> None:
+    if _OWNERS.get(model) is owner:
+        del _OWNERS[model]
+
