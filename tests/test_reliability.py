@@ -506,3 +506,18 @@ def test_a_kill_after_the_trainer_rotated_its_checkpoints_still_resumes_with_the
     assert not (tmp_path / "checkpoint-8" / "rimguard").exists()
     resumed = train(resume=str(tmp_path / "checkpoint-8"))
     assert [r["step"] for r in resumed.history][:5] == [1, 2, 4, 6, 8] and resumed.history[-1]["step"] == 10
+
+
+def test_the_demo_never_deletes_a_log_or_a_file_named_in_its_config(tmp_path, capsys):
+    from rimguard.cli import main
+
+    run = tmp_path / "runs" / "my-run"
+    run.mkdir(parents=True)
+    (run / "rimguard.jsonl").write_text('{"event": "start", "step": 0, "run_id": "earlier"}\n')
+    assert main(["demo", "--out", str(run), "--model", str(tmp_path / "typo")]) == 2
+    assert "not a model folder" in capsys.readouterr().err and (run / "rimguard.jsonl").read_text().startswith('{"event": "start"')
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / "guard.yaml").write_text(f"log_file: {precious}\n")
+    assert main(["demo", "--out", str(run), "--config", str(tmp_path / "guard.yaml")]) == 2
+    assert "log_file: must be a file name in output_dir" in capsys.readouterr().err and precious.read_text() == "keep me"
