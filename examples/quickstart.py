@@ -27,7 +27,7 @@ if args.model == "tiny":
     from rimguard.testing import tiny_model, tiny_tokenizer
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    overrides = dict(min_share=0.1, top_m=0.05, max_length=64)  # a random model has no consistent safety neurons
+    overrides = dict(min_share=0.1, top_m=0.05, max_length=128)  # a random model has no consistent safety neurons
 else:
     model, tok = AutoModelForCausalLM.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
 

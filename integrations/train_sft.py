@@ -50,7 +50,7 @@ def main() -> None:
     if a.model == "tiny":
         model, tok = tiny_model("llama"), tiny_tokenizer()
         guard_cfg = GuardConfig(mode=a.mode, regularizer=a.regularizer, probe_every=a.probe_every, num_safety_probes=12,
-                                max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, max_length=64)
+                                max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, max_length=128)
     else:
         model, tok = AutoModelForCausalLM.from_pretrained(a.model), AutoTokenizer.from_pretrained(a.model)
         guard_cfg = GuardConfig(mode=a.mode, regularizer=a.regularizer, probe_every=a.probe_every)
