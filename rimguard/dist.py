@@ -6,7 +6,7 @@ rank-dependent branch can never leave one rank waiting.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as torch_dist
@@ -50,3 +50,21 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on the main rank, its result on every rank. An exception on the main rank is raised on every
+    rank as itself (not as a broken collective on the others)."""
+    try:
+        result: Any = fn() if is_main() else None
+    except Exception as err:  # noqa: BLE001 - carried to every rank, then raised
+        result = _Failed(err)
+    result = broadcast(result)
+    if isinstance(result, _Failed):
+        raise result.error
+    return result
+
+
+class _Failed:
+    def __init__(self, error: Exception) -> None:
+        self.error = error

@@ -191,8 +191,7 @@ class GuardEngine:
         part = restored.part if restored is not None else lambda name: None
         try:
             if self.atlas is None:
-                found = NeuronAtlas.from_config(model, self.tokenizer, cfg, self.sources, capture, progress=True) if dist.is_main() else None
-                self.atlas = dist.broadcast(found)
+                self.atlas = dist.on_main(lambda: NeuronAtlas.from_config(model, self.tokenizer, cfg, self.sources, capture, progress=True))
                 if dist.is_main() and output_dir is not None:
                     save_atlas(Path(output_dir), self.atlas)
             capture.track([t.to(next(model.parameters()).device) for t in self.atlas.per_layer()])

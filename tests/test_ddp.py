@@ -30,3 +30,13 @@ def test_torchrun_two_ranks(tmp_path, family, port):
     events = [json.loads(l) for l in (tmp_path / "rimguard.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "start" for e in events) == 1  # only the main process writes
     assert [e["step"] for e in events if e["event"] == "metrics"] == [1, 2, 4, 6]
+
+
+def test_an_identification_error_on_the_main_rank_is_raised_on_every_rank(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = Path(__file__).parent / "scripts" / "ddp_identify_error.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29536", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert said[0] == said[1] and said[0].startswith("AtlasError: ") and "do not fit max_length=16" in said[0]
