@@ -62,7 +62,7 @@ class EventLog:
         handle = self.path.open("a", encoding="utf-8")
         torn = _torn_tail(self.path)
         if torn:  # a killed writer's last line: start on a new one, and say so (the reader skips that line)
-            handle.write("\n" + json.dumps({"time": round(time.time(), 3), "run_id": self.run_id, "event": "torn", "chars": torn}) + "\n")
+            handle.write("\n" + json.dumps({"time": round(time.time(), 3), "run_id": self.run_id, "event": "torn", "step": 0, "chars": torn}) + "\n")
         return handle
 
     @classmethod
