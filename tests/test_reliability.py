@@ -352,7 +352,7 @@ def test_a_custom_loop_that_skips_after_optimizer_step_is_a_fault_and_the_freeze
         guard.engine.end_step(step + 1)  # after_optimizer_step() forgotten
     after = [weight(layer).detach()[:, r] for layer, r in zip(layers, rows)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert caplog.text.count("call engine.after_optimizer_step()") == 1  # warned once
+    assert caplog.text.count("call after_optimizer_step()") == 1  # warned once
     guard.detach()
 
 
