@@ -174,9 +174,8 @@ def _trainer_token(state: TrainerState) -> str:
 
 
 def _backend(args: TrainingArguments) -> str:
-    """How the Trainer trains the model: ``"deepspeed"``, ``"fsdp"``, ``"ddp"`` (several processes) or ``"single"``."""
+    """How the Trainer trains the model: ``"deepspeed"``, ``"ddp"`` (several processes) or ``"single"``. FSDP is read
+    off the model (FSDP2's parameters are DTensors; on CPU the Trainer runs DDP even when ``fsdp`` is set)."""
     if getattr(args, "deepspeed", None):
         return "deepspeed"
-    if getattr(args, "fsdp", None):
-        return "fsdp"
     return "ddp" if int(getattr(args, "world_size", 1) or 1) > 1 else "single"

@@ -2,14 +2,23 @@
 
 Every collective here is called by all ranks at the same point, with the same shapes, so a
 rank-dependent branch can never leave one rank waiting.
+
+Probe passes split their prompts over ranks (:func:`shard`, summed back by :func:`sum_shards`).
+Under sharded parameters (FSDP2) every module forward is a collective, so every rank must run
+the same passes: :func:`replicate_probes` makes every rank run every probe instead, and the sums
+are then each rank's own (the same numbers as one process, with no speed-up from more ranks).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as torch_dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+_replicated = False  # every rank runs every probe (sharded parameters): see replicate_probes
 
 
 def active() -> bool:
@@ -54,9 +63,10 @@ def broadcast(obj: Any, src: int = 0) -> Any:
 
 def on_main(fn: Callable[[], Any]) -> Any:
     """``fn()`` run on the main rank, its result on every rank. An exception on the main rank is raised on every
-    rank as itself (not as a broken collective on the others)."""
+    rank as itself (not as a broken collective on the others). Under :func:`replicate_probes` every rank runs
+    ``fn`` (its forwards are collectives) and the main rank's result is kept."""
     try:
-        result: Any = fn() if is_main() else None
+        result: Any = fn() if is_main() or _replicated else None
     except Exception as err:  # noqa: BLE001 - carried to every rank, then raised
         result = _Failed(err)
     result = broadcast(result)
@@ -68,3 +78,76 @@ def on_main(fn: Callable[[], Any]) -> Any:
 class _Failed:
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+# -- probes over ranks --------------------------------------------------------------------------
+def replicate_probes(on: bool) -> None:
+    """Whether every rank runs every probe (set at the guard's set-up: on under sharded parameters)."""
+    global _replicated
+    _replicated = on and active()
+
+
+def shard(items: Sequence) -> list:
+    """This rank's share of a probe set (all of it under :func:`replicate_probes`)."""
+    return list(items) if _replicated else list(items[rank() :: world_size()])
+
+
+def sum_shards(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a statistic each rank computed on its :func:`shard` (its own under replication)."""
+    return tensor if _replicated else all_reduce_sum(tensor)
+
+
+# -- sharded parameters (FSDP2) ---------------------------------------------------------------------
+def sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded over ranks (FSDP2's ``fully_shard`` makes them DTensors)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a sharded parameter (or its gradient): a DTensor."""
+    return isinstance(tensor, DTensor)
+
+
+def backend_of(model: nn.Module, declared: str) -> str:
+    """How ``model`` is trained, read off its parameters where they tell: ``"fsdp"`` for FSDP2's DTensors, else
+    ``declared`` (what the integration knows: ``"single"``, ``"ddp"``, ``"deepspeed"``). FSDP1's flattened parameters
+    and ZeRO-3's partitioned ones are refused with the alternative (a RuntimeError)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if sharded(model):
+        return "fsdp"
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise RuntimeError("rimguard: FSDP1 (FullyShardedDataParallel, flattened parameters) is not supported: use FSDP2, "
+                           "fsdp_config={'fsdp_version': 2} in TrainingArguments or torch.distributed.fsdp.fully_shard")
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise RuntimeError("rimguard: DeepSpeed ZeRO-3 (partitioned parameters) is not supported yet: use ZeRO-2 "
+                           "(integrations/deepspeed_zero2.json) or FSDP2 (fsdp_config={'fsdp_version': 2})")
+    return declared
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded parameter (a collective: every rank calls it), else ``tensor`` itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded parameter (a plain tensor the rank may read and write), else ``tensor``."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def local_part(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The part of ``whole`` (the global shape of ``like``) that this rank holds of the sharded ``like``:
+    ``torch.chunk`` along each ``Shard`` dimension, as DTensor splits it. ``whole`` itself when not sharded."""
+    if not is_sharded(like):
+        return whole
+    mesh = like.device_mesh
+    for mesh_dim, placement in enumerate(like.placements):
+        if isinstance(placement, Shard):
+            pieces = whole.chunk(mesh.size(mesh_dim), placement.dim)
+            at = mesh.get_local_rank(mesh_dim)
+            whole = pieces[at] if at < len(pieces) else whole.narrow(placement.dim, 0, 0)
+    shape = like.to_local().shape
+    if whole.shape != shape:
+        raise RuntimeError(f"rimguard: cannot map a sharded parameter's slices onto its local shard (expected {tuple(shape)}, "
+                           f"got {tuple(whole.shape)} from placements {like.placements})")
+    return whole

@@ -141,6 +141,8 @@ class GuardEngine:
         """After the step's backward, before ``optimizer.step()`` (the first step's KL reference is taken here)."""
         if self.monitor is not None:
             self.monitor.before_update()
+        if self.freezer is not None:
+            self.freezer.mask_sharded_grads()
 
     def after_optimizer_step(self) -> None:
         """Hold frozen neurons fixed; call after every ``optimizer.step()``."""
@@ -166,7 +168,7 @@ class GuardEngine:
         ``inject_loss``: tie the regularizer's loss into every backward through the model (for trainers
         whose loss the guard cannot touch); custom loops pass False and add :meth:`reg_loss`.
         ``restored``: a checkpoint's :class:`GuardState` to resume from. ``backend``: how the model is
-        trained (``"single"``, ``"ddp"``, ``"deepspeed"``, ``"fsdp"``).
+        trained (``"single"``, ``"ddp"``, ``"deepspeed"``); FSDP2 is read off the model's parameters.
         """
         if self._ended is not None:
             raise GuardStateError(f"this RIMGuard already guarded a run (ended at step {self._ended}); it holds that run's "
@@ -175,7 +177,7 @@ class GuardEngine:
         if self.tokenizer is None:
             raise ValueError("RIMGuard needs a tokenizer: pass tokenizer= or give the Trainer a processing_class")
         cfg = self.config
-        reg_cls = check_backend(cfg, backend)
+        reg_cls = check_backend(cfg, dist.backend_of(model, backend))
         atlas = restored.atlas if restored is not None else self.atlas
         cfg.check_heads(atlas.num_heads if atlas is not None else None)
         if restored is not None:
@@ -185,13 +187,15 @@ class GuardEngine:
             self.events = EventLog.of_run(output_dir, cfg.monitor.log_file, self.run_id, restored.step if restored is not None else None)
         self.atlas = atlas
         layers = find_mlp_layers(model)  # the one walk of the model
+        dist.replicate_probes(dist.sharded(model))  # sharded parameters: every rank runs every probe pass
         if self.atlas is not None:
             self.atlas.check_model(model, layers, check_weights=restored is None and not self.rebased)
         self.capture = capture = ActivationCapture(model, layers).attach(exclusive=True)  # the one hook layer; the engine owns it
         part = restored.part if restored is not None else lambda name: None
         try:
             if self.atlas is None:
-                self.atlas = dist.on_main(lambda: NeuronAtlas.from_config(model, self.tokenizer, cfg, self.sources, capture, progress=True))
+                self.atlas = dist.on_main(lambda: NeuronAtlas.from_config(model, self.tokenizer, cfg, self.sources, capture,
+                                                                              progress=dist.is_main()))
                 if dist.is_main() and output_dir is not None:
                     save_atlas(Path(output_dir), self.atlas)
             capture.track([t.to(next(model.parameters()).device) for t in self.atlas.per_layer()])

@@ -139,18 +139,37 @@ def test_anchor_prompts_overlapping_monitor_probes_are_refused(tok, fast_config,
         guard.engine.setup(tiny_model("llama"), tok)
 
 
-@pytest.mark.parametrize("backend", [{"fsdp": "full_shard"}, {"deepspeed": {"zero_optimization": {"stage": 2}}}])
-@pytest.mark.parametrize("regularizer", ["anchor", "params"])
+@pytest.mark.parametrize("backend,regularizer", [("deepspeed", "anchor"), ("deepspeed", "params"), ("fsdp", "params")])
 def test_unsupported_sharding_is_refused_before_training(tok, fast_config, backend, regularizer):
+    from rimguard.actions import check_backend
+
+    with pytest.raises(RuntimeError, match=f"regularizer='{regularizer}' is not supported under {backend}"):
+        check_backend(fast_config(mode="regularize", regularizer=regularizer), backend)
+    check_backend(fast_config(mode="regularize", regularizer="activation"), backend)
+
+
+def test_the_trainer_backend_is_read_from_its_arguments_and_fsdp_from_the_model(tok):
     from types import SimpleNamespace
 
-    from rimguard.actions import check_backend
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from rimguard import dist
     from rimguard.callback import _backend
 
-    args = SimpleNamespace(**{"deepspeed": None, "fsdp": None, **backend})
-    with pytest.raises(RuntimeError, match=f"regularizer='{regularizer}' is not supported"):
-        check_backend(fast_config(mode="regularize", regularizer=regularizer), _backend(args))
-    check_backend(fast_config(mode="regularize", regularizer="activation"), _backend(args))
+    assert _backend(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}}, world_size=2)) == "deepspeed"
+    assert _backend(SimpleNamespace(deepspeed=None, fsdp="full_shard", world_size=2)) == "ddp"  # on CPU the Trainer runs DDP
+    model = tiny_model("llama")
+    assert dist.backend_of(model, "ddp") == "ddp"
+    next(model.parameters()).ds_id = 0  # what ZeRO-3 puts on its partitioned parameters
+    with pytest.raises(RuntimeError, match="ZeRO-3 .* not supported yet: use ZeRO-2"):
+        dist.backend_of(model, "deepspeed")
+    class Flat(FullyShardedDataParallel):  # its type is what is read: no process group needed
+        __init__, __getattr__ = torch.nn.Module.__init__, torch.nn.Module.__getattr__
+
+    wrapper = torch.nn.Module()
+    wrapper.inner = Flat()
+    with pytest.raises(RuntimeError, match="FSDP1 .* use FSDP2"):
+        dist.backend_of(wrapper, "ddp")
 
 
 def test_lambda_zero_anchor_is_bitwise_identical_to_unguarded(tmp_path, tok, fast_config):

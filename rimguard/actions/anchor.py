@@ -17,8 +17,8 @@ probe prompts, so the monitor's behavioural signals stay a witness that the acti
 It is a *step loss* (:mod:`rimguard.actions.regularizer`): computed once per optimizer step (before
 the first micro-batch's forward) and tied into that micro-batch's backward pass, so its gradient
 joins the trainer's own optimizer step with no trainer subclass, whatever the gradient
-accumulation. Under DDP each rank runs its share of the anchor rows and DDP's gradient average
-makes the update the mean over all rows; every rank applies the same update.
+accumulation. Under DDP and FSDP every rank runs the whole anchor batch (8 rows every 4 steps by
+default), so the averaged gradient is the one-process anchor gradient, exactly.
 """
 
 from __future__ import annotations
@@ -198,13 +198,14 @@ class SafetyAnchor(Regularizer):
         model, capture: the model the training loop calls, and the hook layer on it.
         record: the base record (see :func:`record_anchor`).
         safety_per_source: per capture source, ``[n_s]`` safety unit ids local to it.
-        batch_size: anchor rows per anchor step (over all ranks).
+        batch_size: anchor rows per anchor step (each rank runs them all).
         every: anchor every this many optimizer steps.
         act_weight: ``mu``, weight of the neuron term relative to the KL term.
         rel_floor: activation floor of the neuron term, relative to the mean base activation.
     """
 
     name = "anchor"
+    backends = ("single", "ddp", "fsdp")
 
     def __init__(self, model: nn.Module, capture: ActivationCapture, record: AnchorRecord, safety_per_source: Sequence[torch.Tensor],
                  batch_size: int = 8, every: int = 1, act_weight: float = 1.0, rel_floor: float = metrics.DEFAULT_REL_FLOOR) -> None:
@@ -234,12 +235,9 @@ class SafetyAnchor(Regularizer):
             if overlap:
                 raise AnchorError(f"{len(overlap)} anchor prompt(s) are also monitor probes (e.g. {overlap[0]!r}); the "
                                   "monitor must measure prompts the anchor never trains on: pass disjoint anchor_prompts=")
-            record = None
-            if dist.is_main():
-                record = record_anchor(ctx.model, ctx.tokenizer, ctx.capture, per_source, harmful, harmless,
-                                       cfg.actions.anchor_max_new_tokens, cfg.atlas.max_length, cfg.actions.anchor_top_k,
-                                       cfg.monitor.probe_batch_size)
-            record = dist.broadcast(record)
+            record = dist.on_main(lambda: record_anchor(ctx.model, ctx.tokenizer, ctx.capture, per_source, harmful, harmless,
+                                                        cfg.actions.anchor_max_new_tokens, cfg.atlas.max_length,
+                                                        cfg.actions.anchor_top_k, cfg.monitor.probe_batch_size))
         return cls(ctx.model, ctx.capture, record.to(ctx.monitor.device), per_source, cfg.actions.anchor_batch_size,
                    cfg.actions.anchor_every, cfg.actions.anchor_act_weight, cfg.monitor.rel_floor)
 
@@ -248,11 +246,12 @@ class SafetyAnchor(Regularizer):
         return step % self.every == 0
 
     def rows(self, step: int) -> torch.Tensor:
-        """This rank's anchor rows at optimizer step ``step``: a rotating window over all rows, sharded by rank."""
+        """The anchor rows at optimizer step ``step``: a rotating window over all rows. Every rank runs the whole
+        window, so the anchor's loss and gradient are those of one process however many ranks average them
+        (a split would weight the harmful and harmless rows, and their tokens, by rank)."""
         total = self.record.ids.shape[0]
         start = (step // self.every) * self.batch_size
-        window = (start + torch.arange(self.batch_size)) % total
-        return window[dist.rank() :: dist.world_size()]
+        return (start + torch.arange(self.batch_size)) % total
 
     def step_loss(self, step: int) -> torch.Tensor | None:
         """``KL + mu * shrink`` on this step's anchor rows, differentiable (a forward with gradient), when due."""

@@ -17,6 +17,12 @@ over all units) and are refused.
 
 Every slice is a parameter and an *indexer*, ``param[indexer]`` (a tuple of index tensors and
 full slices), so one mechanism covers rows, columns and per-expert slices.
+
+Under sharded parameters (FSDP2 DTensors) each rank holds and restores the part of every slice
+that lies in its shard (the indexer becomes a boolean mask over the local shard), and the frozen
+gradients are zeroed on the local shard before the optimizer step (:meth:`mask_sharded_grads`), as
+FSDP2 sets sharded gradients outside autograd's tensor hooks. A gradient-norm clip that runs
+before that (the Trainer's ``max_grad_norm``) still counts the frozen gradients.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from rimguard import dist
 from rimguard.hooks.arch import MLPLayer, Projection, UnsupportedModelError
 from rimguard.hooks.capture import ActivationCapture
 from rimguard.saved import Saved
@@ -41,7 +48,7 @@ EVERY = slice(None)
 @dataclass
 class _Slice:
     param: nn.Parameter
-    indexer: Indexer
+    indexer: Indexer | torch.Tensor  # into the parameter's local shard: an indexer, or a boolean mask when sharded
     value: torch.Tensor
 
 
@@ -52,6 +59,16 @@ def along(dim: int, index: torch.Tensor) -> Indexer:
 
 def on_device(indexer: Indexer, device: torch.device) -> Indexer:
     return tuple(i.to(device) if isinstance(i, torch.Tensor) else i for i in indexer)
+
+
+def local_index(param: torch.Tensor, indexer: Indexer) -> Indexer | torch.Tensor:
+    """``indexer`` on ``param``'s device; for a sharded parameter, the boolean mask of its slice over the
+    rank's local shard."""
+    if not dist.is_sharded(param):
+        return on_device(indexer, param.device)
+    whole = torch.zeros(param.shape, dtype=torch.bool)
+    whole[indexer] = True
+    return dist.local_part(whole, param).to(dist.local(param).device)
 
 
 def _lora_parts(module: nn.Module, name: str) -> list[nn.Module]:
@@ -71,7 +88,7 @@ class NeuronFreezer:
         capture: the hook layer (its layers are the MLPs; the gradient masks are registered through it).
     """
 
-    backends = ("single", "ddp")  # the training backends it works under (sharded parameters: not yet)
+    backends = ("single", "ddp", "fsdp")  # the training backends it works under
 
     def __init__(self, capture: ActivationCapture) -> None:
         self.capture = capture
@@ -150,20 +167,23 @@ class NeuronFreezer:
                 if role == "base" and proj is not None and not param.requires_grad:
                     self._merge_lora(proj, indexer)
             for param, indexer, proj, role in targets:
-                at = on_device(indexer, param.device)
+                if role == "lora" and dist.is_sharded(param):
+                    raise UnsupportedModelError("freezing LoRA-adapted neurons under sharded parameters is not supported; "
+                                                "use mode='regularize' (the safety anchor), or full fine-tuning")
+                at = local_index(param, indexer)
                 if role == "lora":
                     with torch.no_grad():
                         param[at] = 0.0
                 if not param.requires_grad:
                     continue
-                self._slices.append(_Slice(param, at, param.detach()[at].clone()))
+                self._slices.append(_Slice(param, at, dist.local(param.detach())[at].clone()))
                 self._mask_grad(param, at)
         return added
 
-    def _mask_grad(self, param: nn.Parameter, indexer: Indexer) -> None:
+    def _mask_grad(self, param: nn.Parameter, indexer: Indexer | torch.Tensor) -> None:
         key = id(param)
         self._grad_index.setdefault(key, []).append(indexer)
-        if key in self._hooks:
+        if key in self._hooks or dist.is_sharded(param):  # sharded: see mask_sharded_grads
             return
         entries = self._grad_index[key]
 
@@ -176,10 +196,18 @@ class NeuronFreezer:
         self._hooks[key] = self.capture.grad_hook(param, hook)
 
     @torch.no_grad()
+    def mask_sharded_grads(self) -> None:
+        """Zero the frozen slices of sharded parameters' local gradients (after the backward, before the step)."""
+        for s in self._slices:
+            grad = s.param.grad
+            if grad is not None and dist.is_sharded(s.param):
+                dist.local(grad)[s.indexer] = 0.0
+
+    @torch.no_grad()
     def restore(self) -> None:
         """Write the frozen slices back (call after every optimizer step)."""
         for s in self._slices:
-            s.param[s.indexer] = s.value
+            dist.local(s.param)[s.indexer] = s.value
         self.held = True
 
     def begin_step(self) -> None:
@@ -201,7 +229,7 @@ class NeuronFreezer:
 
     def verify(self) -> bool:
         """True if every frozen slice is bitwise equal to its value at freeze time."""
-        return all(torch.equal(s.param.detach()[s.indexer], s.value) for s in self._slices)
+        return all(torch.equal(dist.local(s.param.detach())[s.indexer], s.value) for s in self._slices)
 
     def remove(self) -> None:
         """Remove the gradient hooks (the frozen values and their snapshots stay)."""

@@ -38,6 +38,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from tqdm.auto import tqdm
 
+from rimguard import dist
 from rimguard.atlas import selection
 from rimguard.atlas.head_selection import HeadSelection
 from rimguard.atlas.heads import identify_heads
@@ -65,7 +66,7 @@ class AtlasError(ValueError):
 
 def _weight_sample(layers: Sequence[MLPLayer]) -> torch.Tensor:
     """``[L, 16]`` fp32: the first 16 values of each down projection's base weight (LoRA does not change them)."""
-    return torch.stack([layer.weight().detach().reshape(-1)[:16].float().cpu() for layer in layers])
+    return torch.stack([dist.full(layer.weight().detach()).reshape(-1)[:16].float().cpu() for layer in layers])
 
 
 def fingerprint(model: nn.Module, layers: Sequence[MLPLayer] | None = None) -> dict[str, Any]:
@@ -444,7 +445,11 @@ def _select(model: nn.Module, capture: ActivationCapture, dialogues: Sequence[Se
 
 
 def _refuse_non_finite_weights(model: nn.Module) -> None:
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    named = list(model.named_parameters())
+    finite = torch.stack([torch.isfinite(dist.local(p.detach())).all() for _, p in named]).float()
+    if dist.sharded(model):  # each rank checked its shard
+        finite = dist.all_reduce_sum(finite) / dist.world_size()
+    bad = [name for (name, _), ok in zip(named, finite.tolist()) if ok < 1]
     if bad:
         raise AtlasError(f"the model's weights hold NaN or inf values ({len(bad)} tensors, e.g. {bad[0]}): an atlas of them "
                          "would be meaningless; load finite weights")

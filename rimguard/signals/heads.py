@@ -11,7 +11,7 @@ a second path to forgetting (besides the safety neurons). At each check this mon
   weights being trained, and saved with the guard's state).
 
 Nothing runs per training step. Under DDP each rank measures its share of the probes and the sums are
-all-reduced, so every rank logs the same values.
+all-reduced, so every rank logs the same values (every rank runs every probe under sharded parameters).
 """
 
 from __future__ import annotations
@@ -92,13 +92,13 @@ class RefusalHeadMonitor:
     def mass(self) -> torch.Tensor:
         """``[k]`` float32: each monitored head's attention mass on the span at the answer position, averaged
         over the probes (of every rank)."""
-        mine = self.prompts[dist.rank() :: dist.world_size()]
+        mine = dist.shard(self.prompts)
         total = torch.zeros(self.count, device=self.device)
         if len(mine):
             mass, _ = answer_attention(self.model, self.layers, mine, self._pad, self.record, self.config.monitor.probe_batch_size)
             total = mass[:, self.layer_pos, self.head].sum(0)
         count = torch.tensor(float(len(mine)), device=self.device)
-        return dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1)
+        return dist.sum_shards(total) / dist.sum_shards(count).clamp_min(1)
 
     def measure(self) -> dict[str, float]:
         """``refusal_head_mass`` (the heads' mean span mass now, a share in [0, 1]) and ``refusal_head_shift``

@@ -21,7 +21,8 @@ atlas' tracked neurons and attaches it.
   form of the same forgetting.
 
 Under DDP each rank probes its share of the prompts and the sums are all-reduced, so every rank
-gets identical metrics.
+gets identical metrics; under sharded parameters every rank runs every probe
+(:func:`rimguard.dist.replicate_probes`).
 
 Mixture-of-experts units are averaged over the probes (or training sequences) that routed a token
 to their expert. A unit that none did has no value (NaN in the reference and measurement vectors,
@@ -65,10 +66,6 @@ logger = logging.getLogger("rimguard")
 # the KL probes run in chunks whose [rows, T, vocab] log-probs hold at most this many floats (256 MB in fp32)
 KL_CHUNK_ELEMENTS = 1 << 26
 STATE_TENSORS = ("ref_safe", "ref_task", "ema_task", "kl_base_logp", "kl_base_index", "kl_ids", "kl_mask")
-
-
-def _shard(items: Sequence) -> list:
-    return list(items[dist.rank() :: dist.world_size()])
 
 
 @dataclass
@@ -172,8 +169,8 @@ class EntanglementMonitor:
     def before_update(self) -> None:
         """After a step's backward, before its optimizer step (the weights are still the base ones on the
         first step): take the base log-probs of the kept KL rows, if any are waiting."""
-        if self._kl_batch is not None:
-            batch, self._kl_batch = self._kl_batch, None
+        if self._kl_batch is not None:  # the main rank's rows on every rank: one KL on every rank, as in one process
+            batch, self._kl_batch = dist.broadcast(self._kl_batch.to(torch.device("cpu"))), None
             self._set_kl_reference(batch)
 
     def step_end(self) -> None:
@@ -187,11 +184,12 @@ class EntanglementMonitor:
         if drained is None:
             return
         sums, count = drained
+        if dist.active():  # the global batch's mean: one EMA on every rank (saved once, resumed exactly); no host sync
+            both = dist.all_reduce_sum(torch.stack([sums, count]))
+            sums, count = both[0], both[1]
         mean = self._mean(sums, count)
-        if self.ref_task is None:  # first optimizer step: the base reference, averaged over ranks
-            has = ~torch.isnan(mean)
-            self.ref_task = self._mean(dist.all_reduce_sum(torch.where(has, mean, torch.zeros_like(mean))),
-                                       dist.all_reduce_sum(has.float()))
+        if self.ref_task is None:  # first optimizer step: the base reference
+            self.ref_task = mean
             self.ema_task = mean.clone()
         elif self.ema_task is None:
             self.ema_task = mean
@@ -246,7 +244,7 @@ class EntanglementMonitor:
         if witness is not None:
             witness.begin(self.device, record)
         for group in self.groups:
-            mine = _shard(range(len(group.ids)))
+            mine = dist.shard(range(len(group.ids)))
             if not mine:
                 continue
             ids, reads = [group.ids[i] for i in mine], witness is not None and group.responses is not None
@@ -260,7 +258,7 @@ class EntanglementMonitor:
                 margins.append(metrics.refusal_margin(result.scores, len(self.refusal_openings)))
             if result.openings is not None:
                 witness.judge_openings(result.openings)
-        plain = _shard(self.plain_sequences)
+        plain = dist.shard(self.plain_sequences)
         if plain:
             acts.append(activations(self.model, self.capture, plain, self._pad, bs))
         for rows in acts:
@@ -268,7 +266,7 @@ class EntanglementMonitor:
             act_sum, act_count = act_sum + sums, act_count + count
         margin = torch.cat(margins) if margins else torch.zeros(0, device=self.device)
         counts = torch.tensor([float(len(margin))], device=self.device)
-        total = dist.all_reduce_sum(torch.cat([act_sum, act_count, margin.sum()[None], counts]))
+        total = dist.sum_shards(torch.cat([act_sum, act_count, margin.sum()[None], counts]))
         mean = self._mean(total[:n_tracked], total[n_tracked : 2 * n_tracked])
         has_margin = any(g.margin for g in self.groups)
         witnessed = witness.finish() if witness is not None else {}
@@ -284,12 +282,12 @@ class EntanglementMonitor:
 
     def _mean_activations(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Mean over ``sequences`` (sharded over ranks) of per-neuron max activations, ``[N]``."""
-        mine = _shard(sequences)
+        mine = dist.shard(sequences)
         n_tracked = self.atlas.tracked.shape[0]
         total, count = torch.zeros(n_tracked, device=self.device), torch.zeros(n_tracked, device=self.device)
         if mine:
             total, count = self._sum_rows(activations(self.model, self.capture, mine, self._pad, self.config.monitor.probe_batch_size))
-        return self._mean(dist.all_reduce_sum(total), dist.all_reduce_sum(count))
+        return self._mean(dist.sum_shards(total), dist.sum_shards(count))
 
     def _keep_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         """Batch tap: on the first training forward, keep a copy of a few of its sequences (no forward here;
@@ -331,7 +329,7 @@ class EntanglementMonitor:
     def _kl(self) -> float | None:
         if self.kl_base_logp is None or self.kl_ids is None or self.kl_mask is None:
             return None
-        # each rank scores its own probe rows (from its own first batch, or the shared task probes)
+        # every rank holds the same rows (the shared task probes, or the main rank's first batch) and scores them all
         total = torch.zeros((), device=self.device)
         with probe_mode(self.model):
             for rows in self._kl_chunks():
@@ -339,8 +337,7 @@ class EntanglementMonitor:
                 base_logp, base_index, mask = self.kl_base_logp[rows], self.kl_base_index[rows], self.kl_mask[rows]
                 for r in range(logp.shape[0]):  # the metric is the mean over rows of each row's mean over its tokens
                     total += metrics.topk_kl(base_logp[r : r + 1], base_index[r : r + 1], logp[r : r + 1], mask[r : r + 1])
-        count = torch.tensor(float(self.kl_ids.shape[0]), device=self.device)
-        return float(dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp_min(1))
+        return float(total) / self.kl_ids.shape[0]
 
     # -- metrics -----------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -353,7 +350,7 @@ class EntanglementMonitor:
         assert self.ref_safe is not None and self.ref_task is not None and self.ema_task is not None
         safe_now, margin, witnessed = self._safety_pass()
         self.safe_now = safe_now
-        task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
+        task_now = self.ema_task
         s = self.sets
         present = self._present(self.ref_safe, safe_now, self.ref_task, task_now)
         per_set = metrics.ras(self.ref_safe[s], safe_now[s], self.ref_task[s], task_now[s], self.config.monitor.rel_floor,
@@ -437,7 +434,7 @@ class EntanglementMonitor:
         if self.safe_now is None:
             self.safe_now = self._safety_pass()[0]
         safe_now = self.safe_now[idx]
-        task_now = dist.all_reduce_sum(self.ema_task) / dist.world_size()
+        task_now = self.ema_task
         present = self._present(self.ref_safe, self.ref_task)
         floor = metrics.activation_floor(self.ref_safe[idx], self.ref_task[idx], self.config.monitor.rel_floor,
                                          None if present is None else present[idx])

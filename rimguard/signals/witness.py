@@ -109,10 +109,10 @@ class Witness:
     def finish(self) -> dict[str, float]:
         """End the pass: the base share of refusals (when recording), or every witness value (a collective)."""
         assert self._sums is not None
-        sums, self._sums = dist.all_reduce_sum(self._sums), None
+        sums, self._sums = dist.sum_shards(self._sums), None
         if self._recording:  # each rank recorded its share of the probes (zeros elsewhere): the sum is every probe
             if self.base_logp is not None and self.base_index is not None:
-                self.base_logp, self.base_index = dist.all_reduce_sum(self.base_logp), dist.all_reduce_sum(self.base_index)
+                self.base_logp, self.base_index = dist.sum_shards(self.base_logp), dist.sum_shards(self.base_index)
             self.base_refusal = float(sums[2] / sums[3]) if self.tokens and float(sums[3]) > 0 else None
             return {}
         kl_sum, kl_count, refused, judged = sums.tolist()
