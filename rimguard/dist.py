@@ -11,13 +11,14 @@ are then each rank's own (the same numbers as one process, with no speed-up from
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+S = TypeVar("S", bound=Sequence)  # a sliceable probe set: a list, a range, SpanPrompts
 _replicated = False  # every rank runs every probe (sharded parameters): see replicate_probes
 
 
@@ -87,9 +88,9 @@ def replicate_probes(on: bool) -> None:
     _replicated = on and active()
 
 
-def shard(items: Sequence) -> list:
-    """This rank's share of a probe set (all of it under :func:`replicate_probes`)."""
-    return list(items) if _replicated else list(items[rank() :: world_size()])
+def shard(items: S) -> S:
+    """This rank's share of a probe set, sliced in its own type (all of it under :func:`replicate_probes`)."""
+    return items if _replicated else items[rank() :: world_size()]
 
 
 def sum_shards(tensor: torch.Tensor) -> torch.Tensor:
