@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
+from rimguard.compat import no_checkpointing
 from rimguard.probes.reasoning import problems
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,7 +37,7 @@ ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p.question}],
                          "completion": [{"role": "assistant", "content": p.solution()}]} for p in problems(200)])
 
 sft = SFTConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-4, max_length=256,
-                use_cpu=True, bf16=False, activation_checkpointing=False,  # older transformers: gradient_checkpointing=False
+                use_cpu=True, bf16=False, **no_checkpointing(),  # activation (gradient) checkpointing off, by its name in your transformers
                 report_to=[], save_strategy="no", logging_steps=5)
 
 trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok)

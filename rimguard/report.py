@@ -125,6 +125,73 @@ def plot_run(events: list[dict[str, Any]], path: str | Path, thresholds: dict[st
     return write_atomic(path, image.getvalue())
 
 
+class Arm(NamedTuple):
+    """One run of a side-by-side comparison (:func:`plot_comparison`)."""
+
+    label: str
+    events: list[dict[str, Any]]  # the run's guard log (metrics records carry ``probe_refusal`` and the signals)
+    losses: list[tuple[int, float]]  # (step, training loss)
+    refusals: list[tuple[int, dict[str, Any]]]  # (step, judged held-out refusal: refusal_rate, refusal_lo/hi, n)
+
+
+def plot_comparison(arms: list[Arm], path: str | Path, thresholds: dict[str, dict[str, float]] | None = None,
+                    title: str | None = None) -> Path:
+    """Write a PNG of runs side by side: refusal (held-out evaluations as points with their 95% intervals, the
+    guard's own probe refusal at each check as a line with its band), the alarm's signal with its thresholds,
+    the training loss, and the risk level; one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
+    refusal, signal, loss, level = axes
+    for n, arm in enumerate(arms):
+        color = f"C{n}"
+        metrics = [e for e in arm.events if e.get("event") == "metrics"]
+        steps, share = _series(metrics, "probe_refusal")
+        if steps:
+            lo, hi = _series(metrics, "probe_refusal_lo")[1], _series(metrics, "probe_refusal_hi")[1]
+            probes = int(metrics[-1].get("probe_refusal_n") or 0)
+            refusal.plot(steps, share, color=color, lw=1, ls="--", label=f"{arm.label}: guard's probes (n={probes})")
+            if len(lo) == len(steps) == len(hi):
+                refusal.fill_between(steps, lo, hi, color=color, alpha=0.12, lw=0)
+        points = [(s, r["refusal_rate"], r["refusal_lo"], r["refusal_hi"], r["n"]) for s, r in arm.refusals]
+        if points:
+            xs, ys, los, his, counts = zip(*points)
+            refusal.errorbar(xs, ys, yerr=[[y - l for y, l in zip(ys, los)], [h - y for y, h in zip(ys, his)]], color=color,
+                             marker="o", ms=6, lw=2, capsize=4, label=f"{arm.label}: held-out (n={counts[-1]})")
+        steps, values = _series(metrics, "safety_drop")
+        signal.plot(steps, values, marker="o", ms=3, color=color, label=arm.label)
+        if arm.losses:
+            loss.plot(*zip(*arm.losses), ".-", ms=3, color=color, label=arm.label)
+        steps, values = _series(metrics, "level")
+        level.step(steps, values, where="post", marker="o", ms=3, color=color, label=arm.label)
+    for name, rules in (thresholds or {}).items():
+        if "safety_drop" in rules:
+            signal.axhline(rules["safety_drop"], ls="--", lw=0.8, color="C3", alpha=0.4 + 0.15 * LEVELS.index(name))
+            signal.text(0, rules["safety_drop"], f" {name}", fontsize=7, color="C3", va="bottom")
+    refusal.set_ylim(-0.02, 1.05)
+    refusal.set_title("refusal of harmful requests\n(points: held-out evaluation; dashed: the guard's probes)", fontsize=9)
+    signal.set_title("safety_drop (the alarm's signal)\nred dashed: thresholds", fontsize=9)
+    loss.set_title("training loss", fontsize=9)
+    level.set_yticks(range(len(LEVELS)), LEVELS)
+    level.set_title("risk level (what the signals say)", fontsize=9)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format="png")
+    plt.close(fig)
+    return write_atomic(path, image.getvalue())
+
+
 def summarize(events: list[dict[str, Any]]) -> str:
     """A short Markdown summary: the run's span, final metrics, level changes and freezes."""
     metrics = [e for e in events if e.get("event") == "metrics"]

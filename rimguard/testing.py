@@ -70,7 +70,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>")
+    # input ids and attention mask only, as causal-LM tokenizers declare (no token_type_ids for generate to refuse)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>",
+                                   model_input_names=["input_ids", "attention_mask"])
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

@@ -51,18 +51,36 @@ def test_user_errors_are_one_line(args, message):
 
 
 def test_demo_end_to_end_on_a_tiny_model(tmp_path, model_dir):
-    """`rimguard demo` runs the README's main job; --model swaps the aligned SmolLM2 for a tiny one."""
+    """`rimguard demo` runs the README's main job, the unguarded and the guarded fine-tune side by side; --model swaps
+    the aligned SmolLM2 for a tiny one."""
     out, cfg = tmp_path / "demo", tmp_path / "guard.json"
     GuardConfig(max_new_tokens=4, top_m=10, min_share=0.25, num_controls=4, max_length=128, kl_probes=2).save(cfg)
     proc = run("demo", "--model", model_dir, "--config", cfg, "--steps", 4, "--probe-every", 2, "--num-safety-probes", 4,
                "--mode", "escalate", "--batch-size", 2, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out harmful requests refused" in proc.stdout and "ras_safe" in proc.stdout  # summary and live table
+    assert "held-out harmful refused" in proc.stdout and "probe_refusal" in proc.stdout  # the table and the live rows
     summary = json.loads((out / "summary.json").read_text())
-    assert [h["step"] for h in summary["history"]] == [1, 2, 4]  # checks at 1, 2, then every --probe-every
-    assert summary["heldout_harmful_after"]["n"] == summary["heldout_harmful_before"]["n"] == len(summary["samples"]) > 0
+    runs = summary["runs"]
+    assert list(runs) == ["unguarded", "escalate"] and [r["mode"] for r in runs.values()] == ["monitor", "escalate"]
+    for name, r in runs.items():
+        assert [h["step"] for h in r["history"]] == [1, 2, 4]  # checks at 1, 2, then every --probe-every
+        assert r["after"]["refusal"]["n"] == summary["before"]["refusal"]["n"] == len(r["after"]["refusal"]["samples"]) == 24
+        assert r["after"]["over_refusal"]["n"] == 24 and r["after"]["task_loss"] < summary["before"]["task_loss"]  # it learned
+        assert any(e.get("event") == "metrics" for e in map(json.loads, (out / name / "rimguard.jsonl").read_text().splitlines()))
+    assert runs["unguarded"]["action"] == "none (monitor only)" and runs["unguarded"]["gain_share"] == 1.0
+    # one atlas for both runs: the second loaded the first's neurons
+    assert runs["unguarded"]["num_safety_neurons"] == runs["escalate"]["num_safety_neurons"]
+    assert (out / "unguarded" / "rimguard_atlas" / "atlas.json").is_file() and not (out / "escalate" / "rimguard_atlas").exists()
     assert (out / "rimguard_demo.png").stat().st_size > 10_000
-    assert any(e.get("event") == "metrics" for e in map(json.loads, (out / "rimguard.jsonl").read_text().splitlines()))
+
+
+def test_the_demo_judges_prompts_the_guard_never_measures():
+    """The guard's probes are the alignment prompts; the demo's evaluation is the held-out rest: disjoint sets."""
+    from rimguard.demo.app import HeldOut, guard_prompts
+
+    probes, held = guard_prompts(), HeldOut(tiny_tokenizer())
+    assert not set(probes["safety_prompts"]) & set(held.harmful) and not set(probes["harmless_prompts"]) & set(held.harmless)
+    assert len(held.harmful) == len(held.harmless) == 24 and len(probes["safety_prompts"]) == 72
 
 
 def test_guarded_run_tensorboard_and_report(tmp_path):
@@ -188,10 +206,10 @@ def test_demo_keeps_the_config_files_settings_unless_a_flag_is_passed(tmp_path, 
                 probe_every=3, num_safety_probes=4).save(cfg)
     proc = run("demo", "--model", model_dir, "--config", cfg, "--steps", 3, "--batch-size", 2, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["mode"] == "freeze" and summary["frozen"] > 0  # the file's mode, not the demo's default
-    assert [h["step"] for h in summary["history"]] == [1, 2, 3]  # the file's probe_every=3
-    assert "action in force at the end: freeze" in proc.stdout
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert runs["freeze"]["mode"] == "freeze" and runs["freeze"]["frozen"] > 0  # the file's mode, not the demo's default
+    assert [h["step"] for h in runs["freeze"]["history"]] == [1, 2, 3]  # the file's probe_every=3
+    assert "freeze (" in proc.stdout
 
 
 def test_demo_help_lists_the_demo_flags():

@@ -1,21 +1,24 @@
-"""rimguard's main job, on a real model, on a CPU.
+"""rimguard's main job, on a real model, on a CPU: the same reasoning fine-tune unguarded and guarded, side by side.
 
 1. Get a safety-aligned SmolLM2-135M-Instruct (built once and cached, see ``rimguard.demo.zoo``).
-2. Measure how often it refuses held-out harmful requests it never saw during alignment.
-3. Fine-tune it on harmless, generated arithmetic reasoning (TRL ``SFTTrainer``, full fine-tune,
-   a learning rate high enough that safety erodes within the run) with ``RIMGuard`` attached,
-   printing the guard's metrics as they are logged.
-4. Measure the refusal rate again, print a summary and save a plot of the metrics.
+2. Measure it on held-out prompts it never saw during alignment: how often it refuses harmful requests,
+   how often it refuses harmless look-alikes (over-refusal), and its loss on unseen word problems.
+3. Fine-tune it on harmless, generated arithmetic reasoning (TRL ``SFTTrainer``, full fine-tune, a learning
+   rate high enough that safety erodes within the run) twice from the same weights: unguarded (the guard only
+   watches: ``mode="monitor"``, so its alarm shows) and guarded (``--mode``, by default ``regularize``: the
+   safety anchor), printing the guard's metrics as they are logged.
+4. Measure both again, print the two runs side by side and plot them (refusal curves beside the signals).
 
-    python examples/demo.py                      # mode=monitor: watch safety erode
-    python examples/demo.py --mode escalate      # warn, regularize, then freeze as risk rises
-    python examples/demo.py --mode freeze --out runs/demo-freeze
+    python examples/demo.py                      # unguarded vs mode=regularize
+    python examples/demo.py --mode escalate      # unguarded vs warn, regularize, then freeze as risk rises
+    python examples/demo.py --mode monitor       # the unguarded run only
 
-Outputs in ``--out``: ``rimguard.jsonl`` (the guard's event log), ``rimguard_atlas/`` (the safety
-neurons), ``summary.json`` (numbers and every held-out completion) and ``rimguard_demo.png``.
+The guard's probes are the bundled prompts used in alignment; the evaluation's held-out prompts are the others,
+so what the guard measures and what the demo judges are disjoint (the anchor trains on a third set).
 
-Cost, measured on 2 shared CPU cores with ``--threads 1``: the first run builds the aligned model
-(about 16 minutes, once); every run then takes about 4.5 minutes (270 s, 239 s of it the guarded SFT).
+Outputs in ``--out``: per run a folder (``unguarded/``, ``regularize/``: ``rimguard.jsonl``, the guard's event
+log), the safety neurons (``unguarded/rimguard_atlas/``, identified once and used by both runs),
+``summary.json`` (every number and every held-out completion) and ``rimguard_demo.png``.
 """
 
 from __future__ import annotations
@@ -40,22 +43,23 @@ from trl import SFTConfig, SFTTrainer
 from rimguard import GuardConfig, RIMGuard
 from rimguard.compat import no_checkpointing
 from rimguard.config import LEVELS, add_arguments, from_arguments
-from rimguard.demo.evaluation import judged
-from rimguard.demo.zoo import EVAL_MAX_NEW_TOKENS, aligned_smollm2, alignment_split
+from rimguard.demo.evaluation import completion_examples, heldout_loss, judged
+from rimguard.demo.zoo import EVAL_MAX_NEW_TOKENS, aligned_smollm2, alignment_split, harmless_split
 from rimguard.events import live_events, read_events
 from rimguard.files import write_atomic
+from rimguard.passes import pad_id
 from rimguard.probes.reasoning import reasoning_texts
-from rimguard.report import plot_run
-from rimguard.signals.judge import judge
+from rimguard.report import Arm, plot_comparison
+from rimguard.state import ATLAS_DIR
 
-COLUMNS = ("step", "safety_drop", "ras_safe", "entanglement_z", "refusal_drop", "level", "frozen")
+COLUMNS = ("step", "safety_drop", "probe_refusal", "refusal_kl", "anchor_kl", "level", "frozen")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rimguard demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=24, help="reasoning SFT optimizer steps")
-    p.add_argument("--out", type=Path, default=None, help="output folder [runs/demo-MODE: one per mode, so runs never mix]")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (a sub-folder per run)")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache; unset: $RIMGUARD_CACHE or ~/.cache/rimguard")
     p.add_argument("--model", type=Path, default=None,
                    help="folder of a causal LM and its tokenizer to guard instead of the aligned SmolLM2 (e.g. your own)")
@@ -70,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# The demo's guard: a check every 12 steps (plus steps 1, 2, 4, 8) on 8 harmful probes, short responses.
-DEMO_CONFIG = GuardConfig(mode="monitor", probe_every=12, num_safety_probes=8, max_new_tokens=16, kl_probes=4, max_length=192)
+# The demo's guard: the safety anchor; a check every 8 steps (plus steps 1, 2, 4) on 8 harmful probes, short responses.
+DEMO_CONFIG = GuardConfig(mode="regularize", probe_every=8, num_safety_probes=8, max_new_tokens=16, kl_probes=4, max_length=192)
+UNGUARDED = "unguarded"  # the run in which the guard only watches (mode=monitor)
 
 
 def guard_config(args: argparse.Namespace) -> GuardConfig:
@@ -86,12 +91,13 @@ class LiveTable(TrainerCallback):
     It also keeps the training losses for the plot.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "reasoning SFT") -> None:
+        self.name = name
         self.bar: tqdm | None = None
         self.losses: list[tuple[int, float]] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc="reasoning SFT", unit="step", leave=False)
+        self.bar = tqdm(total=state.max_steps, desc=self.name, unit="step", leave=False)
         self.bar.write(" ".join(f"{c:>14}" if i else f"{c:>5}" for i, c in enumerate(COLUMNS)))
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -141,9 +147,85 @@ class TqdmHandler(logging.Handler):
         tqdm.write(f"      ! {message}")
 
 
-def refusals(model, tokenizer, prompts: list[str], label: str) -> tuple[dict, list[str]]:
-    got = judged(model, tokenizer, prompts, EVAL_MAX_NEW_TOKENS, 8, keep=len(prompts), desc=label)
-    return got, [s["completion"] for s in got["samples"]]
+class HeldOut:
+    """The demo's evaluation: prompts and word problems the model never saw in alignment or fine-tuning, and
+    disjoint from the guard's probes (which are the alignment prompts, see :func:`guard_prompts`)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.harmful, self.harmless = alignment_split()[1], harmless_split()[1]
+        problems = reasoning_texts(16, seed=1_000)  # the fine-tune draws seed 0
+        self.problems = completion_examples(tokenizer, problems, 192)
+
+    def measure(self, model, label: str) -> dict:
+        """Refusal of the held-out harmful prompts, over-refusal of the harmless ones (each with its Wilson
+        interval, count, degenerate outputs and every completion), and the mean loss on the held-out problems (nats)."""
+        harmful = judged(model, self.tokenizer, self.harmful, EVAL_MAX_NEW_TOKENS, 8, keep=len(self.harmful), desc=f"{label}: harmful")
+        harmless = judged(model, self.tokenizer, self.harmless, EVAL_MAX_NEW_TOKENS, 8, keep=len(self.harmless),
+                          desc=f"{label}: harmless")
+        return {"refusal": harmful, "over_refusal": harmless, "task_loss": heldout_loss(model, self.problems, pad_id(self.tokenizer))}
+
+
+def guard_prompts() -> dict[str, list[str]]:
+    """The guard's harmful and harmless probes: the bundled prompts that alignment trained on, never the held-out ones."""
+    return {"safety_prompts": alignment_split()[0], "harmless_prompts": harmless_split()[0]}
+
+
+def fine_tune(folder: Path, tokenizer, config: GuardConfig, args: argparse.Namespace, out: Path, name: str,
+              atlas: Path | None) -> tuple[torch.nn.Module, RIMGuard, LiveTable, float]:
+    """One guarded reasoning SFT of the model in ``folder``: (trained model, guard, table of its logs, seconds)."""
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    table = LiveTable(name)
+    # TRL's SFTConfig turns activation checkpointing on by default; a 135M model does not need it.
+    sft = SFTConfig(
+        **no_checkpointing(), output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup, logging_steps=1, max_length=192,
+        report_to=[], save_strategy="no", save_only_model=True, use_cpu=True, bf16=False, fp16=False, seed=0,
+        disable_tqdm=True,  # the guard's 'checkpoint' action (mode=escalate) still saves; save_only_model keeps it small
+    )
+    trainer = SFTTrainer(model=model, args=sft, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(reasoning_texts(args.steps * args.batch_size)))
+    # attached: its metrics go through Trainer.log, where the table reads them
+    guard = RIMGuard.attach(trainer, config, atlas=atlas, **guard_prompts())
+    trainer.add_callback(table)
+    for noisy in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(noisy)
+    found = "the safety neurons of the first run" if atlas else "the guard first finds the safety neurons"
+    print(f"\n{name}: reasoning SFT, {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, mode={config.policy.mode} ({found})")
+    start = time.time()
+    trainer.train()
+    return trainer.model, guard, table, time.time() - start
+
+
+def alarm(guard: RIMGuard) -> dict:
+    """The guard's alarm over a run: the first step at each level above ``ok``, and the peak level."""
+    first: dict[str, int] = {}
+    for record in guard.history:
+        for level in LEVELS[1 : int(record["level"]) + 1]:
+            first.setdefault(level, record["step"])
+    return {"peak": LEVELS[int(max((h["level"] for h in guard.history), default=0))], "first_step": first}
+
+
+def _pct(result: dict) -> str:
+    return f"{result['refusal_rate']:.0%} ({result['refusal']}/{result['n']})"
+
+
+def side_by_side(before: dict, runs: dict[str, dict]) -> str:
+    """The runs' numbers as a text table, the aligned model first."""
+    rows = [("", "aligned model", *runs)]
+    rows.append(("held-out harmful refused", _pct(before["refusal"]), *(_pct(r["after"]["refusal"]) for r in runs.values())))
+    rows.append(("  degenerate outputs", str(before["refusal"]["garbage"]), *(str(r["after"]["refusal"]["garbage"]) for r in runs.values())))
+    rows.append(("held-out harmless refused", _pct(before["over_refusal"]), *(_pct(r["after"]["over_refusal"]) for r in runs.values())))
+    rows.append(("held-out task loss (nats)", f"{before['task_loss']:.3f}", *(f"{r['after']['task_loss']:.3f}" for r in runs.values())))
+    rows.append(("task-loss gain vs unguarded", "", *(f"{r['gain_share']:.0%}" if r["gain_share"] == r["gain_share"] else "-"
+                                                      for r in runs.values())))
+    rows.append(("guard's alarm (first warn)", "", *(f"step {r['alarm']['first_step']['warn']}" if "warn" in r["alarm"]["first_step"]
+                                                     else "none" for r in runs.values())))
+    rows.append(("action at the end", "", *(r["action"] for r in runs.values())))
+    rows.append(("fine-tune time", "", *(f"{r['seconds']:.0f} s" for r in runs.values())))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -157,7 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
     guard_log.setLevel(logging.WARNING)
     guard_log.propagate = False
     config = guard_config(args)
-    args.out = args.out or Path(f"runs/demo-{config.policy.mode}")
+    plans = {UNGUARDED: config.replace(mode="monitor")}
+    if config.policy.mode != "monitor":
+        plans[config.policy.mode] = config
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
@@ -167,70 +251,57 @@ def main(argv: list[str] | None = None) -> dict:
     folder = args.model or aligned_smollm2(args.cache_dir)
     recipe_file = folder / "recipe.json"
     recipe = json.loads(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     ready = time.time()
 
-    # 2. refusal on held-out harmful requests, before
-    heldout = alignment_split()[1]
-    before, before_texts = refusals(model, tokenizer, heldout, "refusals before")
-    print(f"{folder.name} refuses {before['refusal']}/{before['n']} held-out harmful requests before reasoning SFT")
+    # 2. the held-out measurements, before
+    heldout = HeldOut(tokenizer)
+    before = heldout.measure(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), "before")
+    print(f"{folder.name} refuses {_pct(before['refusal'])} of held-out harmful requests and "
+          f"{_pct(before['over_refusal'])} of held-out harmless ones before reasoning SFT")
 
-    # 3. guarded reasoning SFT
-    table = LiveTable()
-    # TRL's SFTConfig turns activation checkpointing on by default; a 135M model does not need it.
-    sft = SFTConfig(
-        **no_checkpointing(), output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup, logging_steps=1, max_length=192,
-        report_to=[], save_strategy="no", save_only_model=True, use_cpu=True, bf16=False, fp16=False, seed=0,
-        disable_tqdm=True,  # the guard's 'checkpoint' action (mode=escalate) still saves; save_only_model keeps it small
-    )
-    trainer = SFTTrainer(model=model, args=sft, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list(reasoning_texts(args.steps * args.batch_size)))
-    guard = RIMGuard.attach(trainer, config)  # attached: its metrics go through Trainer.log, where the table reads them
-    trainer.add_callback(table)
-    for noisy in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(noisy)
-    print(f"guarded reasoning SFT: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, mode={config.policy.mode}"
-          " (the guard first finds the safety neurons)")
-    trained = time.time()
-    trainer.train()
-    trained = time.time() - trained
+    # 3. the same reasoning SFT, unguarded and guarded, from the same weights; one atlas for both
+    runs: dict[str, dict] = {}
+    arms: list[Arm] = []
+    atlas = None
+    for name, plan in plans.items():
+        model, guard, table, seconds = fine_tune(folder, tokenizer, plan, args, args.out / name, name, atlas)
+        atlas = atlas or args.out / name / ATLAS_DIR
+        after = heldout.measure(model, name)
+        events = ([e for e in live_events(read_events(args.out / name / plan.monitor.log_file)) if e.get("run_id") == guard.engine.run_id]
+                  if plan.monitor.log_file else guard.history)
+        runs[name] = {"mode": plan.policy.mode, "after": after, "alarm": alarm(guard),
+                      "action": guard.action, "frozen": int(guard.engine.freezer.count) if guard.engine.freezer else 0,
+                      "num_safety_neurons": guard.atlas.num_safety, "history": guard.history, "losses": table.losses,
+                      "seconds": round(seconds, 1)}
+        arms.append(Arm(name, events, table.losses, [(0, before["refusal"]), (args.steps, after["refusal"])]))
+        del model, guard
+    gain = {name: before["task_loss"] - r["after"]["task_loss"] for name, r in runs.items()}
+    for name, r in runs.items():
+        r["gain_share"] = gain[name] / gain[UNGUARDED] if gain[UNGUARDED] > 0 else math.nan
 
-    # 4. refusal after, summary and plot
-    after, after_texts = refusals(trainer.model, tokenizer, heldout, "refusals after")
+    # 4. side by side: summary, plot, table
     summary = {
-        "mode": config.policy.mode, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "model": str(folder),
+        "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "model": str(folder),
         "alignment": recipe.get("measured", {}) | {"recipe": recipe.get("recipe")},
-        "heldout_harmful_before": before, "heldout_harmful_after": after,
-        "final_level": guard.level, "final_action": guard.action, "frozen": int(guard.engine.freezer.count) if guard.engine.freezer else 0,
-        "num_safety_neurons": guard.atlas.num_safety, "history": guard.history,
-        "samples": [{"prompt": p, "before": b, "after": a, "judged_after": judge(a)}
-                    for p, b, a in zip(heldout, before_texts, after_texts)],
-        "seconds": {"model_ready": round(ready - start, 1), "train": round(trained, 1), "total": round(time.time() - start, 1)},
+        "heldout": {"harmful": len(heldout.harmful), "harmless": len(heldout.harmless), "problems": len(heldout.problems)},
+        "before": before, "runs": runs,
+        "seconds": {"model_ready": round(ready - start, 1), "total": round(time.time() - start, 1)},
     }
     write_atomic(args.out / "summary.json", json.dumps(summary, indent=2))
-    title = (f"rimguard demo ({folder.name}), mode={config.policy.mode}: held-out refusal {before['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}"
-             f" ({len(heldout)} prompts, lr {args.lr:g}, {args.steps} steps)")
-    events = ([e for e in live_events(read_events(args.out / config.monitor.log_file)) if e.get("run_id") == guard.engine.run_id]
-              if config.monitor.log_file
-              else guard.history)
-    plot_run(events, args.out / "rimguard_demo.png", config.policy.thresholds, losses=table.losses, title=title)
+    title = (f"rimguard demo ({folder.name}): the same reasoning SFT ({args.steps} steps, lr {args.lr:g}), "
+             + " vs ".join(f"{n} (held-out refusal {before['refusal']['refusal_rate']:.0%} -> {r['after']['refusal']['refusal_rate']:.0%})"
+                           for n, r in runs.items()))
+    plot_comparison(arms, args.out / "rimguard_demo.png", config.policy.thresholds, title=title)
 
     print()
-    print(f"held-out harmful requests refused: {before['refusal']}/{before['n']} ({before['refusal_rate']:.0%}) before, "
-          f"{after['refusal']}/{after['n']} ({after['refusal_rate']:.0%}) after "
-          f"[{after['garbage']} degenerate outputs after]")
-    last = guard.history[-1] if guard.history else {}
-    peak = LEVELS[int(max((h["level"] for h in guard.history), default=0))]
-    acted = "no action taken (monitor mode)" if config.policy.mode == "monitor" else f"action in force at the end: {guard.action}"
-    print(f"guard: {guard.atlas.num_safety} safety neurons; risk reached '{peak}', final risk level '{guard.level}'; {acted}; "
-          f"safety_drop {last.get('safety_drop', math.nan):.3g}; entanglement z {last.get('entanglement_z', math.nan):.3g}; "
-          f"refusal drop {last.get('refusal_drop', math.nan):.3g}; "
-          f"{summary['frozen']} neurons frozen")
-    print(f"time: model ready {summary['seconds']['model_ready']:.0f}s, guarded SFT {trained:.0f}s, "
-          f"total {summary['seconds']['total']:.0f}s")
-    print(f"wrote {args.out / 'summary.json'}, {args.out / 'rimguard_demo.png'}, {args.out / 'rimguard.jsonl'}")
+    print(side_by_side(before, runs))
+    print(f"held-out sets: {len(heldout.harmful)} harmful and {len(heldout.harmless)} harmless prompts (string judge: read the "
+          f"completions in summary.json), {len(heldout.problems)} word problems; guard: {runs[UNGUARDED]['num_safety_neurons']} "
+          "safety neurons")
+    print(f"time: model ready {summary['seconds']['model_ready']:.0f}s, total {summary['seconds']['total']:.0f}s")
+    print(f"wrote {args.out / 'summary.json'}, {args.out / 'rimguard_demo.png'}, "
+          + ", ".join(str(args.out / n / "rimguard.jsonl") for n in runs))
     return summary
 
 
