@@ -133,3 +133,12 @@ def test_llamafactory_bad_guard_field_fails_before_anything_loads(tmp_path):
         split_args({"stage": "sft", "rimguard": {"probe_evry": 3}})
     with pytest.raises(ConfigError, match="no such LLaMA-Factory config file"):
         split_args(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["axolotl_rimguard.yaml", "llamafactory_rimguard.yaml"])
+def test_the_shipped_framework_examples_hold_a_valid_guard_section(name):
+    from rimguard.integrations.llamafactory import split_args
+
+    path = Path(__file__).resolve().parent.parent / "integrations" / name
+    rest, config = split_args(path)
+    assert config.policy.mode == "regularize" and "rimguard" not in rest and yaml.safe_load(path.read_text())["rimguard"]
