@@ -61,14 +61,12 @@ class GuardEngine:
         tokenizer: the model's tokenizer (or pass it to :meth:`setup`).
         safety_prompts, intent_prompts, harmless_prompts: probe sources for identification
             (anything :func:`rimguard.probes.load_prompts` takes); bundled sets by default.
-        task_prompts: task (reasoning) probes for the base reference and KL; by default the training
-            data itself is used.
+        task_prompts: task (reasoning) probes for the base reference and KL; by default the training data itself.
         anchor_prompts, anchor_harmless_prompts: the safety anchor's harmful prompts and harmless
             look-alikes (bundled sets by default); they must not overlap the monitor's probes.
-        reasoning_spans: reasoning passages placed before the answer to find the refusal heads
-            (``refusal_heads > 0``; bundled by default).
-        prompt_key: the column/field holding the text in CSV/JSONL/dataset prompt sources (default:
-            the first of ``prompt``, ``goal``, ``text``, ``question``, ``instruction``, ``request``).
+        reasoning_spans: reasoning passages placed before the answer to find the refusal heads (``refusal_heads > 0``; bundled).
+        prompt_key: the text's column in CSV/JSONL/dataset prompt sources (default: the first of ``prompt``, ``goal``,
+            ``text``, ``question``, ``instruction``, ``request``).
         on_alert: called as ``on_alert(decision, metrics, step)`` whenever the level changes.
         schedule: ``schedule(step) -> bool``, whether to check after optimizer step ``step``;
             default :meth:`MonitorConfig.is_check_step` (every ``probe_every``, and steps 1, 2, 4, ... before).
@@ -283,9 +281,8 @@ class GuardEngine:
     # -- checkpoint state ----------------------------------------------------------------------
     def _parts(self) -> dict[str, Any]:
         """The stateful parts, by the name their state is saved under (each has ``state_dict() -> Saved``)."""
-        parts = {"policy": self.policy, "tie": self.tie, "monitor": self.monitor, "freezer": self.freezer,
-                 "regularizer": self.regularizer, "heads": self.heads}
-        return {name: part for name, part in parts.items() if part is not None}
+        parts = {"policy": self.policy, "tie": self.tie, "monitor": self.monitor, "freezer": self.freezer, "regularizer": self.regularizer}
+        return {name: part for name, part in {**parts, "heads": self.heads}.items() if part is not None}
 
     def state(self) -> GuardState:
         """Everything needed to resume (see :mod:`rimguard.state`)."""

@@ -140,3 +140,17 @@ def test_guard_state_corrupt_files(saved_state):
     (saved_state / "state.json").write_text("{not json")
     with pytest.raises(GuardStateError, match="truncated or corrupt"):
         GuardState.read(saved_state)
+
+
+def test_the_docs_call_only_engine_methods_that_exist():
+    """Every ``engine.NAME(`` in the README, the guide and the engine's own docstring is a GuardEngine method, so a
+    custom loop copied from the docs runs."""
+    from pathlib import Path
+
+    from rimguard import GuardEngine, engine
+
+    root = Path(__file__).resolve().parent.parent
+    texts = [(root / "README.md").read_text(), (root / "docs" / "guide.md").read_text(), engine.__doc__]
+    called = {name for text in texts for name in re.findall(r"\bengine\.(\w+)\(", text)}
+    assert {"setup", "begin_step", "reg_loss", "before_optimizer_step", "end_step", "finish"} <= called
+    assert not [name for name in called if not callable(getattr(GuardEngine, name, None))]
