@@ -58,7 +58,7 @@ COLUMNS = ("step", "safety_drop", "probe_refusal", "refusal_kl", "anchor_kl", "l
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rimguard demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=24, help="reasoning SFT optimizer steps")
+    p.add_argument("--steps", type=int, default=12, help="reasoning SFT optimizer steps (per run)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (a sub-folder per run)")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache; unset: $RIMGUARD_CACHE or ~/.cache/rimguard")
     p.add_argument("--model", type=Path, default=None,
@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The demo's guard: the safety anchor; a check every 8 steps (plus steps 1, 2, 4) on 8 harmful probes, short responses.
 DEMO_CONFIG = GuardConfig(mode="regularize", probe_every=8, num_safety_probes=8, max_new_tokens=16, kl_probes=4, max_length=192)
 UNGUARDED = "unguarded"  # the run in which the guard only watches (mode=monitor)
+EVAL_BATCH = 12  # held-out prompts per generation batch: 24 prompts in two
 
 
 def guard_config(args: argparse.Namespace) -> GuardConfig:
@@ -160,8 +161,8 @@ class HeldOut:
     def measure(self, model, label: str) -> dict:
         """Refusal of the held-out harmful prompts, over-refusal of the harmless ones (each with its Wilson
         interval, count, degenerate outputs and every completion), and the mean loss on the held-out problems (nats)."""
-        harmful = judged(model, self.tokenizer, self.harmful, EVAL_MAX_NEW_TOKENS, 8, keep=len(self.harmful), desc=f"{label}: harmful")
-        harmless = judged(model, self.tokenizer, self.harmless, EVAL_MAX_NEW_TOKENS, 8, keep=len(self.harmless),
+        harmful = judged(model, self.tokenizer, self.harmful, EVAL_MAX_NEW_TOKENS, EVAL_BATCH, keep=len(self.harmful), desc=f"{label}: harmful")
+        harmless = judged(model, self.tokenizer, self.harmless, EVAL_MAX_NEW_TOKENS, EVAL_BATCH, keep=len(self.harmless),
                           desc=f"{label}: harmless")
         return {"refusal": harmful, "over_refusal": harmless, "task_loss": heldout_loss(model, self.problems, pad_id(self.tokenizer))}
 
