@@ -4,14 +4,20 @@ import json
 
 import pytest
 import torch
+import transformers
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rimguard import RIMGuard
 from rimguard.compat import no_checkpointing
+from rimguard.hooks.arch import UnsupportedModelError, find_mlp_layers
 from rimguard.probes.reasoning import reasoning_texts
 from rimguard.testing import tiny_model
+
+# MoE layers are read in transformers 5's stacked expert layout; transformers 4 keeps per-expert module lists
+STACKED_EXPERTS = int(transformers.__version__.split(".")[0]) >= 5
+MOE = pytest.param("qwen2_moe", marks=pytest.mark.skipif(not STACKED_EXPERTS, reason="MoE support needs transformers 5"))
 
 # low thresholds so the run escalates (and freezes) before and after the checkpoint
 TH = {"warn": {"task_rise": 0.0}, "regularize": {"task_rise": 0.002}, "freeze": {"task_rise": 0.004}, "stop": {}}
@@ -39,7 +45,13 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])  # dense; mixture of experts with a shared expert
+@pytest.mark.skipif(STACKED_EXPERTS, reason="transformers 5 stacks the expert weights: supported")
+def test_a_transformers_4_moe_model_is_refused_naming_the_layout():
+    with pytest.raises(UnsupportedModelError, match="stacked 3-D 'gate_up_proj' \\(transformers 5's fused expert layout\\)"):
+        find_mlp_layers(tiny_model("qwen2_moe"))
+
+
+@pytest.mark.parametrize("family", ["llama", MOE])  # dense; mixture of experts with a shared expert
 def test_resume_reproduces_metrics_and_decisions(tmp_path, tok, fast_config, family):
     full, _ = run(tmp_path / "full", tok, fast_config, 8, family=family)
     part, _ = run(tmp_path / "part", tok, fast_config, 4, family=family)
