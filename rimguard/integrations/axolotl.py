@@ -37,18 +37,6 @@ class RIMGuardArgs(BaseModel):
         return value
 
 
-def guard_config(section: Any) -> GuardConfig:
-    """The :class:`GuardConfig` of a ``rimguard:`` section as Axolotl hands it over (None, or a dict subclass)."""
-    return GuardConfig.of(_plain(section or {}))
-
-
-def _plain(value: Any) -> Any:
-    """Axolotl's config mappings (``DictDefault``: a missing key reads as None) as plain dicts."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return [_plain(item) for item in value] if isinstance(value, list) else value
-
-
 class RIMGuardPlugin(BasePlugin):
     """Adds a :class:`RIMGuard` built from ``cfg.rimguard`` to the trainer Axolotl builds."""
 
@@ -56,4 +44,4 @@ class RIMGuardPlugin(BasePlugin):
         return "rimguard.integrations.axolotl.RIMGuardArgs"
 
     def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list[RIMGuard]:
-        return [RIMGuard(guard_config(cfg.rimguard), trainer=trainer)]
+        return [RIMGuard(GuardConfig.of(cfg.rimguard or {}), trainer=trainer)]
