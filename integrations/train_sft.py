@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 
 from rimguard import GuardConfig, RIMGuard
 from rimguard.compat import no_checkpointing
+from rimguard.config import regularizer_names
 from rimguard.events import read_jsonl
 from rimguard.probes.reasoning import reasoning_texts
 from rimguard.testing import tiny_model, tiny_tokenizer
@@ -38,8 +39,8 @@ def main() -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--out", default="runs/integration")
     p.add_argument("--mode", default="monitor", choices=["monitor", "regularize", "freeze", "escalate"])
-    p.add_argument("--regularizer", default="anchor", choices=["anchor", "activation", "params"],
-                   help="what regularize adds; under FSDP/DeepSpeed only 'activation' is supported")
+    p.add_argument("--regularizer", default="anchor", choices=regularizer_names(),
+                   help="what regularize adds (under DeepSpeed ZeRO-2 only 'activation'; FSDP2: 'anchor' or 'activation')")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--probe-every", type=int, default=5)

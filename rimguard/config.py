@@ -26,7 +26,7 @@ from types import UnionType
 from typing import Any, ClassVar, Iterable, Literal, Union, get_args, get_origin, get_type_hints
 
 from rimguard.files import plain_name, write_atomic
-from rimguard.policy import ACTIONS, LEVELS, MODE_ACTIONS, Level
+from rimguard.policy import ACTIONS, LEVELS, MODE_ACTIONS, Level, default_thresholds
 
 Metric = Literal["entanglement_z", "entanglement_pct", "ras_safe", "safety_drop", "task_rise", "kl_task", "refusal_drop",
                  "refusal_kl", "probe_refusal_drop", "refusal_head_mass", "refusal_head_shift"]
@@ -58,17 +58,6 @@ def short(value: Any) -> str:
     to millions of entries when printed in full), the message stays one readable line."""
     text = _SHORT.repr(value)
     return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _default_thresholds() -> dict[str, dict[str, float]]:
-    # safety_drop (the paper's delta-minus-safe: the safety neurons' activation loss on the monitor's
-    # harmful probes) measured best across 16 fine-tunes of the aligned SmolLM2-135M that forgot by
-    # different amounts (benchmarks/RESULTS.md section 2): Spearman 0.85 [0.57, 0.97] with the final
-    # refusal loss at 25% of training, and 0.5 at that check separated all 14 forgetting runs from the 2
-    # that kept their refusals. entanglement_z, the former default, fired in both runs that kept their
-    # refusals (rho 0.14). Only the warn value is measured; regularize and freeze are 2x and 4x it, and
-    # the scale of safety_drop depends on the model: calibrate on yours with one monitor run (docs/guide.md).
-    return {"warn": {"safety_drop": 0.5}, "regularize": {"safety_drop": 1.0}, "freeze": {"safety_drop": 2.0}, "stop": {}}
 
 
 def option(default: Any, help: str, choices: Any = None, **bounds: float) -> Any:
@@ -219,7 +208,7 @@ class PolicyConfig(_Section):
                         "step 0), 'freeze' (freeze from step 0) or 'escalate' (warn, regularize, freeze the most-shifted "
                         "neurons, then freeze all and stop)")
     thresholds: dict[str, dict[str, float]] = option(
-        _default_thresholds, "per level, metric -> value; a level is reached when any of its metrics is at or above "
+        default_thresholds, "per level, metric -> value; a level is reached when any of its metrics is at or above "
         "its value (every metric is 'higher is riskier')")
     level_actions: dict[str, list[str]] = option(dict, "per level, the actions to run; overrides the mode's preset where given")
     hysteresis: float = option(0.1, "a reached level is left only when every metric is below value - hysteresis * |value|",

@@ -28,7 +28,7 @@ PANELS = (
     Panel("ras_safe", "RAS on safety neurons", "ras_control_mean", meaning="the paper's score; grey: random control sets"),
     Panel("entanglement_z", "entanglement z (vs control sets)", meaning="RAS of the safety neurons in control-set SDs"),
     Panel("refusal_margin", "refusal vs compliance log-odds (nats)", meaning="how much more likely a refusal opening is"),
-    Panel("kl_task", "KL(pi_0 || pi_t) on reasoning", meaning="how far the model moved on reasoning prompts"),
+    Panel("kl_task", "KL(pi_0 || pi_t) on task probes", meaning="how far the model moved on task (reasoning) prompts"),
     Panel("refusal_head_shift", "refusal heads: attention on the reasoning", meaning="rise of their attention share on a "
           "reasoning passage since train start"),
     Panel("router_share", "MoE: routing share to safety experts", "router_share_train",
