@@ -18,11 +18,14 @@ over all units) and are refused.
 Every slice is a parameter and an *indexer*, ``param[indexer]`` (a tuple of index tensors and
 full slices), so one mechanism covers rows, columns and per-expert slices.
 
-Under sharded parameters (FSDP2 DTensors) each rank holds and restores the part of every slice
-that lies in its shard (the indexer becomes a boolean mask over the local shard), and the frozen
-gradients are zeroed on the local shard before the optimizer step (:meth:`mask_sharded_grads`), as
-FSDP2 sets sharded gradients outside autograd's tensor hooks. A gradient-norm clip that runs
-before that (the Trainer's ``max_grad_norm``) still counts the frozen gradients.
+Under sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3) each rank holds and restores the part of
+every slice that lies in its shard (the indexer becomes the flat positions of that part in the local
+shard, found once at freeze time, so that no step needs a host sync). Under FSDP2 the frozen gradients
+are zeroed on the local shard before the optimizer step (:meth:`mask_sharded_grads`), as FSDP2 sets
+sharded gradients outside autograd's tensor hooks; under ZeRO-3, whose optimizer keeps its own fp32
+partition and steps inside the engine's backward, the restore writes that partition too. A
+gradient-norm clip that runs before that (the Trainer's ``max_grad_norm``) still counts the frozen
+gradients.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ EVERY = slice(None)
 @dataclass
 class _Slice:
     param: nn.Parameter
-    indexer: Indexer | torch.Tensor  # into the parameter's local shard: an indexer, or a boolean mask when sharded
+    indexer: Indexer | torch.Tensor  # an indexer, or (sharded) the flat positions in the parameter's local shard
     value: torch.Tensor
+    whole: tuple[Indexer, torch.Tensor] | None = None  # ZeRO-3: the global indexer and values, for a gathered copy
 
 
 def along(dim: int, index: torch.Tensor) -> Indexer:
@@ -62,13 +66,31 @@ def on_device(indexer: Indexer, device: torch.device) -> Indexer:
 
 
 def local_index(param: torch.Tensor, indexer: Indexer) -> Indexer | torch.Tensor:
-    """``indexer`` on ``param``'s device; for a sharded parameter, the boolean mask of its slice over the
-    rank's local shard."""
+    """``indexer`` on ``param``'s device; for a sharded parameter, the ``[k]`` flat positions of its slice in the
+    rank's local shard (:func:`rimguard.dist.local`)."""
     if not dist.is_sharded(param):
         return on_device(indexer, param.device)
-    whole = torch.zeros(param.shape, dtype=torch.bool)
+    whole = torch.zeros(dist.shape(param), dtype=torch.bool)
     whole[indexer] = True
-    return dist.local_part(whole, param).to(dist.local(param).device)
+    return dist.local_part(whole, param).reshape(-1).nonzero().squeeze(1).to(dist.local(param).device)
+
+
+def read(param: torch.Tensor, at: Indexer | torch.Tensor) -> torch.Tensor:
+    """The values of ``param`` at ``at`` (a :func:`local_index`), detached."""
+    return dist.local(param).detach().view(-1)[at] if dist.is_sharded(param) else param.detach()[at]
+
+
+@torch.no_grad()
+def write(param: torch.Tensor, at: Indexer | torch.Tensor, value: torch.Tensor | float,
+          whole: tuple[Indexer, torch.Tensor] | None = None) -> None:
+    """Set ``param`` at ``at`` (a :func:`local_index`) to ``value``. ``whole``: the global indexer and values, written
+    into a ZeRO-3 parameter's gathered copy when it holds one (a persistent parameter keeps the copy between steps)."""
+    if not dist.is_sharded(param):
+        param[at] = value
+        return
+    dist.set_local(param, at, torch.as_tensor(value).expand(at.shape))
+    if whole is not None and param.numel() == dist.shape(param).numel():
+        param.data[whole[0]] = whole[1]
 
 
 def _lora_parts(module: nn.Module, name: str) -> list[nn.Module]:
@@ -88,7 +110,7 @@ class NeuronFreezer:
         capture: the hook layer (its layers are the MLPs; the gradient masks are registered through it).
     """
 
-    backends = ("single", "ddp", "fsdp")  # the training backends it works under
+    backends = ("single", "ddp", "fsdp", "zero3")  # the training backends it works under
 
     def __init__(self, capture: ActivationCapture) -> None:
         self.capture = capture
@@ -172,11 +194,11 @@ class NeuronFreezer:
                                                 "use mode='regularize' (the safety anchor), or full fine-tuning")
                 at = local_index(param, indexer)
                 if role == "lora":
-                    with torch.no_grad():
-                        param[at] = 0.0
+                    write(param, at, 0.0)
                 if not param.requires_grad:
                     continue
-                self._slices.append(_Slice(param, at, dist.local(param.detach())[at].clone()))
+                whole = (on_device(indexer, param.device), dist.full(param)[indexer].clone()) if dist.gathers(param) else None
+                self._slices.append(_Slice(param, at, read(param, at).clone(), whole))
                 self._mask_grad(param, at)
         return added
 
@@ -200,14 +222,14 @@ class NeuronFreezer:
         """Zero the frozen slices of sharded parameters' local gradients (after the backward, before the step)."""
         for s in self._slices:
             grad = s.param.grad
-            if grad is not None and dist.is_sharded(s.param):
-                dist.local(grad)[s.indexer] = 0.0
+            if grad is not None and dist.is_sharded(grad):
+                dist.local(grad).view(-1)[s.indexer] = 0.0
 
     @torch.no_grad()
     def restore(self) -> None:
         """Write the frozen slices back (call after every optimizer step)."""
         for s in self._slices:
-            dist.local(s.param)[s.indexer] = s.value
+            write(s.param, s.indexer, s.value, s.whole)
         self.held = True
 
     def begin_step(self) -> None:
@@ -229,7 +251,7 @@ class NeuronFreezer:
 
     def verify(self) -> bool:
         """True if every frozen slice is bitwise equal to its value at freeze time."""
-        return all(torch.equal(dist.local(s.param.detach())[s.indexer], s.value) for s in self._slices)
+        return all(torch.equal(read(s.param, s.indexer), s.value) for s in self._slices)
 
     def remove(self) -> None:
         """Remove the gradient hooks (the frozen values and their snapshots stay)."""

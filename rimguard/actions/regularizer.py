@@ -28,7 +28,7 @@ from rimguard.hooks.capture import ActivationCapture
 from rimguard.probes import ProbeSources
 from rimguard.saved import Saved
 
-BACKENDS = ("single", "ddp", "deepspeed", "fsdp")  # how the model is trained: one process, DDP, or sharded
+BACKENDS = ("single", "ddp", "deepspeed", "fsdp", "zero3")  # one process, DDP, DeepSpeed ZeRO-1/2, or sharded (FSDP2, ZeRO-3)
 
 
 @dataclass

@@ -66,7 +66,7 @@ class AtlasError(ValueError):
 
 def _weight_sample(layers: Sequence[MLPLayer]) -> torch.Tensor:
     """``[L, 16]`` fp32: the first 16 values of each down projection's base weight (LoRA does not change them)."""
-    return torch.stack([dist.full(layer.weight().detach()).reshape(-1)[:16].float().cpu() for layer in layers])
+    return torch.stack([dist.full(layer.weight()).detach().reshape(-1)[:16].float().cpu() for layer in layers])
 
 
 def fingerprint(model: nn.Module, layers: Sequence[MLPLayer] | None = None) -> dict[str, Any]:
@@ -446,7 +446,7 @@ def _select(model: nn.Module, capture: ActivationCapture, dialogues: Sequence[Se
 
 def _refuse_non_finite_weights(model: nn.Module) -> None:
     named = list(model.named_parameters())
-    finite = torch.stack([torch.isfinite(dist.local(p.detach())).all() for _, p in named]).float()
+    finite = torch.stack([torch.isfinite(dist.local(p).detach()).all() for _, p in named]).float()
     if dist.sharded(model):  # each rank checked its shard
         finite = dist.all_reduce_sum(finite) / dist.world_size()
     bad = [name for (name, _), ok in zip(named, finite.tolist()) if ok < 1]

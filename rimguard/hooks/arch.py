@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rimguard import dist
+
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts")
 
@@ -165,12 +167,12 @@ def _base_layer(module: nn.Module) -> nn.Module:
 def _as_projection(name: str, module: nn.Module) -> Projection | None:
     base = _base_layer(module)
     weight = getattr(base, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    if not isinstance(weight, torch.Tensor) or len(dist.shape(weight)) != 2:
         return None
     if isinstance(base, nn.Linear):
         return Projection(name, module, base.in_features, base.out_features, transposed=False)
     if type(base).__name__ == "Conv1D":  # GPT-2 style: y = x @ W + b with W [in, out]
-        return Projection(name, module, weight.shape[0], weight.shape[1], transposed=True)
+        return Projection(name, module, *dist.shape(weight), transposed=True)
     return None
 
 
@@ -224,14 +226,14 @@ def _expert_bank(model_name: str, prefix: str, mlp: nn.Module) -> ExpertBank | N
         return None
     inner = _base_layer(experts)
     weight = getattr(inner, "gate_up_proj", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or not getattr(inner, "has_gate", True):
+    if not isinstance(weight, torch.Tensor) or len(dist.shape(weight)) != 3 or not getattr(inner, "has_gate", True):
         raise UnsupportedModelError(
             f"{model_name}: MoE layer '{prefix}' has experts ({type(inner).__name__}) without a stacked 3-D "
             "'gate_up_proj' (transformers 5's fused expert layout); per-expert module lists and ungated "
             "experts are not supported."
         )
     transposed = bool(getattr(inner, "is_transposed", False))
-    num_experts, width = weight.shape[0], weight.shape[2 if transposed else 1]
+    num_experts, width = dist.shape(weight)[0], dist.shape(weight)[2 if transposed else 1]
     return ExpertBank(f"{prefix}.experts", inner, num_experts, width // 2, transposed,
                       bool(getattr(inner, "is_concatenated", True)), adapted=inner is not experts)
 

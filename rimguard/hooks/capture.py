@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 import torch
 from torch import nn
 
+from rimguard import dist
 from rimguard.hooks.arch import ExpertBank, MLPLayer
 from rimguard.hooks.reduce import masked_max, routed_max
 
@@ -354,14 +355,14 @@ class ActivationCapture:
         With ``stop_early``, once every source of the last layer that holds a neuron to collect has
         been read, the hook raises :class:`ProbeComplete`: the rest of the forward (later layers,
         the final norm, the LM head) is not computed; the caller catches it around each forward
-        (:func:`rimguard.passes.activations` does).
+        (:func:`rimguard.passes.activations` does). Not under DeepSpeed ZeRO-3 (:func:`rimguard.dist.interruptible`).
         """
         if self._probe_rows is not None:
             raise RuntimeError("probing() is not re-entrant")
         self._probe_rows = [[] for _ in self.sources]
         self._probe_full = full
         needed = [pos for pos, ids in enumerate(self.source_tracked) if full or ids is None or ids.numel()]
-        last = self.sources[needed[-1]].layer if needed and stop_early else None
+        last = self.sources[needed[-1]].layer if needed and stop_early and dist.interruptible(self.model) else None
         self._probe_last = {pos for pos, src in enumerate(self.sources) if src.layer == last}
         result: list[torch.Tensor] = []
         try:

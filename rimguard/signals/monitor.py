@@ -322,7 +322,7 @@ class EntanglementMonitor:
         within ``KL_CHUNK_ELEMENTS`` floats."""
         assert self.kl_ids is not None
         n, width = self.kl_ids.shape
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        vocab = dist.shape(self.model.get_output_embeddings().weight)[0]
         size = max(1, min(self.config.monitor.probe_batch_size, KL_CHUNK_ELEMENTS // max(1, width * vocab)))
         return [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
