@@ -13,6 +13,7 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "zero3_trainer_run.py"
 CONFIG = Path(__file__).resolve().parent.parent / "integrations" / "deepspeed_zero3.json"
 MODES = ("monitor", "regularize", "freeze")
+RESUMED = ("regularize", "freeze")  # the modes whose guard state holds more than references: the anchor's record, the frozen set
 RTOL, ATOL = 1e-3, 1e-6  # float noise of 10 AdamW steps, summed in another order over partitions
 
 
@@ -30,8 +31,9 @@ def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
     for i, mode in enumerate(MODES):
         one, two = tmp_path_factory.mktemp(f"one-{mode}"), tmp_path_factory.mktemp(f"zero3-{mode}")
         alone = _run([sys.executable, str(SCRIPT), str(one), mode, "none"], one)
+        resume = ["resume"] if mode in RESUMED else []  # a checkpoint at step 4, and a second Trainer resumed from it
         sharded = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29611 + i}", str(SCRIPT),
-                        str(two), mode, str(CONFIG)], two)
+                        str(two), mode, str(CONFIG), *resume], two)
         out[mode] = (alone[0], sharded)
     return out
 
@@ -72,3 +74,11 @@ def test_frozen_slices_are_bitwise_unchanged_after_10_adamw_steps_while_other_we
         assert len(run["moved"]) == 21  # every parameter tensor (the frozen ones hold only their frozen slices)
     for name, value in alone["weights"].items():
         assert np.isclose(ranks[0]["weights"][name], value, rtol=RTOL, atol=1e-4), name
+
+
+@pytest.mark.parametrize("mode", RESUMED)
+def test_resuming_from_a_zero3_checkpoint_restores_the_guard_and_continues_the_same_run(runs, mode):
+    for rank in runs[mode][1]:
+        assert rank["resumed_history"] == rank["history"]  # steps 1-4 from the guard state, 6-10 measured again
+        for name, value in rank["weights"].items():  # the model and optimizer came back from DeepSpeed's checkpoint too
+            assert np.isclose(rank["resumed_weights"][name], value, rtol=1e-6, atol=1e-7), name
