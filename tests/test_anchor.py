@@ -148,7 +148,7 @@ def test_unsupported_sharding_is_refused_before_training(tok, fast_config, backe
     check_backend(fast_config(mode="regularize", regularizer="activation"), backend)
 
 
-def test_the_trainer_backend_is_read_from_its_arguments_and_fsdp_from_the_model(tok):
+def test_the_trainer_backend_is_read_from_its_arguments_and_sharding_from_the_model(tok):
     from types import SimpleNamespace
 
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -161,8 +161,13 @@ def test_the_trainer_backend_is_read_from_its_arguments_and_fsdp_from_the_model(
     model = tiny_model("llama")
     assert dist.backend_of(model, "ddp") == "ddp"
     next(model.parameters()).ds_id = 0  # what ZeRO-3 puts on its partitioned parameters
-    with pytest.raises(RuntimeError, match="ZeRO-3 .* not supported yet: use ZeRO-2"):
-        dist.backend_of(model, "deepspeed")
+    assert dist.backend_of(model, "deepspeed") == "zero3"
+    from rimguard import GuardConfig
+    from rimguard.actions import SafetyAnchor, check_backend
+
+    assert check_backend(GuardConfig(mode="regularize"), "zero3") is SafetyAnchor
+    with pytest.raises(RuntimeError, match="regularizer='params' is not supported under zero3 .* choose another"):
+        check_backend(GuardConfig(mode="regularize", regularizer="params"), "zero3")
     class Flat(FullyShardedDataParallel):  # its type is what is read: no process group needed
         __init__, __getattr__ = torch.nn.Module.__init__, torch.nn.Module.__getattr__
 

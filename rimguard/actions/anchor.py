@@ -205,7 +205,7 @@ class SafetyAnchor(Regularizer):
     """
 
     name = "anchor"
-    backends = ("single", "ddp", "fsdp", "zero3")
+    backends = ("single", "ddp", "deepspeed", "fsdp", "zero3")
 
     def __init__(self, model: nn.Module, capture: ActivationCapture, record: AnchorRecord, safety_per_source: Sequence[torch.Tensor],
                  batch_size: int = 8, every: int = 1, act_weight: float = 1.0, rel_floor: float = metrics.DEFAULT_REL_FLOOR) -> None:

@@ -88,7 +88,7 @@ def write(param: torch.Tensor, at: Indexer | torch.Tensor, value: torch.Tensor |
     if not dist.is_sharded(param):
         param[at] = value
         return
-    dist.set_local(param, at, torch.as_tensor(value).expand(at.shape))
+    dist.set_local(param, at, torch.as_tensor(value, device=at.device).expand(at.shape))
     if whole is not None and param.numel() == dist.shape(param).numel():
         param.data[whole[0]] = whole[1]
 
@@ -110,7 +110,7 @@ class NeuronFreezer:
         capture: the hook layer (its layers are the MLPs; the gradient masks are registered through it).
     """
 
-    backends = ("single", "ddp", "fsdp", "zero3")  # the training backends it works under
+    backends = ("single", "ddp", "deepspeed", "fsdp", "zero3")  # the training backends it works under
 
     def __init__(self, capture: ActivationCapture) -> None:
         self.capture = capture

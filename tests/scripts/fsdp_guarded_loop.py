@@ -17,6 +17,7 @@ import torch
 import torch.distributed as torch_dist
 
 from rimguard import GuardConfig, dist
+from rimguard.actions.freeze import read
 from rimguard.engine import GuardEngine
 from rimguard.probes.reasoning import reasoning_texts
 from rimguard.state import GuardState
@@ -49,6 +50,11 @@ def build() -> torch.nn.Module:
 
 def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: dist.full(p.detach()).clone() for name, p in model.named_parameters()}
+
+
+def at(part: torch.Tensor, param: torch.Tensor, indexer) -> torch.Tensor:
+    """``part`` (a parameter's local shard, or the whole tensor) at a frozen slice's indexer (flat positions when sharded)."""
+    return part.reshape(-1)[indexer] if dist.is_sharded(param) else part[indexer]
 
 
 def train(engine: GuardEngine, model, opt, steps: range) -> None:
@@ -86,7 +92,7 @@ def run(mode: str, atlas) -> tuple[dict, object]:
     engine.finish(STEPS)
     after = full_params(model)
     params = dict(model.named_parameters())
-    record["frozen_unchanged"] = all(torch.equal(dist.local_part(before[n], params[n])[s.indexer], dist.local(params[n].detach())[s.indexer])
+    record["frozen_unchanged"] = all(torch.equal(at(dist.local_part(before[n], params[n]), params[n], s.indexer), read(params[n], s.indexer))
                                      for n in params for s in engine.freezer._slices if s.param is params[n])
     record["moved"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
     record["weights"] = {n: after[n].double().sum().item() for n in after}

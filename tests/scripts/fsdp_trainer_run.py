@@ -21,13 +21,14 @@ out, mode = sys.argv[1], sys.argv[2]
 tok = tiny_tokenizer()
 texts = [r["prompt"][0]["content"] + " " + r["completion"][0]["content"] for r in reasoning_texts(48)]
 data = Dataset.from_dict({"input_ids": [tok(t)["input_ids"][:64] for t in texts]})
-guard = RIMGuard(GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, max_length=128,
-                             kl_probes=2, probe_every=2, mode=mode, anchor_max_new_tokens=6, anchor_every=1))
+config = GuardConfig(num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25, num_controls=8, max_length=128,
+                     kl_probes=2, probe_every=2, mode=mode, anchor_max_new_tokens=6, anchor_every=1)
 args = TrainingArguments(output_dir=out, max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
                          save_strategy="no", fsdp="full_shard", logging_steps=100, disable_tqdm=True, seed=0,
                          fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-trainer = Trainer(model=tiny_model("llama"), args=args, train_dataset=data, processing_class=tok, callbacks=[guard],
+trainer = Trainer(model=tiny_model("llama"), args=args, train_dataset=data, processing_class=tok,
                   data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+guard = RIMGuard.attach(trainer, config)
 trainer.train()
 rank = torch_dist.get_rank()
 record = {"rank": rank, "sharded": dist.sharded(trainer.model), "history": guard.history,

@@ -1,8 +1,8 @@
-"""The HF Trainer, guarded with ``RIMGuard.attach``, in one process or under torchrun with DeepSpeed ZeRO-3.
+"""The HF Trainer, guarded with ``RIMGuard.attach``, in one process or under torchrun with DeepSpeed (ZeRO-2 or ZeRO-3).
 
 argv: output folder, guard mode, DeepSpeed JSON config (or ``none``: one plain process), and optionally ``resume``:
 then the run also saves a checkpoint at step 4 and a second Trainer resumes from it. Alone, the process
-trains on batches of 4; under torchrun (2 gloo ranks on the CPU accelerator) each rank trains on 2, the other
+trains on batches of 4; under torchrun (2 gloo ranks on DeepSpeed's CPU accelerator) each rank trains on 2, the other
 half of the same global batch (equal-length rows, so the mean of the halves' losses is the batch's mean loss).
 Every rank writes ``rank{N}.json``: the guard's history, the frozen slices' checks against the initial weights,
 a digest of the trained weights and, with ``resume``, the resumed run's history and weights.
@@ -60,7 +60,8 @@ for layer, ids in zip(engine.freezer.layers, engine.freezer.frozen):
         name = next(n for n, p in params.items() if p is param)
         frozen_equal.append(bool(torch.equal(trained[name][indexer], initial[name][indexer])))
 rank = dist.rank()
-record = {"rank": rank, "world": ranks, "backend": dist.backend_of(model, "?"), "history": guard.history, "frozen": engine.freezer.count,
+backend = dist.backend_of(model, "deepspeed" if trainer.is_deepspeed_enabled else "single")
+record = {"rank": rank, "world": ranks, "backend": backend, "history": guard.history, "frozen": engine.freezer.count,
           "frozen_intact": engine.freezer.verify(), "frozen_equal": frozen_equal,
           "moved": sorted(n for n in trained if not torch.equal(trained[n], initial[n])),
           "weights": {n: trained[n].double().sum().item() for n in trained},
