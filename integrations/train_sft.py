@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/integration")
     p.add_argument("--mode", default="monitor", choices=["monitor", "regularize", "freeze", "escalate"])
     p.add_argument("--regularizer", default="anchor", choices=regularizer_names(),
-                   help="what regularize adds (under DeepSpeed ZeRO-2 only 'activation'; FSDP2: 'anchor' or 'activation')")
+                   help="what regularize adds (under FSDP2 and DeepSpeed: anchor or activation)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--probe-every", type=int, default=5)

@@ -174,7 +174,7 @@ def _trainer_token(state: TrainerState) -> str:
 
 
 def _backend(args: TrainingArguments) -> str:
-    """How the Trainer trains the model: ``"deepspeed"``, ``"ddp"`` (several processes) or ``"single"``. FSDP is read
+    """How the Trainer trains the model: ``"deepspeed"``, ``"ddp"`` (several processes) or ``"single"``. FSDP2 and ZeRO-3 are read
     off the model (FSDP2's parameters are DTensors; on CPU the Trainer runs DDP even when ``fsdp`` is set)."""
     if getattr(args, "deepspeed", None):
         return "deepspeed"
