@@ -146,7 +146,7 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
     if CONFIGS[mode] is not None:  # the guard knows its trainer (it logs through it), as RIMGuard.attach sets up
         schedule = (lambda step: step == args.check_step) if args.check_step else None
         guard = RIMGuard(guard_cfg, atlas=atlas, trainer=trainer, schedule=schedule, **CONFIGS[mode])
-        timed(guard, "check", direct)
+        timed(guard.engine, "check", direct)
         trainer.add_callback(guard)
     trainer.add_callback(timer)  # after the guard: a step's time includes its check
     trainer.train()
