@@ -199,7 +199,7 @@ class GuardEngine:
             capture.track([t.to(next(model.parameters()).device) for t in self.atlas.per_layer()])
             task = self.sources.load("task")
             self.monitor = EntanglementMonitor(capture, self.tokenizer, self.atlas, cfg, task, bundled("refusal_openings"),
-                                               bundled("compliance_openings"))
+                                               bundled("compliance_openings"), steps_in_backward=backend == "deepspeed")
             self.monitor.start(part("monitor"))
             self.heads = RefusalHeadMonitor.build(model, layers, self.tokenizer, self.atlas, cfg, part("heads"), restored is not None)
             self.freezer = NeuronFreezer(capture)

@@ -90,6 +90,8 @@ class EntanglementMonitor:
         task_prompts: optional task (reasoning) probes; else the training data is used.
         refusal_openings, compliance_openings: response openings for the refusal margin.
         judge: ``judge(text) -> bool`` (True: a refusal) for ``probe_refusal``; the string judge by default.
+        steps_in_backward: the optimizer steps inside the backward (DeepSpeed under the HF Trainer), so the base log-probs
+            of the first training rows are taken in the first training forward instead of :meth:`before_update`.
     """
 
     def __init__(
@@ -102,10 +104,14 @@ class EntanglementMonitor:
         refusal_openings: Sequence[str] = (),
         compliance_openings: Sequence[str] = (),
         judge: RefusalJudge | None = None,
+        steps_in_backward: bool = False,
     ) -> None:
         self.capture, self.tokenizer, self.atlas, self.config = capture, tokenizer, atlas, config
         self.model, self.layers = capture.model, capture.layers
         self.device = model_device(self.model)
+        # DeepSpeed steps the optimizer inside the backward: the base log-probs of the first training rows are then
+        # taken in the first training forward, before it (see _keep_first_batch)
+        self.steps_in_backward = steps_in_backward
         self.routed = capture.routed_units().to(self.device)  # [N]: MoE units, whose NaN means "no value"
         self.stream = TaskStream(capture.source_tracked, get_reducer(self.device))
         safety = [ids for ids, _ in capture.split([t.to(self.device) for t in atlas.safety_per_layer()])]
@@ -290,8 +296,9 @@ class EntanglementMonitor:
         return self._mean(dist.sum_shards(total), dist.sum_shards(count))
 
     def _keep_first_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
-        """Batch tap: on the first training forward, keep a copy of a few of its sequences (no forward here;
-        see :meth:`before_update`). Returns whether it still waits for one."""
+        """Batch tap: on the first training forward, keep a copy of a few of its sequences (their forward runs in
+        :meth:`before_update`, or here when the optimizer steps inside the backward). Returns whether it still waits
+        for one."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor):
             return True
@@ -303,6 +310,8 @@ class EntanglementMonitor:
             cols = slice(None, width) if bool(mask[:, 0].all()) else slice(-width, None)
             ids, mask = ids[:, cols], mask[:, cols]
         self._kl_batch = Batch(ids.detach().clone(), mask.detach().clone())
+        if self.steps_in_backward:
+            self.before_update()
         return False
 
     def _set_kl_reference(self, batch: Batch) -> None:

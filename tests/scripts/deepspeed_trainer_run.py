@@ -20,14 +20,12 @@ from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from rimguard import GuardConfig, RIMGuard, dist
-from rimguard.probes.reasoning import reasoning_texts
 from rimguard.testing import tiny_model, tiny_tokenizer
 
 out, mode, ds_config = sys.argv[1], sys.argv[2], sys.argv[3]
 resume = sys.argv[4:] == ["resume"]
 ranks = int(os.environ.get("WORLD_SIZE", "1"))
 tok = tiny_tokenizer()
-task = [tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in reasoning_texts(8)]
 rows = torch.randint(3, 200, (48, 24), generator=torch.Generator().manual_seed(1)).tolist()
 model = tiny_model("llama")
 initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -41,7 +39,7 @@ def guarded(model: torch.nn.Module) -> tuple[Trainer, RIMGuard]:
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
     guard = RIMGuard.attach(trainer, GuardConfig(mode=mode, num_safety_probes=12, max_new_tokens=6, top_m=12, min_share=0.25,
                                                  num_controls=8, probe_batch_size=4, kl_probes=2, max_length=128, probe_every=2,
-                                                 anchor_max_new_tokens=6, anchor_every=1, anchor_batch_size=4), task_prompts=task)
+                                                 anchor_max_new_tokens=6, anchor_every=1, anchor_batch_size=4))
     return trainer, guard
 
 
