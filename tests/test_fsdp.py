@@ -2,7 +2,7 @@
 
 One script (tests/scripts/fsdp_guarded_loop.py) drives the documented custom loop in ``mode="monitor"``,
 ``"regularize"`` (the safety anchor) and ``"freeze"``, once alone and once under torchrun with every decoder
-layer and the model sharded; each run also resumes from the guard state it saved half-way.
+layer and the model sharded; each run also resumes from the sharded checkpoint and guard state it saved half-way.
 """
 
 import json
@@ -68,9 +68,10 @@ def test_frozen_slices_are_bitwise_unchanged_after_10_adamw_steps_while_other_we
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_resuming_from_the_saved_guard_state_continues_the_same_run(runs, mode):
-    for run in runs:
+def test_resuming_from_a_sharded_checkpoint_continues_the_same_run(runs, mode):
+    for run in runs:  # model and optimizer from torch.distributed.checkpoint, the guard from its state, at step 4
         assert run[mode]["resumed_history"] == run[mode]["history"]
+        assert run[mode]["resumed_weights"] == pytest.approx(run[mode]["weights"], rel=1e-6)
 
 
 TRAINER_SCRIPT = Path(__file__).parent / "scripts" / "fsdp_trainer_run.py"

@@ -5,7 +5,8 @@ argv: output folder. Under torchrun (2 gloo ranks) every decoder layer and the m
 whole batch. Both see the same data (equal-length rows, so the mean loss of the halves averaged over
 ranks is the mean loss of the batch), so the guard's numbers must agree. For each mode the main process
 writes ``{mode}.json``: the guard's history, the anchor's gradient after the run, the frozen slices' check,
-the weights before and after, and the history of a run resumed from its guard state halfway.
+the weights before and after, and the history and weights of a run resumed halfway from a sharded checkpoint
+(the model and optimizer through ``torch.distributed.checkpoint``, the guard from its saved state).
 """
 
 import gc
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from rimguard import GuardConfig, dist
 from rimguard.actions.freeze import read
@@ -57,6 +60,19 @@ def at(part: torch.Tensor, param: torch.Tensor, indexer) -> torch.Tensor:
     return part.reshape(-1)[indexer] if dist.is_sharded(param) else part[indexer]
 
 
+def save_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:
+    """Model and optimizer state, each rank writing its shards (one process: the whole tensors)."""
+    model_state, opt_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": opt_state}, checkpoint_id=str(folder))
+
+
+def load_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:
+    model_state, opt_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optim": opt_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 def train(engine: GuardEngine, model, opt, steps: range) -> None:
     for step in steps:
         engine.begin_step(step)
@@ -78,6 +94,7 @@ def run(mode: str, atlas) -> tuple[dict, object]:
     engine = GuardEngine(GuardConfig(mode=mode, **config), atlas=atlas, task_prompts=task)
     engine.setup(model, tok, out / mode, inject_loss=False)
     train(engine, model, opt, range(HALF))
+    save_checkpoint(model, opt, out / mode / "checkpoint")
     if dist.is_main():
         engine.state().save(out / mode / "state")
     if world > 1:
@@ -97,18 +114,17 @@ def run(mode: str, atlas) -> tuple[dict, object]:
     record["moved"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
     record["weights"] = {n: after[n].double().sum().item() for n in after}
 
-    # resume: a fresh engine on a model trained to the half-way step, from the guard state saved there
+    # resume: a fresh model and optimizer loaded from the sharded checkpoint of the half-way step, and a fresh
+    # engine from the guard state saved there
     model = build()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
-    first = GuardEngine(GuardConfig(mode=mode, **config), atlas=engine.atlas, task_prompts=task)
-    first.setup(model, tok, out / f"{mode}-resumed", inject_loss=False)
-    train(first, model, opt, range(HALF))
-    first.teardown()
+    load_checkpoint(model, opt, out / mode / "checkpoint")
     restored = GuardState.read(out / mode / "state")
     again = GuardEngine(GuardConfig(mode=mode, **config), task_prompts=task)
     again.setup(model, tok, out / f"{mode}-resumed", inject_loss=False, restored=restored)
     train(again, model, opt, range(HALF, STEPS))
     record["resumed_history"] = again.history
+    record["resumed_weights"] = {n: t.double().sum().item() for n, t in full_params(model).items()}
     again.finish(STEPS)
     return record, engine.atlas
 
