@@ -67,6 +67,14 @@ def test_frozen_slices_are_bitwise_unchanged_after_10_adamw_steps_while_other_we
     assert np.allclose(list(runs[0]["freeze"]["weights"].values()), list(runs[1]["freeze"]["weights"].values()), rtol=RTOL)
 
 
+def test_the_freezes_step_work_has_no_op_that_syncs_with_the_host(runs):
+    """No ``nonzero`` (boolean-mask indexing runs one) and no scalar read: on a GPU each would wait for the device."""
+    for run in runs:
+        ops = run["freeze"]["freeze_step_ops"]
+        assert "aten::index_put_" in ops  # the write-back ran, by index
+        assert not {"aten::nonzero", "aten::_local_scalar_dense", "aten::item"} & set(ops), ops
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_resuming_from_a_sharded_checkpoint_continues_the_same_run(runs, mode):
     for run in runs:  # model and optimizer from torch.distributed.checkpoint, the guard from its state, at step 4

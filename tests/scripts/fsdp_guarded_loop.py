@@ -101,6 +101,14 @@ def run(mode: str, atlas) -> tuple[dict, object]:
         torch_dist.barrier()
     train(engine, model, opt, range(HALF, STEPS))
     record = {"history": engine.history, "frozen": engine.freezer.count, "frozen_intact": engine.freezer.verify()}
+    if engine.freezer.count:  # the ops of the freeze's per-step work (gradient mask, write-back), after a backward
+        ids = data[0, mine]
+        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            engine.before_optimizer_step()
+            engine.after_optimizer_step()
+        record["freeze_step_ops"] = sorted({e.name for e in prof.events()})
+        opt.zero_grad()
     if engine.regularizer is not None:  # the anchor's gradient alone, on the trained weights
         engine.begin_step(0)
         engine.reg_loss().backward()
