@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -130,7 +131,7 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
     callbacks: list = []
     direct: list[float] = []  # the check's own time, each call (the guard's check, or the peer's step-end work)
     guard_cfg = GuardConfig(probe_every=args.probe_every, num_safety_probes=args.probes, max_new_tokens=16,
-                            probe_batch_size=8, log_file=None)
+                            probe_batch_size=8, log_file=None, **args.guard)
     total = args.warmup + args.steps + (1 if args.check_step else 0)
     if mode == "safety-compass":
         callbacks.append(peer_callback(model, tok, workdir, args.probes, args.check_step or args.probe_every))
@@ -187,7 +188,10 @@ def main() -> None:
     parser.add_argument("--preset", choices=["user"], default=None,
                         help="user: SmolLM2, 8 x 512 packed tokens, check every 50, a 4-step window plus one check step")
     parser.add_argument("--packing", action="store_true", help="pack the training rows into max-length sequences")
+    parser.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="GuardConfig overrides of every guarded run (YAML values), e.g. refusal_kl=false witness_tokens=0")
     args = parser.parse_args()
+    args.guard = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.guard)}
     if args.preset == "user":
         shared = HERE.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
         args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2", 8, 512, True, 50

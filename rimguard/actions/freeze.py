@@ -23,7 +23,8 @@ every slice that lies in its shard (the indexer becomes the flat positions of th
 shard, found once at freeze time, so that no step needs a host sync). Under FSDP2 the frozen gradients
 are zeroed on the local shard before the optimizer step (:meth:`mask_sharded_grads`), as FSDP2 sets
 sharded gradients outside autograd's tensor hooks; under ZeRO-3, whose optimizer keeps its own fp32
-partition and steps inside the engine's backward, the restore writes that partition too. A
+partition and steps inside the engine's backward, the restore writes that partition too (under
+ZeRO-1/2 each rank holds whole parameters, written back as on one process after every step). A
 gradient-norm clip that runs before that (the Trainer's ``max_grad_norm``) still counts the frozen
 gradients.
 """
