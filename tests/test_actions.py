@@ -188,13 +188,15 @@ def test_each_crossing_is_warned_once_while_it_lasts(tmp_path, tok, fast_config,
     assert len(crossed) == 1 and crossed[0].startswith("rimguard: task_rise=")
 
 
-def test_freeze_refused_under_deepspeed_and_accepted_under_fsdp2(tmp_path, fast_config):
+def test_freeze_is_accepted_under_every_backend_and_the_parameter_anchor_refused_where_sharded(fast_config):
     from types import SimpleNamespace
 
     from rimguard.actions import check_backend
     from rimguard.callback import _backend
 
-    with pytest.raises(RuntimeError, match="freezing is not supported under deepspeed"):
-        check_backend(fast_config(mode="freeze"), _backend(SimpleNamespace(deepspeed="ds.json", fsdp=None)))
-    check_backend(fast_config(mode="freeze"), "fsdp")  # each rank holds its shard's slices (tests/test_fsdp.py)
-    check_backend(fast_config(mode="regularize", regularizer="activation"), _backend(SimpleNamespace(deepspeed="ds.json", fsdp=None)))
+    deepspeed = _backend(SimpleNamespace(deepspeed="ds.json", fsdp=None))
+    for backend in (deepspeed, "fsdp", "zero3"):  # each rank holds its part of the slices (tests/test_fsdp.py, test_deepspeed.py)
+        assert check_backend(fast_config(mode="freeze"), backend) is None
+        check_backend(fast_config(mode="regularize", regularizer="activation"), backend)
+        with pytest.raises(RuntimeError, match=f"regularizer='params' is not supported under {backend}"):
+            check_backend(fast_config(mode="regularize", regularizer="params"), backend)

@@ -139,7 +139,7 @@ def test_anchor_prompts_overlapping_monitor_probes_are_refused(tok, fast_config,
         guard.engine.setup(tiny_model("llama"), tok)
 
 
-@pytest.mark.parametrize("backend,regularizer", [("deepspeed", "anchor"), ("deepspeed", "params"), ("fsdp", "params")])
+@pytest.mark.parametrize("backend,regularizer", [("deepspeed", "params"), ("zero3", "params"), ("fsdp", "params")])
 def test_unsupported_sharding_is_refused_before_training(tok, fast_config, backend, regularizer):
     from rimguard.actions import check_backend
 

@@ -15,7 +15,6 @@ from typing import Any
 
 from rimguard.actions.activation import ActivationPenalty
 from rimguard.actions.anchor import SafetyAnchor
-from rimguard.actions.freeze import NeuronFreezer
 from rimguard.actions.params import ParamAnchor
 from rimguard.actions.regularizer import BuildContext, Regularizer
 
@@ -36,15 +35,12 @@ def register(cls: type[Regularizer]) -> type[Regularizer]:
 
 
 def check_backend(config: Any, backend: str) -> type[Regularizer] | None:
-    """The regularizer class ``config`` uses (None if no level regularizes), after checking that its actions
-    work under the training ``backend``; a clear error naming the setting otherwise."""
+    """The regularizer class ``config`` uses (None if no level regularizes), after checking that it works under the
+    training ``backend`` (the freeze works under every one); a clear error naming the setting otherwise."""
     reg_cls = REGULARIZERS[config.actions.regularizer] if config.policy.regularizes() else None
     if reg_cls is not None and not reg_cls.supports(backend):
         raise RuntimeError(f"rimguard: regularizer='{reg_cls.name}' is not supported under {backend} (it works under "
                            f"{', '.join(reg_cls.backends)}); choose another regularizer or train without sharding")
-    if config.policy.freezes() and not NeuronFreezer.supports(backend):
-        raise RuntimeError(f"rimguard: freezing is not supported under {backend} (it works under {', '.join(NeuronFreezer.backends)}); "
-                           "use mode='monitor' or 'regularize', or actions without freeze/freeze_top")
     return reg_cls
 
 

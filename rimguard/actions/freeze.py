@@ -111,7 +111,6 @@ class NeuronFreezer:
         capture: the hook layer (its layers are the MLPs; the gradient masks are registered through it).
     """
 
-    backends = ("single", "ddp", "deepspeed", "fsdp", "zero3")  # the training backends it works under
 
     def __init__(self, capture: ActivationCapture) -> None:
         self.capture = capture
@@ -123,10 +122,6 @@ class NeuronFreezer:
         self.merged_base: dict[str, torch.Tensor] = {}
         self.held = True  # restore() ran since the step began
         self._warned = False
-
-    @classmethod
-    def supports(cls, backend: str) -> bool:
-        return backend in cls.backends
 
     @property
     def count(self) -> int:
