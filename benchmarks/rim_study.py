@@ -572,7 +572,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"over-refusal {rec['final'].get('over_refusal', math.nan):.0%} [{rec['seconds']['total']:.0f}s]")
     from benchmarks.rimbench.study_report import analyse_and_write
 
-    analyse_and_write(args.preset, args.out, [s.name for s in plan], HERE / "results" / {"validity2": "validity-v2"}.get(args.preset, args.preset))
+    analyse_and_write(args.preset, args.out, [s.name for s in plan], HERE / "results" / {"validity2": "validity-v2"}.get(args.preset, args.preset),
+                      SPLIT, CONDITION_OF)
 
 
 if __name__ == "__main__":

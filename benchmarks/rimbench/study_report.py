@@ -11,7 +11,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from benchmarks.rimbench import stats as V
 from benchmarks.rimbench.stats import GAIN_TARGET, KEPT_TARGET, SIGNALS
@@ -318,7 +318,10 @@ def prevention_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def analyse_and_write(preset: str, out: Path, names: Sequence[str], dest: Path) -> dict[str, Any]:
+def analyse_and_write(preset: str, out: Path, names: Sequence[str], dest: Path, split: Mapping[str, str] | None = None,
+                      condition: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Analyse the finished runs among ``names`` (``split``/``condition``: each run's half and condition, for
+    ``validity2``) and write the preset's JSON, plots and ``report.md`` into ``dest``."""
     runs = load_runs(out, names)
     if not runs:
         print(f"no finished runs in {out / 'runs'}")
@@ -349,6 +352,14 @@ def analyse_and_write(preset: str, out: Path, names: Sequence[str], dest: Path) 
         res["plots"] = [p.name for p in plot_validity(res, dest)]
         (dest / "validity.json").write_text(json.dumps(res, indent=1, default=float))
         (dest / "report.md").write_text(validity_markdown(res))
+    elif preset == "validity2":
+        from benchmarks.rimbench import validity2_report as W
+
+        assert split is not None and condition is not None, "validity2 needs the pre-registered split and conditions"
+        res = W.analyse_validity2(runs, step0, split, condition)
+        res["plots"] = [p.name for p in W.plot_validity2(res, dest)]
+        (dest / "validity.json").write_text(json.dumps(res, indent=1, default=float))
+        (dest / "report.md").write_text(W.validity2_markdown(res))
     elif preset == "horizon":
         from benchmarks.rimbench import horizon_report as H
 
