@@ -1,5 +1,5 @@
-"""Step-time overhead of rimguard (and of the peer callback safety-compass), as ratios to an
-unguarded run measured in the same process.
+"""Step-time overhead of rimguard (and of the peer callback safety-compass, and of the baselines a
+practitioner would use instead), as ratios to an unguarded run measured in the same process.
 
 Every configuration trains the same model from the same seed on the same generated reasoning
 data with TRL's SFTTrainer. A timing callback records the wall time of each optimizer step
@@ -34,6 +34,16 @@ at this shape) would swamp a peer's check. The amortized ratio at one check per 
 ``(hot mean + check cost / probe_every) / unguarded hot mean``.
     python -m benchmarks.overhead --model smollm2 --steps 50 --warmup 33 --repeats 1 --batch 2 --max-length 128 --probes 16 --peer
 
+``--preset study`` is the long-horizon study's shape (SmolLM2, batch 4 x 192 tokens of GSM8K, the guard's
+defaults: a check every 10 steps), in the same window-plus-one-check layout; its ``--modes`` can name the
+study's baselines (``replay-anchor-budget``, ``replay-3pct``, ``kl-train``, ``ema``, set up as the study
+runner sets them up), so that every variant of the study is timed against the unguarded run side by side:
+
+    python -m benchmarks.overhead --preset study --repeats 2 --modes regularize replay-anchor-budget kl-train ema \
+        --json benchmarks/results/overhead/horizon-4x192.json
+    python -m benchmarks.overhead --preset user --repeats 2 --modes regularize replay-anchor-budget kl-train ema \
+        --json benchmarks/results/overhead/horizon-8x512.json
+
 The peer needs ``pip install safety-compass`` (benchmark environment only).
 """
 
@@ -54,6 +64,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
+from benchmarks.rimbench import baselines
 from benchmarks.rimbench.callbacks import StepTimer
 from rimguard import GuardConfig, NeuronAtlas, RIMGuard
 from rimguard.compat import no_checkpointing
@@ -92,7 +103,8 @@ def peer_callback(model, tokenizer, workdir: Path, pairs: int, every: int):
     return SafetyCompassCallback(monitor, measure_every_n_steps=every, log_file=str(workdir / "peer.csv"))
 
 
-# the configurations that can be timed (--modes): GuardConfig overrides; None = no guard
+# the configurations that can be timed (--modes): GuardConfig overrides; None = no guard (the study's
+# baselines are set up by benchmarks.rimbench.baselines.baseline, unguarded)
 CONFIGS: dict[str, dict | None] = {
     "unguarded": None,
     "monitor": {"mode": "monitor"},
@@ -100,7 +112,7 @@ CONFIGS: dict[str, dict | None] = {
     "anchor-every4": {"mode": "regularize", "anchor_every": 4},
     "activation": {"mode": "regularize", "regularizer": "activation"},
     "safety-compass": None,
-}
+} | dict.fromkeys(baselines.BASELINES)
 
 
 def timed(obj, name: str, sink: list[float]) -> None:
@@ -130,20 +142,22 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
     timer = StepTimer()
     callbacks: list = []
     direct: list[float] = []  # the check's own time, each call (the guard's check, or the peer's step-end work)
-    guard_cfg = GuardConfig(probe_every=args.probe_every, num_safety_probes=args.probes, max_new_tokens=16,
-                            probe_batch_size=8, log_file=None, **args.guard)
+    guard_cfg = GuardConfig(**{"probe_every": args.probe_every, "num_safety_probes": args.probes, "max_new_tokens": 16,
+                               "probe_batch_size": 8, "log_file": None, **args.guard})
     total = args.warmup + args.steps + (1 if args.check_step else 0)
     if mode == "safety-compass":
         callbacks.append(peer_callback(model, tok, workdir, args.probes, args.check_step or args.probe_every))
         timed(callbacks[-1], "on_step_end", direct)
-    cfg = SFTConfig(output_dir=str(workdir / mode), max_steps=total, per_device_train_batch_size=args.batch,
+    setup = baselines.baseline(mode, model, SFTTrainer, args.batch)  # a baseline's trainer, batch and callbacks
+    callbacks += setup.callbacks  # before the timer: the EMA update is part of the step
+    cfg = SFTConfig(output_dir=str(workdir / mode), max_steps=total, per_device_train_batch_size=setup.batch,
                     learning_rate=1e-5, report_to=[], bf16=False, **no_checkpointing(), save_strategy="no",
                     use_cpu=not torch.cuda.is_available(), max_length=args.max_length, packing=args.packing, seed=0,
                     disable_tqdm=True, logging_steps=10_000)
-    rows = args.batch * total * (8 if args.packing else 1) + 8  # packing: several rows fill one 512-token sequence
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(training_records(args, rows)),
-                         processing_class=tok, callbacks=callbacks,
-                         peft_config=LoraConfig(r=16, target_modules="all-linear") if lora else None)
+    rows = setup.batch * total * (8 if args.packing else 1) + 8  # packing: several rows fill one 512-token sequence
+    trainer = setup.trainer_cls(model=model, args=cfg, train_dataset=Dataset.from_list(training_records(args, rows)),
+                                processing_class=tok, callbacks=callbacks,
+                                peft_config=LoraConfig(r=16, target_modules="all-linear") if lora else None)
     if CONFIGS[mode] is not None:  # the guard knows its trainer (it logs through it), as RIMGuard.attach sets up
         schedule = (lambda step: step == args.check_step) if args.check_step else None
         guard = RIMGuard(guard_cfg, atlas=atlas, trainer=trainer, schedule=schedule, **CONFIGS[mode])
@@ -161,7 +175,8 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
         return {"mean_s": hot + cost / args.probe_every, "median_s": median, "hot_mean_s": hot, "check_s": cost,
                 "check_steps": cost / median, "check_step_excess_s": check - median, "times": times}
     median = statistics.median(times)
-    is_check = [i % args.probe_every == 0 for i in range(args.warmup + 1, args.warmup + 1 + len(times))]
+    checked = mode == "safety-compass" or CONFIGS[mode] is not None  # the unguarded run and the baselines have no check
+    is_check = [checked and i % args.probe_every == 0 for i in range(args.warmup + 1, args.warmup + 1 + len(times))]
     checks = [t for t, c in zip(times, is_check) if c]
     hot = [t for t, c in zip(times, is_check) if not c]  # every step without a check: hooks, and the anchor when due
     check_extra = statistics.median(checks) - median if checks else 0.0
@@ -181,21 +196,29 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=32)
     parser.add_argument("--peer", action="store_true", help="also time safety-compass")
     parser.add_argument("--modes", nargs="+", choices=[m for m in CONFIGS if m not in ("unguarded", "safety-compass")],
-                        default=["monitor", "regularize"], help="guard configurations timed against the unguarded run")
+                        default=["monitor", "regularize"], help="guard configurations and baselines timed against the unguarded run")
     parser.add_argument("--data", default=None, help="GSM8K-style JSONL (question/answer) to train on; default: generated problems")
     parser.add_argument("--ft", choices=["full", "lora", "both"], default="both")
     parser.add_argument("--json", default=None, help="write the raw results here")
-    parser.add_argument("--preset", choices=["user"], default=None,
-                        help="user: SmolLM2, 8 x 512 packed tokens, check every 50, a 4-step window plus one check step")
+    parser.add_argument("--preset", choices=["user", "study"], default=None,
+                        help="user: SmolLM2, 8 x 512 packed tokens, check every 50, a 4-step window plus one check step; "
+                             "study: the long-horizon study's SmolLM2 at 4 x 192 tokens and the guard's defaults, an 8-step window "
+                             "plus one check step")
     parser.add_argument("--packing", action="store_true", help="pack the training rows into max-length sequences")
     parser.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="GuardConfig overrides of every guarded run (YAML values), e.g. refusal_kl=false witness_tokens=0")
     args = parser.parse_args()
     args.guard = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.guard)}
+    shared = HERE.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
     if args.preset == "user":
-        shared = HERE.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
         args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2", 8, 512, True, 50
         args.steps, args.warmup, args.ft, args.peer = 4, 1, "full", True
+        args.data = args.data or (str(shared) if shared.is_file() else None)
+    if args.preset == "study":  # benchmarks.rim_study's horizon runs: the guard's defaults but its probe batch
+        defaults = GuardConfig()
+        args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2", 4, 192, False, defaults.probe_every
+        args.steps, args.warmup, args.ft, args.probes = 8, 1, "full", defaults.atlas.num_safety_probes
+        args.guard = {"max_new_tokens": defaults.atlas.max_new_tokens, "probe_batch_size": 16, "max_length": 192, **args.guard}
         args.data = args.data or (str(shared) if shared.is_file() else None)
     args.check_step = args.warmup + args.steps + 1 if args.preset else None
     early = max((s for s in range(1, args.probe_every) if s & (s - 1) == 0), default=0)

@@ -55,9 +55,6 @@ from rimguard.demo import evaluation as ev
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 LR = 1e-4
-ASFT_BETA = 0.1  # KL weight of the kl-train baseline: the ASFT authors' train.sh default, and LLaMA-Factory's asft_alpha
-EMA_DECAY = 0.99  # weight EMA of the ema baseline
-ANCHOR_ROWS_PER_STEP = 8 / 4  # the default anchor: 8 rows every 4 optimizer steps
 
 
 @dataclass
@@ -164,6 +161,8 @@ def heads_plan() -> list[RunSpec]:
 NEW_GUARD = {"mode": "monitor", "probe_batch_size": 16}  # the guard's defaults otherwise (checks: every 10, and 1, 2, 4, 8)
 HORIZON_STEPS = 200
 HORIZON_EVALS = [25, 50, 100, 150, 200]
+# every variant's step time against the unguarded run's, side by side (benchmarks/overhead.py --preset study / user)
+HORIZON_COST = {shape: HERE / "results" / "overhead" / f"horizon-{shape}.json" for shape in ("4x192", "8x512")}
 
 
 def horizon(variant: str, seed: int = 0, finetune: str = "full") -> RunSpec:
@@ -363,7 +362,7 @@ class Study:
         c = spec.condition
         if spec.variant == "replay-anchor-budget":  # the anchor's rows at the anchor's rate, as plain SFT rows
             anchor = bundled("anchor_harmful") + bundled("anchor_harmless")
-            return base.replay_mix(bdata.conversational(rows), self.own("anchor", anchor, 32), round(spec.steps * ANCHOR_ROWS_PER_STEP),
+            return base.replay_mix(bdata.conversational(rows), self.own("anchor", anchor, 32), round(spec.steps * base.ANCHOR_ROWS_PER_STEP),
                                    spec.seed)
         if spec.variant == "replay-3pct":  # the model's own refusals as 3% of the rows
             refusals = [r for r in self.own("refusal_mix", bundled("harmful")[48:], 64) if default_judge(r["completion"][0]["content"])]
@@ -503,30 +502,27 @@ def run(spec: RunSpec, study: Study) -> dict[str, Any]:
     with_peer = v1_full and study.args.preset != "heads" and bpeer.available()[0]
     peer = bpeer.Peer(study.tok, workdir / "peer", pairs=16, batch_size=16, max_length=128) if with_peer else None
     signals = Signals(study, guard, peer, v1_full, spec.steps)
-    ema = base.WeightEMA(EMA_DECAY) if spec.variant == "ema" else None
-    evals = Evals(study, spec, ema)
     timer, losses = StepTimer(), LossLog()
     lora = LoraConfig(r=32, lora_alpha=64, use_rslora=True, target_modules="all-linear", lora_dropout=0.0,
                       task_type="CAUSAL_LM") if spec.finetune == "lora" else None
     records = study.records(spec)
-    batch = spec.batch + (round(ANCHOR_ROWS_PER_STEP) if spec.variant == "replay-anchor-budget" else 0)
-    args = SFTConfig(output_dir=str(workdir), max_steps=spec.steps, per_device_train_batch_size=batch, learning_rate=spec.lr,
+    model = study.model(spec.seed)
+    setup = base.baseline(spec.variant, model, SFTTrainer, spec.batch)
+    evals = Evals(study, spec, setup.ema)
+    args = SFTConfig(output_dir=str(workdir), max_steps=spec.steps, per_device_train_batch_size=setup.batch, learning_rate=spec.lr,
                      lr_scheduler_type=spec.schedule, warmup_steps=spec.warmup, weight_decay=0.0, max_length=192, logging_steps=1,
                      report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False, **no_checkpointing(), seed=spec.seed,
                      data_seed=spec.seed, disable_tqdm=True, dataloader_num_workers=0)
-    model = study.model(spec.seed)
-    kl = base.KLToBase(model, ASFT_BETA) if spec.variant == "kl-train" else None
-    trainer_cls = base.with_kl_to_base(SFTTrainer, kl) if kl is not None else SFTTrainer
-    callbacks = [guard, timer, signals] + ([ema] if ema is not None else []) + [evals, losses]
-    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=study.tok,
-                          callbacks=callbacks, peft_config=lora)
+    callbacks = [guard, timer, signals, *setup.callbacks, evals, losses]
+    trainer = setup.trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=study.tok,
+                                callbacks=callbacks, peft_config=lora)
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
     trainer.train()
     out = {"name": spec.name, **asdict(spec), "rows": len(records), "checks": signals.rows, "curve": evals.curve,
            "final": evals.final, "train_loss": losses.losses, "step_times": timer.times,
            "frozen": guard.engine.freezer.count if guard.engine.freezer else 0, "optimised_signals": guard.engine.optimised_signals(),
-           "kl_train": kl.logged if kl is not None else None,
+           "kl_train": setup.kl.logged if setup.kl is not None else None,
            "seconds": {"total": time.perf_counter() - started, "signals": signals.seconds, "evals": evals.seconds,
                        "guard_setup": guard.setup_seconds}}
     if study.args.preset in V1_PRESETS:  # the 12-step records keep their own layout: eval rows merged into the check rows
@@ -537,7 +533,7 @@ def run(spec: RunSpec, study: Study) -> dict[str, Any]:
             else:
                 row.update(point)
         out["checks"].sort(key=lambda r: r["step"])
-    del trainer, model, guard, kl
+    del trainer, model, guard, setup
     gc.collect()
     return out
 
@@ -573,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.rimbench.study_report import analyse_and_write
 
     analyse_and_write(args.preset, args.out, [s.name for s in plan], HERE / "results" / {"validity2": "validity-v2"}.get(args.preset, args.preset),
-                      SPLIT, CONDITION_OF)
+                      SPLIT, CONDITION_OF, HORIZON_COST)
 
 
 if __name__ == "__main__":

@@ -175,13 +175,15 @@ def test_gpu_benchmark_runs_its_cpu_path(tmp_path):
 
 # -- the overhead benchmark ------------------------------------------------------------------------
 def test_the_overhead_benchmark_times_every_guard_configuration_on_the_tiny_model(tmp_path):
-    """A short run of benchmarks/overhead.py: each configuration trains, and the guard's checks are timed (the
-    script reaches into the guard to time its check: a renamed method must break this test, not a long run)."""
+    """A short run of benchmarks/overhead.py: each configuration trains (the guard's and the study's baselines),
+    and the guard's checks are timed (the script reaches into the guard to time its check: a renamed method must
+    break this test, not a long run)."""
     out = tmp_path / "overhead.json"
     cmd = [sys.executable, "-m", "benchmarks.overhead", "--model", "tiny", "--steps", "4", "--warmup", "2", "--probe-every", "4",
-           "--repeats", "1", "--ft", "full", "--probes", "8", "--modes", "monitor", "regularize", "--json", str(out)]
+           "--repeats", "1", "--ft", "full", "--probes", "8", "--modes", "monitor", "regularize", "kl-train", "ema", "replay-anchor-budget", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     full = json.loads(out.read_text())["results"]["full"]
-    assert set(full) == {"unguarded", "monitor", "regularize"}
+    assert set(full) == {"unguarded", "monitor", "regularize", "kl-train", "ema", "replay-anchor-budget"}
     assert all(len(r["times"][0]) == 4 and r["mean_s"] > 0 for r in full.values())  # the 4 window steps, after 2 warm-up steps
+    assert full["regularize"]["check_s"] > 0 and full["kl-train"]["check_s"] == full["ema"]["check_s"] == 0  # baselines: no check

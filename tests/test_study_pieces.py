@@ -147,6 +147,26 @@ def test_weight_ema_follows_the_hand_computed_average_and_swaps_back():
     assert torch.equal(model.weight, trained)
 
 
+def test_baseline_sets_up_each_variant_at_its_compute():
+    """The one set-up the study runner and the step-time benchmark share: the anchor-budget replay trains the
+    anchor's 2 extra rows per step, kl-train's trainer adds beta * KL to a frozen copy, ema adds the average."""
+    import torch
+    from trl import SFTTrainer
+
+    from rimguard.testing import tiny_model
+
+    model = tiny_model("llama", seed=0)
+    plain, replay, three = (B.baseline(v, model, SFTTrainer, 4) for v in ("none", "replay-anchor-budget", "replay-3pct"))
+    assert (plain.trainer_cls, plain.batch, plain.callbacks) == (SFTTrainer, 4, []) and three.batch == 4
+    assert replay.batch == 4 + 2 == 4 + round(B.ANCHOR_ROWS_PER_STEP) and replay.trainer_cls is SFTTrainer
+    kl = B.baseline("kl-train", model, SFTTrainer, 4)
+    assert issubclass(kl.trainer_cls, SFTTrainer) and kl.trainer_cls is not SFTTrainer and kl.kl.beta == B.ASFT_BETA == 0.1
+    frozen = dict(kl.kl.base.named_parameters())
+    assert all(torch.equal(frozen[n], p) and not frozen[n].requires_grad for n, p in model.named_parameters())
+    ema = B.baseline("ema", model, SFTTrainer, 4)
+    assert ema.callbacks == [ema.ema] and ema.ema.decay == B.EMA_DECAY and ema.batch == 4 and ema.kl is None
+
+
 class _TinyStudy:
     """The study runner's context on a tiny model and inline data (the real one loads the aligned SmolLM2)."""
 

@@ -8,17 +8,25 @@
   the base model.
 * **Weight EMA** (:class:`WeightEMA`): an exponential moving average of the trainable weights, the
   zero-data baseline; the EMA weights are what is evaluated.
+
+:func:`baseline` sets one of them up for a run (the study runner and the step-time benchmark share it).
 """
 
 from __future__ import annotations
 
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
+
+ASFT_BETA = 0.1  # KL weight of kl-train: the ASFT authors' train.sh default, and LLaMA-Factory's asft_alpha
+EMA_DECAY = 0.99  # weight EMA of the ema baseline
+ANCHOR_ROWS_PER_STEP = 8 / 4  # the default anchor's budget: 8 rows every 4 optimizer steps
+BASELINES = ("replay-anchor-budget", "replay-3pct", "kl-train", "ema")
 
 
 def replay_mix(main: Sequence[dict[str, Any]], extra: Sequence[dict[str, Any]], count: int, seed: int) -> list[dict[str, Any]]:
@@ -118,3 +126,39 @@ class WeightEMA(TrainerCallback):
             with torch.no_grad():
                 for p, h in zip(self.params, held):
                     p.copy_(h)
+
+
+@dataclass
+class Baseline:
+    """How a baseline changes one training run.
+
+    Attributes:
+        trainer_cls: the trainer class to build (``kl-train``: with the KL term in its loss).
+        batch: rows per optimizer step (``replay-anchor-budget``: the anchor's extra rows on top).
+        callbacks: to add to the trainer (``ema``: the average, updated after every step).
+        kl, ema: the KL term and the weight average, when the variant has them.
+    """
+
+    trainer_cls: type
+    batch: int
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+    kl: KLToBase | None = None
+    ema: WeightEMA | None = None
+
+
+def baseline(variant: str, model: nn.Module, trainer_cls: type, batch: int) -> Baseline:
+    """The run set-up of ``variant`` (one of :data:`BASELINES`; anything else trains as given).
+
+    ``replay-anchor-budget`` trains :data:`ANCHOR_ROWS_PER_STEP` more rows per step, the anchor's compute;
+    ``replay-3pct`` trains the same number of rows as the unguarded run (3% of them replaced), so only its
+    data differ; ``kl-train`` runs the frozen base model's forward on every batch; ``ema`` updates the average
+    after every optimizer step. ``batch`` is the unguarded run's rows per step.
+    """
+    if variant == "kl-train":
+        kl = KLToBase(model, ASFT_BETA)
+        return Baseline(with_kl_to_base(trainer_cls, kl), batch, kl=kl)
+    if variant == "ema":
+        ema = WeightEMA(EMA_DECAY)
+        return Baseline(trainer_cls, batch, [ema], ema=ema)
+    extra = round(ANCHOR_ROWS_PER_STEP) if variant == "replay-anchor-budget" else 0
+    return Baseline(trainer_cls, batch + extra)

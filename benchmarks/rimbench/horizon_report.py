@@ -4,7 +4,10 @@ From the per-run records of :mod:`benchmarks.rim_study` and its step-0 evaluatio
 
 * :func:`run_record` - one record per run in the issue's layout: the refusal-kept curve (step 0 included),
   over-refusal and held-out loss at every evaluation point, the gain share against the unguarded run of
-  the same seed and fine-tuning kind, the in-run step-time ratio, and every guard signal at every check;
+  the same seed and fine-tuning kind, the step-time ratio, and every guard signal at every check;
+* :func:`side_by_side` - the step-time ratios of ``benchmarks/overhead.py`` (every variant timed against the
+  unguarded run in one process): with them, ``step_time_ratio`` is the side-by-side ratio at the study's
+  shape; without them, the in-run one (the runs' own step times, measured in different processes);
 * :func:`analyse_horizon` - those records, the targets per variant and the Pareto comparison of every
   baseline with the default anchor;
 * :func:`plot_horizon` (refusal-kept curves, Pareto plot) and :func:`horizon_markdown`.
@@ -78,6 +81,13 @@ def run_record(run: dict[str, Any], step0: dict[str, Any], unguarded: dict[str, 
             "kl_train": run.get("kl_train"), "seconds": run.get("seconds"), "signals": run["checks"]}
 
 
+def side_by_side(overhead: dict[str, Any]) -> dict[tuple[str, str], float]:
+    """``(variant, finetune) -> amortized step-time ratio`` from a ``benchmarks/overhead.py --json`` result
+    (its ``unguarded`` run is the study's ``none``)."""
+    return {("none" if mode == "unguarded" else mode, ft): r["ratio_amortized"]
+            for ft, modes in overhead["results"].items() for mode, r in modes.items() if "ratio_amortized" in r}
+
+
 def _beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """``a`` is at least as good as ``b`` on refusal kept, gain share and over-refusal, and better on one."""
     ka, kb = (a["refusal_kept"], a["gain_share"], -a["over_refusal"]), (b["refusal_kept"], b["gain_share"], -b["over_refusal"])
@@ -86,15 +96,29 @@ def _beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(x >= y for x, y in zip(ka, kb)) and any(x > y for x, y in zip(ka, kb))
 
 
-def analyse_horizon(runs: list[dict[str, Any]], step0: dict[str, Any]) -> dict[str, Any]:
+def analyse_horizon(runs: list[dict[str, Any]], step0: dict[str, Any], cost: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Per-run records, per-variant summaries with the targets, and the Pareto comparison at the end.
 
     A baseline "beats" the default anchor when, on the same seed and fine-tuning kind, it is no worse on
     all three of refusal kept, gain share and over-refusal and better on one (:func:`_beats`); its cost per
-    step is reported beside it, from the in-run step times (the side-by-side ratio is benchmarks/overhead.py's).
+    step is reported beside it.
+
+    Args:
+        cost: ``benchmarks/overhead.py`` results by shape name (``"4x192"``, the study's shape, and any other,
+            e.g. ``"8x512"``). Each record then carries ``step_time_ratio_<shape>``, and ``step_time_ratio`` is
+            the ``4x192`` one where it was timed (``step_time_ratio_in_run`` keeps the in-run estimate).
     """
     none = {(r["finetune"], r["seed"]): r for r in runs if r["variant"] == "none"}
     records = [run_record(r, step0, none.get((r["finetune"], r["seed"]))) for r in runs]
+    ratios = {shape: side_by_side(result) for shape, result in (cost or {}).items()}
+    for x in records:
+        x["step_time_ratio_in_run"] = x["step_time_ratio"]
+        for shape, table in ratios.items():
+            x[f"step_time_ratio_{shape}"] = table.get((x["variant"], x["finetune"]), math.nan)
+        x["step_time_ratio"] = x.get("step_time_ratio_4x192", math.nan)
+        x["step_time_ratio_source"] = "overhead 4x192" if finite(x["step_time_ratio"]) else "in run"
+        if not finite(x["step_time_ratio"]):
+            x["step_time_ratio"] = x["step_time_ratio_in_run"]
     aligned_or = step0.get("over_refusal")
     summary: dict[str, Any] = {}
     for key in dict.fromkeys(f"{x['variant']}/{x['finetune']}" for x in records):
@@ -124,7 +148,7 @@ def analyse_horizon(runs: list[dict[str, Any]], step0: dict[str, Any]) -> dict[s
             "aligned_over_refusal_small": step0.get("over_refusal_small"), "gsm8k_loss0": step0["gsm8k_loss"],
             "n_harmful": step0.get("n_harmful"), "n_xstest": step0.get("n_xstest"),
             "targets": {"kept_every_point": KEPT_EVERY_POINT, "gain_share": GAIN, "over_refusal_points": OVER_REFUSAL_POINTS},
-            "records": records, "summary": summary, "pareto": pareto}
+            "cost_shapes": sorted(ratios), "records": records, "summary": summary, "pareto": pareto}
 
 
 def plot_horizon(res: dict[str, Any], dest: Path) -> list[Path]:
@@ -192,12 +216,12 @@ def horizon_markdown(res: dict[str, Any]) -> str:
              f"over-refusal {_f(res['aligned_over_refusal'], pct)} of {res['n_xstest']} "
              f"[{_f(res['aligned_over_refusal_ci'][0], pct)}, {_f(res['aligned_over_refusal_ci'][1], pct)}].", "",
              "| run | steps | refusal kept (min over points) | refusal kept (end) | gain share | XSTest over-refusal (end, 95% CI) | "
-             "GSM8K loss | step-time ratio (in run) |", "|---|---|---|---|---|---|---|---|"]
+             "GSM8K loss | step-time ratio | ratio at 8x512 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["records"]:
         lo, hi = r["over_refusal_ci"]
         lines.append(f"| {r['name']} | {r['steps']} | {_f(r['min_refusal_kept'])} | {_f(r['refusal_kept'])} | {_f(r['gain_share'])} | "
                      f"{_f(r['over_refusal'], pct)} [{_f(lo, pct)}, {_f(hi, pct)}] | {_f(r['gsm8k_loss'], '{:.3f}')} | "
-                     f"{_f(r['step_time_ratio'])} |")
+                     f"{_f(r['step_time_ratio'])} ({r['step_time_ratio_source']}) | {_f(r.get('step_time_ratio_8x512'))} |")
     lines += ["", f"Targets: refusal kept >= {KEPT_EVERY_POINT:.0%} at every point, gain share >= {GAIN:.0%}, mean over-refusal "
               f"<= aligned + {OVER_REFUSAL_POINTS * 100:.0f} points.", "",
               "| variant | seeds | kept at every point | gain | over-refusal (mean) |", "|---|---|---|---|---|"]
@@ -209,6 +233,6 @@ def horizon_markdown(res: dict[str, Any]) -> str:
                   "and over-refusal, strictly better on one):", ""]
         for p in res["pareto"]:
             verdict = "beats the default anchor" if p["beats_default"] else "is beaten by it" if p["beaten_by_default"] else "trades off"
-            lines.append(f"- {p['variant']} ({p['finetune']}, s{p['seed']}) {verdict}; in-run step-time ratio "
+            lines.append(f"- {p['variant']} ({p['finetune']}, s{p['seed']}) {verdict}; step-time ratio "
                          f"{_f(p['step_time_ratio'])} (anchor {_f(p['default_step_time_ratio'])})")
     return "\n".join(lines) + "\n"
