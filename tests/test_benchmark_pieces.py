@@ -180,7 +180,8 @@ def test_the_overhead_benchmark_times_every_guard_configuration_on_the_tiny_mode
     break this test, not a long run)."""
     out = tmp_path / "overhead.json"
     cmd = [sys.executable, "-m", "benchmarks.overhead", "--model", "tiny", "--steps", "4", "--warmup", "2", "--probe-every", "4",
-           "--repeats", "1", "--ft", "full", "--probes", "8", "--modes", "monitor", "regularize", "kl-train", "ema", "replay-anchor-budget", "--json", str(out)]
+           "--repeats", "1", "--ft", "full", "--probes", "8", "--modes", "monitor", "regularize", "kl-train", "ema",
+           "replay-anchor-budget", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     full = json.loads(out.read_text())["results"]["full"]
