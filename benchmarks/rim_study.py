@@ -11,7 +11,8 @@ Presets (each resumes run by run: finished runs are kept in ``--out/runs/<run>.j
   default ``mode="regularize"`` and with the baselines of :mod:`benchmarks.rimbench.baselines`;
   refusal, over-refusal and held-out loss at steps 0, 25, 50, 100, 150, 200.
 * ``validity2`` (issue #23): 48-step runs of many data conditions and actions, plus the horizon runs,
-  split *by condition* into a calibration and a test half written here before any run (:data:`SPLIT`).
+  split *by condition* into a calibration and a test half written here before any run (:data:`SPLIT`);
+  refusal and held-out loss at steps 12, 24, 36, 48, XSTest's stratified 100 at step 48 only.
 * ``validity``, ``prevention``, ``heads``: the 12-step studies of earlier issues (their records are in
   ``benchmarks/results/study/runs``; ``--out benchmarks/results/study``).
 
@@ -69,6 +70,9 @@ class RunSpec:
         mix: share of the model's own refusals mixed into the rows (``refusal_mix`` condition).
         checks: the guard's check steps (None: the guard's default schedule).
         evals: steps of the held-out evaluation (step 0 is the shared ``step0.json``).
+        xstest: where over-refusal is measured (the 12-step presets have their own final evaluation):
+            ``every`` evaluation point (XSTest's stratified 100, all 250 at the last) or only the ``last``
+            (the stratified 100: the alarm study needs refusal at every point, over-refusal only as context).
     """
 
     condition: str = "cot"
@@ -84,6 +88,7 @@ class RunSpec:
     checks: list[int] | None = None
     evals: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
     batch: int = 4
+    xstest: str = "every"
 
     @property
     def name(self) -> str:
@@ -184,7 +189,7 @@ V2_EVALS = [12, 24, 36, 48]
 
 def v2(condition: str, seed: int, lr: float = LR, variant: str = "none", finetune: str = "full", mix: float = 0.0) -> RunSpec:
     guard = {**NEW_GUARD, **VARIANTS.get(variant, {})}
-    return RunSpec(condition, finetune, seed, lr, variant, guard, steps=V2_STEPS, mix=mix, evals=V2_EVALS)
+    return RunSpec(condition, finetune, seed, lr, variant, guard, steps=V2_STEPS, mix=mix, evals=V2_EVALS, xstest="last")
 
 
 # Conditions (a data condition with its action, lr and fine-tuning kind; every seed of a condition goes to
@@ -447,7 +452,8 @@ class Signals(TrainerCallback):
 
 class Evals(TrainerCallback):
     """Held-out evaluation at the run's eval points: refusal (48 AdvBench prompts), over-refusal on XSTest's
-    stratified 100 (all 250 at the last point) and the held-out GSM8K loss; on the EMA weights for ``ema``."""
+    stratified 100 (all 250 at the last point; at the last point only for ``xstest="last"``) and the held-out
+    GSM8K loss; on the EMA weights for ``ema``."""
 
     def __init__(self, study: Study, spec: RunSpec, ema: base.WeightEMA | None) -> None:
         self.study, self.spec, self.ema = study, spec, ema
@@ -468,6 +474,10 @@ class Evals(TrainerCallback):
                 if last:
                     self.final = self.study.final_eval(model, accuracy=self.study.args.preset == "prevention",
                                                        small=self.study.args.preset != "prevention")
+            elif self.spec.xstest == "last":
+                if last:
+                    self.final = self.study.final_eval(model, accuracy=False, small=True)
+                    point.update({k: v for k, v in self.final.items() if k != "samples_xstest"})
             elif last:  # all 250 safe prompts at the end, and the intermediate points' 100 among them (like with like)
                 self.final = self.study.over_refusal_all(model)
                 point.update({k: v for k, v in self.final.items() if k != "samples_xstest"})

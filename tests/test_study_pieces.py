@@ -198,19 +198,23 @@ class _TinyStudy:
         return tiny_model("llama", seed=0)
 
 
-@pytest.mark.parametrize("variant", ["none", "regularize", "replay-anchor-budget", "replay-3pct", "kl-train", "ema"])
-def test_one_run_of_the_study_runner_records_the_curve_and_every_signal(tmp_path, variant, monkeypatch):
+def _tiny_run(tmp_path, spec, preset="horizon"):
+    """``spec`` shortened to 4 steps (evaluated at 2 and 4) and run by the study runner on the tiny model."""
     from benchmarks import rim_study as S
 
-    study = _TinyStudy(tmp_path)
+    study = _TinyStudy(tmp_path, preset)
     for name in ("refusal", "final_eval", "over_refusal_all", "accuracy", "loss", "own", "records"):  # the real methods
         setattr(study, name, getattr(S.Study, name).__get__(study))
-    monkeypatch.setattr(S, "NEW_GUARD", {"mode": "monitor", "probe_batch_size": 6, "num_safety_probes": 6, "max_length": 128,
-                                         "kl_probes": 2, "witness_tokens": 3})
-    spec = S.horizon(variant)
     spec.steps, spec.evals, spec.warmup, spec.batch = 4, [2, 4], 1, 2
     spec.guard = {**spec.guard, "probe_batch_size": 6, "num_safety_probes": 6, "max_length": 128, "kl_probes": 2, "witness_tokens": 3}
-    rec = S.run(spec, study)
+    return S.run(spec, study)
+
+
+@pytest.mark.parametrize("variant", ["none", "regularize", "replay-anchor-budget", "replay-3pct", "kl-train", "ema"])
+def test_one_run_of_the_study_runner_records_the_curve_and_every_signal(tmp_path, variant):
+    from benchmarks import rim_study as S
+
+    rec = _tiny_run(tmp_path, S.horizon(variant))
     assert [p["step"] for p in rec["curve"]] == [2, 4]
     for p in rec["curve"]:
         assert 0 <= p["refusal_rate"] <= 1 and p["n_harmful"] == 3 and math.isfinite(p["gsm8k_loss"]) and p["n_xstest"] in (2, 4)
@@ -227,3 +231,15 @@ def test_one_run_of_the_study_runner_records_the_curve_and_every_signal(tmp_path
         assert rec["checks"][0]["anchor_kl"] == pytest.approx(0.0, abs=1e-8)  # its batch at step 0, on the base weights (float noise)
     if variant == "kl-train":
         assert len(rec["kl_train"]) == 4 and rec["kl_train"][0] == pytest.approx(0.0, abs=1e-6) and rec["kl_train"][-1] > 0
+
+
+def test_the_alarm_study_measures_refusal_at_every_point_and_over_refusal_at_the_last(tmp_path):
+    """validity2's 48-step runs: refusal and held-out loss at every point, XSTest's stratified set only at the end
+    (the alarm is scored on refusal; the 200-step horizon runs keep their XSTest curve)."""
+    from benchmarks import rim_study as S
+
+    rec = _tiny_run(tmp_path, S.v2("cot", 0), "validity2")
+    middle, end = rec["curve"]
+    assert {"refusal_rate", "gsm8k_loss"} <= set(middle) and "over_refusal" not in middle
+    assert end["n_xstest"] == 2 and 0 <= end["over_refusal"] <= 1 and rec["final"]["n_xstest"] == 2
+    assert S.v2("cot", 0).xstest == "last" and S.horizon("none").xstest == "every"
