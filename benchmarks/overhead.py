@@ -31,13 +31,19 @@ number of anchor periods) and then one step with its check (rimguard) or measure
 (safety-compass), scheduled at that step; a check's cost is the check call itself, timed directly
 (the guard's ``check``, the peer callback's step-end work), since a step's own noise (a few seconds
 at this shape) would swamp a peer's check. The amortized ratio at one check per ``--probe-every`` steps is then
-``(hot mean + check cost / probe_every) / unguarded hot mean``.
+``(hot mean + check cost / probe_every) / unguarded hot mean`` (with ``--run-steps N``: the check cost times the
+number of checks the guard's default schedule runs in an N-step run, every ``probe_every`` plus the early ones at
+1, 2, 4, ..., over N).
     python -m benchmarks.overhead --model smollm2 --steps 50 --warmup 33 --repeats 1 --batch 2 --max-length 128 --probes 16 --peer
 
-``--preset study`` is the long-horizon study's shape (SmolLM2, batch 4 x 192 tokens of GSM8K, the guard's
-defaults: a check every 10 steps), in the same window-plus-one-check layout; its ``--modes`` can name the
-study's baselines (``replay-anchor-budget``, ``replay-3pct``, ``kl-train``, ``ema``, set up as the study
-runner sets them up), so that every variant of the study is timed against the unguarded run side by side:
+``--preset study`` is the long-horizon study's shape: the aligned SmolLM2 and the study's own atlas
+(``results/study3/atlas``), batch 4 x 192 tokens of GSM8K, the guard's defaults (checks at 1, 2, 4, 8 and every
+10 steps, amortized over the study's 200 steps), in the same window-plus-one-check layout. ``--modes`` can name
+the study's baselines (``replay-anchor-budget``, ``replay-3pct``, ``kl-train``, ``ema``, set up as the study
+runner sets them up, without the guard), so that every variant of the study is timed against the unguarded
+run side by side. The anchor-budget replay's 2 extra rows per step are training rows here, longer than the
+anchor's own (about 60 tokens); padded to the batch's longest row at 4 x 192 that changes little, packed at
+8 x 512 it makes its ratio an upper bound.
 
     python -m benchmarks.overhead --preset study --repeats 2 --modes regularize replay-anchor-budget kl-train ema \
         --json benchmarks/results/overhead/horizon-4x192.json
@@ -66,7 +72,7 @@ from trl import SFTConfig, SFTTrainer
 
 from benchmarks.rimbench import baselines
 from benchmarks.rimbench.callbacks import StepTimer
-from rimguard import GuardConfig, NeuronAtlas, RIMGuard
+from rimguard import GuardConfig, MonitorConfig, NeuronAtlas, RIMGuard
 from rimguard.compat import no_checkpointing
 from rimguard.probes import bundled
 from rimguard.probes.reasoning import reasoning_texts
@@ -79,9 +85,9 @@ def load(name: str, seed: int = 0):
     torch.manual_seed(seed)
     if name == "tiny":
         return tiny_model("llama", layers=4, hidden=128, intermediate=512), tiny_tokenizer()
-    from rimguard.demo.zoo import smollm2_base
+    from rimguard.demo.zoo import aligned_smollm2, smollm2_base
 
-    path = smollm2_base()
+    path = aligned_smollm2() if name == "smollm2-aligned" else smollm2_base()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
@@ -129,6 +135,15 @@ def timed(obj, name: str, sink: list[float]) -> None:
     setattr(obj, name, call)
 
 
+def checks_per_step(probe_every: int, run_steps: int | None) -> float:
+    """Guard checks per optimizer step: ``1 / probe_every``, or, over a run of ``run_steps`` steps, the default
+    schedule's count (every ``probe_every`` steps and at 1, 2, 4, ... below it) over ``run_steps``."""
+    if not run_steps:
+        return 1 / probe_every
+    schedule = MonitorConfig(probe_every=probe_every)
+    return sum(map(schedule.is_check_step, range(1, run_steps + 1))) / run_steps
+
+
 def training_records(args, count: int) -> list[dict]:
     if args.data is None:
         return reasoning_texts(count)
@@ -172,7 +187,7 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
         hot = sum(window) / len(window)
         # the check's cost: timed directly (the step-minus-median estimate carries the step's noise, a few seconds)
         cost = max(direct) if direct else 0.0
-        return {"mean_s": hot + cost / args.probe_every, "median_s": median, "hot_mean_s": hot, "check_s": cost,
+        return {"mean_s": hot + cost * checks_per_step(args.probe_every, args.run_steps), "median_s": median, "hot_mean_s": hot, "check_s": cost,
                 "check_steps": cost / median, "check_step_excess_s": check - median, "times": times}
     median = statistics.median(times)
     checked = mode == "safety-compass" or CONFIGS[mode] is not None  # the unguarded run and the baselines have no check
@@ -186,7 +201,10 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "smollm2", "smollm2-aligned"], default="tiny")
+    parser.add_argument("--atlas", default=None, help="a saved atlas to hook (default: identify one on the model)")
+    parser.add_argument("--run-steps", type=int, default=None,
+                        help="amortize the check over the default schedule of a run this long (default: one per --probe-every)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
@@ -216,10 +234,13 @@ def main() -> None:
         args.data = args.data or (str(shared) if shared.is_file() else None)
     if args.preset == "study":  # benchmarks.rim_study's horizon runs: the guard's defaults but its probe batch
         defaults = GuardConfig()
-        args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2", 4, 192, False, defaults.probe_every
-        args.steps, args.warmup, args.ft, args.probes = 8, 1, "full", defaults.atlas.num_safety_probes
+        args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2-aligned", 4, 192, False, defaults.monitor.probe_every
+        args.steps, args.warmup, args.ft, args.probes, args.run_steps = 8, 1, "full", defaults.atlas.num_safety_probes, 200
+        args.atlas = args.atlas or str(HERE / "results" / "study3" / "atlas")
         args.guard = {"max_new_tokens": defaults.atlas.max_new_tokens, "probe_batch_size": 16, "max_length": 192, **args.guard}
         args.data = args.data or (str(shared) if shared.is_file() else None)
+    if "probe_every" in args.guard:  # the schedule is the benchmark's too (its check steps, the amortization)
+        args.probe_every = args.guard.pop("probe_every")
     args.check_step = args.warmup + args.steps + 1 if args.preset else None
     early = max((s for s in range(1, args.probe_every) if s & (s - 1) == 0), default=0)
     if args.check_step is None and args.warmup < early:
@@ -227,10 +248,13 @@ def main() -> None:
 
     modes = ["unguarded", *args.modes] + (["safety-compass"] if args.peer else [])
     fts = {"full": [False], "lora": [True], "both": [False, True]}[args.ft]
-    model, tok = load(args.model)
-    share = 0.2 if args.model == "tiny" else 0.5  # a random tiny model has no consistent safety neurons
-    atlas = NeuronAtlas.from_config(model, tok, GuardConfig(num_safety_probes=args.probes, max_new_tokens=16, min_share=share))
-    del model
+    if args.atlas:
+        atlas = NeuronAtlas.load(args.atlas)
+    else:
+        model, tok = load(args.model)
+        share = 0.2 if args.model == "tiny" else 0.5  # a random tiny model has no consistent safety neurons
+        atlas = NeuronAtlas.from_config(model, tok, GuardConfig(num_safety_probes=args.probes, max_new_tokens=16, min_share=share))
+        del model
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     results: dict[str, dict[str, dict[str, float]]] = {}
     # every finished run is appended to a JSONL beside --json, and a re-run with the same --json resumes there
@@ -253,7 +277,8 @@ def main() -> None:
             results["lora" if lora else "full"] = {m: {k: statistics.median(r[k] for r in v) for k in v[0] if k != "times"}
                                                    | {"times": [r["times"] for r in v]} for m, v in runs.items()}
     if args.check_step:
-        print(f"\none check step after the window; amortized = (hot mean + check s / {args.probe_every}) / unguarded hot mean")
+        per_step = checks_per_step(args.probe_every, args.run_steps)
+        print(f"\none check step after the window; amortized = (hot mean + check s x {per_step:.3f}) / unguarded hot mean")
     print(f"\nmodel={args.model} device={device} window={args.steps} steps (after {args.warmup} warm-up) "
           f"probe_every={args.probe_every} probes={args.probes} batch={args.batch} max_length={args.max_length} repeats={args.repeats}")
     print(f"{'fine-tune':<10}{'mode':<16}{'mean s/step':>12}{'amortized':>11}{'median s/step':>15}{'per-step':>10}{'hot path':>10}"

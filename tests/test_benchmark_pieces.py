@@ -174,6 +174,14 @@ def test_gpu_benchmark_runs_its_cpu_path(tmp_path):
 
 
 # -- the overhead benchmark ------------------------------------------------------------------------
+def test_the_checks_of_a_run_are_amortized_over_its_whole_schedule():
+    """A 200-step run at probe_every=10 checks at 1, 2, 4, 8 and every 10th step: 24 checks, 0.12 per step."""
+    from benchmarks.overhead import checks_per_step
+
+    assert checks_per_step(10, 200) == pytest.approx(24 / 200)
+    assert checks_per_step(50, None) == 1 / 50 and checks_per_step(50, 100) == pytest.approx((6 + 2) / 100)  # 1..32, 50, 100
+
+
 def test_the_overhead_benchmark_times_every_guard_configuration_on_the_tiny_model(tmp_path):
     """A short run of benchmarks/overhead.py: each configuration trains (the guard's and the study's baselines),
     and the guard's checks are timed (the script reaches into the guard to time its check: a renamed method must

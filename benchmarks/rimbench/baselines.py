@@ -63,7 +63,7 @@ class KLToBase:
     """Adds ``beta * KL(pi_0 || pi_theta)`` on the training tokens to a Trainer's loss (see :func:`kl_to_base`).
 
     Use it as ``compute_loss`` of a Trainer subclass, through :func:`with_kl_to_base`. The base model is a
-    frozen copy of the model at train start, on the same device.
+    frozen copy of the model as given, moved to the training batches' device at the first step.
     """
 
     def __init__(self, model: nn.Module, beta: float) -> None:
@@ -76,6 +76,9 @@ class KLToBase:
         self.logged: list[float] = []
 
     def __call__(self, model: nn.Module, inputs: dict[str, Any], loss: torch.Tensor, outputs: Any) -> torch.Tensor:
+        device = inputs["input_ids"].device
+        if next(self.base.parameters()).device != device:  # the Trainer moved the model, after the copy was taken
+            self.base.to(device)
         with torch.no_grad():
             base_logits = self.base(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
         kl = kl_to_base(outputs.logits, base_logits, inputs["labels"])

@@ -106,19 +106,23 @@ def analyse_horizon(runs: list[dict[str, Any]], step0: dict[str, Any], cost: dic
     Args:
         cost: ``benchmarks/overhead.py`` results by shape name (``"4x192"``, the study's shape, and any other,
             e.g. ``"8x512"``). Each record then carries ``step_time_ratio_<shape>``, and ``step_time_ratio`` is
-            the ``4x192`` one where it was timed (``step_time_ratio_in_run`` keeps the in-run estimate).
+            the ``4x192`` one if that run timed every record's variant, else the in-run estimate for all
+            (``step_time_ratio_in_run`` keeps it; ``step_time_ratio_source`` says which). The study's ``none``
+            runs the guard in monitor mode; its side-by-side ratio is the unguarded run's, 1.
     """
     none = {(r["finetune"], r["seed"]): r for r in runs if r["variant"] == "none"}
     records = [run_record(r, step0, none.get((r["finetune"], r["seed"]))) for r in runs]
     ratios = {shape: side_by_side(result) for shape, result in (cost or {}).items()}
+    # one kind of ratio in the column: the side-by-side one only if it timed every run's variant
+    study_shape = ratios.get("4x192", {})
+    source = "overhead 4x192" if all((x["variant"], x["finetune"]) in study_shape for x in records) else "in run"
     for x in records:
         x["step_time_ratio_in_run"] = x["step_time_ratio"]
         for shape, table in ratios.items():
             x[f"step_time_ratio_{shape}"] = table.get((x["variant"], x["finetune"]), math.nan)
-        x["step_time_ratio"] = x.get("step_time_ratio_4x192", math.nan)
-        x["step_time_ratio_source"] = "overhead 4x192" if finite(x["step_time_ratio"]) else "in run"
-        if not finite(x["step_time_ratio"]):
-            x["step_time_ratio"] = x["step_time_ratio_in_run"]
+        if source != "in run":
+            x["step_time_ratio"] = study_shape[(x["variant"], x["finetune"])]
+        x["step_time_ratio_source"] = source
     aligned_or = step0.get("over_refusal")
     summary: dict[str, Any] = {}
     for key in dict.fromkeys(f"{x['variant']}/{x['finetune']}" for x in records):
