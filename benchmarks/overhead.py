@@ -204,7 +204,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2", "smollm2-aligned"], default="tiny")
     parser.add_argument("--atlas", default=None, help="a saved atlas to hook (default: identify one on the model)")
     parser.add_argument("--run-steps", type=int, default=None,
-                        help="amortize the check over the default schedule of a run this long (default: one per --probe-every)")
+                        help="with a --preset's one-check layout: amortize the check over the default schedule of a run this long "
+                             "(default: one per --probe-every)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
@@ -231,13 +232,13 @@ def main() -> None:
     if args.preset == "user":
         args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2", 8, 512, True, 50
         args.steps, args.warmup, args.ft, args.peer = 4, 1, "full", True
-        args.data = args.data or (str(shared) if shared.is_file() else None)
     if args.preset == "study":  # benchmarks.rim_study's horizon runs: the guard's defaults but its probe batch
         defaults = GuardConfig()
         args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2-aligned", 4, 192, False, defaults.monitor.probe_every
         args.steps, args.warmup, args.ft, args.probes, args.run_steps = 8, 1, "full", defaults.atlas.num_safety_probes, 200
         args.atlas = args.atlas or str(HERE / "results" / "study3" / "atlas")
         args.guard = {"max_new_tokens": defaults.atlas.max_new_tokens, "probe_batch_size": 16, "max_length": 192, **args.guard}
+    if args.preset:  # GSM8K from ../shared when present, else generated problems
         args.data = args.data or (str(shared) if shared.is_file() else None)
     if "probe_every" in args.guard:  # the schedule is the benchmark's too (its check steps, the amortization)
         args.probe_every = args.guard.pop("probe_every")
