@@ -45,10 +45,14 @@ run side by side. The anchor-budget replay's 2 extra rows per step are training 
 anchor's own (about 60 tokens); padded to the batch's longest row at 4 x 192 that changes little, packed at
 8 x 512 it makes its ratio an upper bound.
 
-    python -m benchmarks.overhead --preset study --repeats 2 --modes regularize replay-anchor-budget kl-train ema \
+    python -m benchmarks.overhead --preset study --repeats 2 --modes regularize replay-anchor-budget replay-3pct kl-train ema \
         --json benchmarks/results/overhead/horizon-4x192.json
-    python -m benchmarks.overhead --preset user --repeats 2 --modes regularize replay-anchor-budget kl-train ema \
+    python -m benchmarks.overhead --preset study --repeats 2 --ft lora --modes regularize \
+        --json benchmarks/results/overhead/horizon-4x192-lora.json
+    python -m benchmarks.overhead --preset user --repeats 2 --modes regularize replay-anchor-budget replay-3pct kl-train ema \
         --json benchmarks/results/overhead/horizon-8x512.json
+
+(and ``--ft lora --modes regularize`` at 8 x 512 into ``horizon-8x512-lora.json``): the horizon report reads all four.
 
 The peer needs ``pip install safety-compass`` (benchmark environment only).
 """

@@ -166,8 +166,9 @@ def heads_plan() -> list[RunSpec]:
 NEW_GUARD = {"mode": "monitor", "probe_batch_size": 16}  # the guard's defaults otherwise (checks: every 10, and 1, 2, 4, 8)
 HORIZON_STEPS = 200
 HORIZON_EVALS = [25, 50, 100, 150, 200]
-# every variant's step time against the unguarded run's, side by side (benchmarks/overhead.py --preset study / user)
-HORIZON_COST = {shape: HERE / "results" / "overhead" / f"horizon-{shape}.json" for shape in ("4x192", "8x512")}
+# every variant's step time against the unguarded run's, side by side (benchmarks/overhead.py --preset study / user):
+# the full fine-tuning variants in one run, the LoRA pair (--ft lora --modes regularize) in another
+HORIZON_COST = {shape: [HERE / "results" / "overhead" / f"horizon-{shape}{ft}.json" for ft in ("", "-lora")] for shape in ("4x192", "8x512")}
 
 
 def horizon(variant: str, seed: int = 0, finetune: str = "full") -> RunSpec:

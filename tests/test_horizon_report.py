@@ -60,16 +60,21 @@ def test_targets_and_pareto_verdicts():
 
 
 def test_side_by_side_cost_replaces_the_in_run_ratio_only_when_it_timed_every_variant():
-    """With benchmarks/overhead.py's results covering every variant, each record's step-time ratio is the
-    side-by-side one at the study's shape (the unguarded run is the study's ``none``); if a variant was not timed,
-    the column stays in-run for every record (one kind of number in one column)."""
+    """With benchmarks/overhead.py's results covering every variant of a fine-tuning kind, each of its records'
+    step-time ratio is the side-by-side one at the study's shape (the unguarded run is the study's ``none``); if
+    one of its variants was not timed, that kind's ratios all stay in-run (one kind of number among the runs the
+    Pareto verdicts compare), and the other kind is not affected."""
     runs = [_run("none", 0, [(10, 0.4, 0.8, 0.20), (20, 0.2, 0.6, 0.22)]),
             _run("regularize", 0, [(10, 0.8, 0.82, 0.30), (20, 0.78, 0.61, 0.33)]),
-            _run("kl-train", 0, [(10, 0.8, 0.9, 0.25), (20, 0.8, 0.9, 0.30)], step_times={str(s): 3.0 for s in range(1, 21)})]
+            _run("kl-train", 0, [(10, 0.8, 0.9, 0.25), (20, 0.8, 0.9, 0.30)], step_times={str(s): 3.0 for s in range(1, 21)}),
+            _run("none", 0, [(10, 0.5, 0.8, 0.20), (20, 0.3, 0.7, 0.22)], finetune="lora"),
+            _run("regularize", 0, [(10, 0.9, 0.8, 0.30), (20, 0.9, 0.7, 0.33)], finetune="lora",
+                 step_times={str(s): 1.5 for s in range(1, 21)})]
     small = {"results": {"full": {"unguarded": {"ratio_amortized": 1.0}, "regularize": {"ratio_amortized": 1.31}}}}
     large = {"results": {"full": {"unguarded": {"ratio_amortized": 1.0}, "regularize": {"ratio_amortized": 1.12},
                                   "kl-train": {"ratio_amortized": 1.4}}}}
-    partial = {r["variant"]: r for r in H.analyse_horizon(runs, STEP0, {"4x192": small, "8x512": large})["records"]}
+    partial = {r["variant"]: r for r in H.analyse_horizon(runs, STEP0, {"4x192": small, "8x512": large})["records"]
+               if r["finetune"] == "full"}
     assert {r["step_time_ratio_source"] for r in partial.values()} == {"in run"}
     assert partial["regularize"]["step_time_ratio"] == pytest.approx(1.0) and partial["kl-train"]["step_time_ratio"] == pytest.approx(3.0)
     assert partial["regularize"]["step_time_ratio_4x192"] == 1.31 and math.isnan(partial["kl-train"]["step_time_ratio_4x192"])
@@ -77,12 +82,39 @@ def test_side_by_side_cost_replaces_the_in_run_ratio_only_when_it_timed_every_va
 
     small["results"]["full"]["kl-train"] = {"ratio_amortized": 1.25}
     res = H.analyse_horizon(runs, STEP0, {"4x192": small, "8x512": large})
-    rec = {r["variant"]: r for r in res["records"]}
+    rec = {r["variant"]: r for r in res["records"] if r["finetune"] == "full"}
+    lora = {r["variant"]: r for r in res["records"] if r["finetune"] == "lora"}
     assert {r["step_time_ratio_source"] for r in rec.values()} == {"overhead 4x192"}
+    assert {r["step_time_ratio_source"] for r in lora.values()} == {"in run"}
+    assert lora["regularize"]["step_time_ratio"] == pytest.approx(1.5)
     assert (rec["none"]["step_time_ratio"], rec["regularize"]["step_time_ratio"], rec["kl-train"]["step_time_ratio"]) == (1.0, 1.31, 1.25)
     assert rec["regularize"]["step_time_ratio_in_run"] == pytest.approx(1.0) and rec["regularize"]["step_time_ratio_8x512"] == 1.12
-    assert [(p["step_time_ratio"], p["default_step_time_ratio"]) for p in res["pareto"]] == [(1.25, 1.31)]
+    assert [(p["step_time_ratio"], p["default_step_time_ratio"]) for p in res["pareto"] if p["finetune"] == "full"] == [(1.25, 1.31)]
     assert "| 1.31 (overhead 4x192) | 1.12 |" in H.horizon_markdown(res)
+
+
+def test_the_report_merges_one_shapes_cost_files_each_timing_its_own_fine_tuning_kind(tmp_path):
+    """``overhead.py`` times the full fine-tuning variants in one run and the LoRA pair in another; the horizon
+    report reads both files of the study's shape, so that both kinds carry the side-by-side ratio."""
+    from benchmarks.rimbench import study_report as R
+
+    runs = [_run("none", 0, [(10, 0.4, 0.8, 0.20), (20, 0.2, 0.6, 0.22)]),
+            _run("regularize", 0, [(10, 0.8, 0.82, 0.30), (20, 0.78, 0.61, 0.33)]),
+            _run("none", 0, [(10, 0.5, 0.8, 0.20), (20, 0.3, 0.7, 0.22)], finetune="lora"),
+            _run("regularize", 0, [(10, 0.9, 0.8, 0.30), (20, 0.9, 0.7, 0.33)], finetune="lora")]
+    (tmp_path / "runs").mkdir()
+    for r in runs:
+        (tmp_path / "runs" / f"{r['name']}.json").write_text(json.dumps(r))
+    (tmp_path / "step0.json").write_text(json.dumps(STEP0))
+    timed = {"full": {"unguarded": {"ratio_amortized": 1.0}, "regularize": {"ratio_amortized": 1.3}},
+             "lora": {"unguarded": {"ratio_amortized": 1.0}, "regularize": {"ratio_amortized": 1.6}}}
+    files = [tmp_path / "full.json", tmp_path / "lora.json", tmp_path / "absent.json"]
+    for f, ft in zip(files, timed):
+        f.write_text(json.dumps({"results": {ft: timed[ft]}}))
+    R.analyse_and_write("horizon", tmp_path, [r["name"] for r in runs], tmp_path / "out", cost={"4x192": files})
+    rec = {(r["variant"], r["finetune"]): r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert {r["step_time_ratio_source"] for r in rec.values()} == {"overhead 4x192"}
+    assert rec[("regularize", "full")]["step_time_ratio"] == 1.3 and rec[("regularize", "lora")]["step_time_ratio"] == 1.6
 
 
 def test_plots_are_written(tmp_path):

@@ -106,23 +106,25 @@ def analyse_horizon(runs: list[dict[str, Any]], step0: dict[str, Any], cost: dic
     Args:
         cost: ``benchmarks/overhead.py`` results by shape name (``"4x192"``, the study's shape, and any other,
             e.g. ``"8x512"``). Each record then carries ``step_time_ratio_<shape>``, and ``step_time_ratio`` is
-            the ``4x192`` one if that run timed every record's variant, else the in-run estimate for all
-            (``step_time_ratio_in_run`` keeps it; ``step_time_ratio_source`` says which). The study's ``none``
+            the ``4x192`` one if that run timed every variant of the record's fine-tuning kind, else the in-run
+            estimate for every record of that kind (``step_time_ratio_in_run`` keeps it; ``step_time_ratio_source``
+            says which). The study's ``none``
             runs the guard in monitor mode; its side-by-side ratio is the unguarded run's, 1.
     """
     none = {(r["finetune"], r["seed"]): r for r in runs if r["variant"] == "none"}
     records = [run_record(r, step0, none.get((r["finetune"], r["seed"]))) for r in runs]
     ratios = {shape: side_by_side(result) for shape, result in (cost or {}).items()}
-    # one kind of ratio in the column: the side-by-side one only if it timed every run's variant
+    # one kind of ratio among the runs the verdicts compare: per fine-tuning kind, the side-by-side one only if
+    # it timed every variant of that kind
     study_shape = ratios.get("4x192", {})
-    source = "overhead 4x192" if all((x["variant"], x["finetune"]) in study_shape for x in records) else "in run"
+    timed = {ft: all((x["variant"], ft) in study_shape for x in records if x["finetune"] == ft) for ft in {x["finetune"] for x in records}}
     for x in records:
         x["step_time_ratio_in_run"] = x["step_time_ratio"]
         for shape, table in ratios.items():
             x[f"step_time_ratio_{shape}"] = table.get((x["variant"], x["finetune"]), math.nan)
-        if source != "in run":
+        if timed[x["finetune"]]:
             x["step_time_ratio"] = study_shape[(x["variant"], x["finetune"])]
-        x["step_time_ratio_source"] = source
+        x["step_time_ratio_source"] = "overhead 4x192" if timed[x["finetune"]] else "in run"
     aligned_or = step0.get("over_refusal")
     summary: dict[str, Any] = {}
     for key in dict.fromkeys(f"{x['variant']}/{x['finetune']}" for x in records):

@@ -319,10 +319,11 @@ def prevention_markdown(res: dict[str, Any]) -> str:
 
 
 def analyse_and_write(preset: str, out: Path, names: Sequence[str], dest: Path, split: Mapping[str, str] | None = None,
-                      condition: Mapping[str, str] | None = None, cost: Mapping[str, Path] | None = None) -> dict[str, Any]:
+                      condition: Mapping[str, str] | None = None, cost: Mapping[str, Sequence[Path]] | None = None) -> dict[str, Any]:
     """Analyse the finished runs among ``names`` (``split``/``condition``: each run's half and condition, for
-    ``validity2``; ``cost``: ``benchmarks/overhead.py`` results by shape, for ``horizon``, those that exist
-    are read) and write the preset's JSON, plots and ``report.md`` into ``dest``."""
+    ``validity2``; ``cost``: ``benchmarks/overhead.py --json`` files by shape, for ``horizon``; those that exist
+    are read, and one shape's files, each timing its own fine-tuning kinds, are merged) and write the preset's
+    JSON, plots and ``report.md`` into ``dest``."""
     runs = load_runs(out, names)
     if not runs:
         print(f"no finished runs in {out / 'runs'}")
@@ -364,7 +365,9 @@ def analyse_and_write(preset: str, out: Path, names: Sequence[str], dest: Path, 
     elif preset == "horizon":
         from benchmarks.rimbench import horizon_report as H
 
-        res = H.analyse_horizon(runs, step0, {shape: json.loads(f.read_text()) for shape, f in (cost or {}).items() if f.is_file()})
+        timed = {shape: [json.loads(f.read_text())["results"] for f in files if f.is_file()] for shape, files in (cost or {}).items()}
+        res = H.analyse_horizon(runs, step0, {shape: {"results": {ft: r for part in parts for ft, r in part.items()}}
+                                              for shape, parts in timed.items() if parts})
         res["plots"] = [p.name for p in H.plot_horizon(res, dest)]
         (dest / "results.json").write_text(json.dumps(res["records"], indent=1, default=float))  # one record per run
         (dest / "summary.json").write_text(json.dumps({k: v for k, v in res.items() if k != "records"}, indent=1, default=float))
