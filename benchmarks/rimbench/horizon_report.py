@@ -108,8 +108,8 @@ def analyse_horizon(runs: list[dict[str, Any]], step0: dict[str, Any], cost: dic
             e.g. ``"8x512"``). Each record then carries ``step_time_ratio_<shape>``, and ``step_time_ratio`` is
             the ``4x192`` one if that run timed every variant of the record's fine-tuning kind, else the in-run
             estimate for every record of that kind (``step_time_ratio_in_run`` keeps it; ``step_time_ratio_source``
-            says which). The study's ``none``
-            runs the guard in monitor mode; its side-by-side ratio is the unguarded run's, 1.
+            says which). The study's ``none`` runs the guard in monitor mode; its side-by-side ratio is the
+            unguarded run's, 1.
     """
     none = {(r["finetune"], r["seed"]): r for r in runs if r["variant"] == "none"}
     records = [run_record(r, step0, none.get((r["finetune"], r["seed"]))) for r in runs]
