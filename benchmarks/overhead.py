@@ -221,7 +221,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=[m for m in CONFIGS if m not in ("unguarded", "safety-compass")],
                         default=["monitor", "regularize"], help="guard configurations and baselines timed against the unguarded run")
     parser.add_argument("--data", default=None, help="GSM8K-style JSONL (question/answer) to train on; default: generated problems")
-    parser.add_argument("--ft", choices=["full", "lora", "both"], default="both")
+    parser.add_argument("--ft", choices=["full", "lora", "both"], default=None,
+                        help="which fine-tuning kinds to time (default: both; full under a --preset)")
     parser.add_argument("--json", default=None, help="write the raw results here")
     parser.add_argument("--preset", choices=["user", "study"], default=None,
                         help="user: SmolLM2, 8 x 512 packed tokens, check every 50, a 4-step window plus one check step; "
@@ -235,13 +236,14 @@ def main() -> None:
     shared = HERE.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
     if args.preset == "user":
         args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2", 8, 512, True, 50
-        args.steps, args.warmup, args.ft, args.peer = 4, 1, "full", True
+        args.steps, args.warmup, args.ft, args.peer = 4, 1, args.ft or "full", True
     if args.preset == "study":  # benchmarks.rim_study's horizon runs: the guard's defaults but its probe batch
         defaults = GuardConfig()
         args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2-aligned", 4, 192, False, defaults.monitor.probe_every
-        args.steps, args.warmup, args.ft, args.probes, args.run_steps = 8, 1, "full", defaults.atlas.num_safety_probes, 200
+        args.steps, args.warmup, args.ft, args.probes, args.run_steps = 8, 1, args.ft or "full", defaults.atlas.num_safety_probes, 200
         args.atlas = args.atlas or str(HERE / "results" / "study3" / "atlas")
         args.guard = {"max_new_tokens": defaults.atlas.max_new_tokens, "probe_batch_size": 16, "max_length": 192, **args.guard}
+    args.ft = args.ft or "both"
     if args.preset:  # GSM8K from ../shared when present, else generated problems
         args.data = args.data or (str(shared) if shared.is_file() else None)
     if "probe_every" in args.guard:  # the schedule is the benchmark's too (its check steps, the amortization)
