@@ -49,7 +49,7 @@ anchor's own (about 60 tokens); padded to the batch's longest row at 4 x 192 tha
         --json benchmarks/results/overhead/horizon-4x192.json
     python -m benchmarks.overhead --preset study --repeats 2 --ft lora --modes regularize \
         --json benchmarks/results/overhead/horizon-4x192-lora.json
-    python -m benchmarks.overhead --preset user --repeats 2 --modes regularize replay-anchor-budget replay-3pct kl-train ema \
+    python -m benchmarks.overhead --preset user --repeats 2 --no-peer --modes regularize replay-anchor-budget replay-3pct kl-train ema \
         --json benchmarks/results/overhead/horizon-8x512.json
 
 (and ``--ft lora --modes regularize`` at 8 x 512 into ``horizon-8x512-lora.json``): the horizon report reads all four.
@@ -203,7 +203,8 @@ def run_one(args, mode: str, lora: bool, atlas: NeuronAtlas, workdir: Path) -> d
             "check_steps": check_extra / median, "times": times}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a ``--preset``'s shape applied (an explicit ``--ft`` or ``--peer`` is kept)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "smollm2", "smollm2-aligned"], default="tiny")
     parser.add_argument("--atlas", default=None, help="a saved atlas to hook (default: identify one on the model)")
@@ -217,7 +218,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--probe-every", type=int, default=50)
     parser.add_argument("--probes", type=int, default=32)
-    parser.add_argument("--peer", action="store_true", help="also time safety-compass")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time safety-compass (default: only under --preset user)")
     parser.add_argument("--modes", nargs="+", choices=[m for m in CONFIGS if m not in ("unguarded", "safety-compass")],
                         default=["monitor", "regularize"], help="guard configurations and baselines timed against the unguarded run")
     parser.add_argument("--data", default=None, help="GSM8K-style JSONL (question/answer) to train on; default: generated problems")
@@ -231,12 +233,13 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="pack the training rows into max-length sequences")
     parser.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="GuardConfig overrides of every guarded run (YAML values), e.g. refusal_kl=false witness_tokens=0")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.guard = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.guard)}
     shared = HERE.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
     if args.preset == "user":
         args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2", 8, 512, True, 50
-        args.steps, args.warmup, args.ft, args.peer = 4, 1, args.ft or "full", True
+        args.steps, args.warmup, args.ft = 4, 1, args.ft or "full"
+        args.peer = True if args.peer is None else args.peer
     if args.preset == "study":  # benchmarks.rim_study's horizon runs: the guard's defaults but its probe batch
         defaults = GuardConfig()
         args.model, args.batch, args.max_length, args.packing, args.probe_every = "smollm2-aligned", 4, 192, False, defaults.monitor.probe_every
@@ -252,7 +255,11 @@ def main() -> None:
     early = max((s for s in range(1, args.probe_every) if s & (s - 1) == 0), default=0)
     if args.check_step is None and args.warmup < early:
         parser.error(f"--warmup must be >= {early}: rimguard's early checks (1, 2, 4, ..., {early}) would fall in the window")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     modes = ["unguarded", *args.modes] + (["safety-compass"] if args.peer else [])
     fts = {"full": [False], "lora": [True], "both": [False, True]}[args.ft]
     if args.atlas:

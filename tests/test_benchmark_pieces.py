@@ -182,6 +182,20 @@ def test_the_checks_of_a_run_are_amortized_over_its_whole_schedule():
     assert checks_per_step(50, None) == 1 / 50 and checks_per_step(50, 100) == pytest.approx((6 + 2) / 100)  # 1..32, 50, 100
 
 
+def test_a_preset_sets_the_shape_but_keeps_an_explicit_ft_and_peer():
+    """``--preset user`` times the peer by default; ``--no-peer`` and ``--ft lora`` are kept (the horizon study's
+    8 x 512 cost runs need both)."""
+    from benchmarks.overhead import parse_args
+
+    user = parse_args(["--preset", "user"])
+    assert (user.batch, user.max_length, user.packing, user.ft, user.peer) == (8, 512, True, "full", True)
+    assert parse_args(["--preset", "user", "--no-peer"]).peer is False
+    assert parse_args(["--preset", "user", "--ft", "lora"]).ft == "lora"
+    study = parse_args(["--preset", "study", "--ft", "lora"])
+    assert (study.batch, study.max_length, study.ft, study.peer) == (4, 192, "lora", None)
+    assert parse_args([]).ft == "both" and not parse_args([]).peer
+
+
 def test_the_overhead_benchmark_times_every_guard_configuration_on_the_tiny_model(tmp_path):
     """A short run of benchmarks/overhead.py: each configuration trains (the guard's and the study's baselines),
     and the guard's checks are timed (the script reaches into the guard to time its check: a renamed method must
