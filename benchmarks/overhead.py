@@ -139,6 +139,12 @@ def timed(obj, name: str, sink: list[float]) -> None:
     setattr(obj, name, call)
 
 
+def round_order(modes: list[str], repeat: int) -> list[str]:
+    """The order of round ``repeat``: as given, reversed in odd rounds, so that a machine whose speed drifts
+    through the run (a few % to 15% an hour here) biases the median over an even number of rounds less."""
+    return modes[::-1] if repeat % 2 else list(modes)
+
+
 def checks_per_step(probe_every: int, run_steps: int | None) -> float:
     """Guard checks per optimizer step: ``1 / probe_every``, or, over a run of ``run_steps`` steps, the default
     schedule's count (every ``probe_every`` steps and at 1, 2, 4, ... below it) over ``run_steps``."""
@@ -278,7 +284,7 @@ def main() -> None:
         for lora in fts:
             runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
             for repeat in range(args.repeats):
-                for mode in modes:
+                for mode in round_order(modes, repeat):
                     key = {"lora": lora, "repeat": repeat, "mode": mode}
                     found = [r["result"] for r in done if {k: r[k] for k in key} == key]
                     result = found[0] if found else run_one(args, mode, lora, atlas, Path(tmp))

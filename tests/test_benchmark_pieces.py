@@ -182,6 +182,14 @@ def test_the_checks_of_a_run_are_amortized_over_its_whole_schedule():
     assert checks_per_step(50, None) == 1 / 50 and checks_per_step(50, 100) == pytest.approx((6 + 2) / 100)  # 1..32, 50, 100
 
 
+def test_odd_rounds_time_the_modes_in_reverse():
+    from benchmarks.overhead import round_order
+
+    modes = ["unguarded", "regularize", "ema"]
+    assert round_order(modes, 0) == modes and round_order(modes, 1) == ["ema", "regularize", "unguarded"]
+    assert round_order(modes, 2) == modes
+
+
 def test_a_preset_sets_the_shape_but_keeps_an_explicit_ft_and_peer():
     """``--preset user`` times the peer by default; ``--no-peer`` and ``--ft lora`` are kept (the horizon study's
     8 x 512 cost runs need both)."""
