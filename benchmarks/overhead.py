@@ -53,6 +53,7 @@ anchor's own (about 60 tokens); padded to the batch's longest row at 4 x 192 tha
         --json benchmarks/results/overhead/horizon-8x512.json
 
 (and ``--ft lora --modes regularize`` at 8 x 512 into ``horizon-8x512-lora.json``): the horizon report reads all four.
+RESULTS.md §7's 8 x 512 figures are one round (``--repeats 1``; a step there takes 83-127 s on 2 CPU threads).
 
 The peer needs ``pip install safety-compass`` (benchmark environment only).
 """
